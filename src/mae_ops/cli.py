@@ -1,0 +1,119 @@
+"""`mae-ops` command line: one sub-command per pipeline stage.
+
+Every command takes ``--params PATH`` and repeated ``--set section.key=value``;
+invalid params exit with code 2 before anything is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mae_ops.config import Config, ParamsError, load_params
+
+app = typer.Typer(
+    name="mae-ops",
+    help="MAE pre-training, fine-tuning and ONNX export for your own images.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params file")]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", "-s", help="override a param: section.key=value (repeatable)")
+]
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code=2)
+
+
+def _config(params: Path, overrides: list[str] | None) -> Config:
+    try:
+        return load_params(params, overrides or [])
+    except ParamsError as exc:
+        _fail(str(exc))
+        raise  # unreachable, keeps type checkers calm
+
+
+@app.command()
+def prepare(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Ingest the data source into data/prepared/ (fixed size, splits, manifest)."""
+    from mae_ops.stages import prepare as stage
+
+    cfg = _config(params, set_)
+    _setup_logging()
+    try:
+        manifest = stage.run(cfg)
+    except stage.DataSourceError as exc:
+        _fail(str(exc))
+    typer.echo(
+        f"prepared {manifest['num_images']} images {manifest['counts']} "
+        f"({manifest['num_skipped']} skipped) -> {cfg.data.out_dir}"
+    )
+
+
+@app.command()
+def pretrain(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    resume: Annotated[bool, typer.Option(help="continue from the last checkpoint (error if none matches)")] = False,
+) -> None:
+    """MAE pre-training on the prepared images -> models/pretrain/."""
+    from mae_ops.stages import pretrain as stage
+
+    cfg = _config(params, set_)
+    _setup_logging()
+    try:
+        metrics = stage.run(cfg, resume=resume)
+    except (stage.ResumeError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    if metrics:
+        typer.echo(f"pre-training loss {metrics['first_loss']:.4f} -> {metrics['final_loss']:.4f}")
+
+
+@app.command()
+def pipeline(
+    stages: Annotated[list[str] | None, typer.Argument(help="stages to bring up to date (default: all)")] = None,
+    force: Annotated[bool, typer.Option(help="re-run the stages even if nothing changed")] = False,
+) -> None:
+    """Run the DVC pipeline (`dvc repro`): only stages whose inputs changed run."""
+    import os
+    import subprocess
+
+    bin_dir = Path(sys.executable).parent  # this environment's mae-ops and dvc
+    dvc = bin_dir / "dvc" if (bin_dir / "dvc").exists() else Path("dvc")
+    if not Path("dvc.yaml").exists():
+        _fail("no dvc.yaml here: run `mae-ops pipeline` from the project folder")
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    cmd = [str(dvc), "repro", *(["--force"] if force else []), *(stages or [])]
+    raise typer.Exit(subprocess.run(cmd, env=env).returncode)
+
+
+@app.command("check-params")
+def check_params(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Validate params and print the resolved configuration as YAML."""
+    import yaml
+
+    cfg = _config(params, set_)
+    typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+
+def main() -> None:
+    app(prog_name="mae-ops")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""One validated schema for params.yaml; every stage reads its section from it.
+
+Errors name the key and what is allowed, e.g.
+``pretrain.mask_ratio: Input should be less than 1 (got 1.5)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mae_ops.models.mae import PRESETS, preset_config
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class ParamsError(ValueError):
+    """Invalid params: the message names every bad key and what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    source: str = Field("mnist-5k", description="'mnist-5k' (embedded) or a folder of labelled images")
+    unlabeled_dirs: list[str] = Field(default_factory=list, description="extra unlabeled image folders")
+    img_size: int = Field(28, ge=8, le=1024)
+    channels: Literal["auto", 1, 3] = "auto"
+    seed: int = Field(0, ge=0)
+    test_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    label_fraction: float = Field(0.1, gt=0.0, le=1.0)
+    labels_per_class: int | None = Field(None, ge=1)
+    out_dir: str = "data/prepared"
+
+    @field_validator("source")
+    @classmethod
+    def _source_nonempty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must be 'mnist-5k' or a folder path")
+        return v
+
+    @model_validator(mode="after")
+    def _fractions_leave_training_data(self) -> DataConfig:
+        if self.test_fraction + self.val_fraction >= 1.0:
+            raise ValueError("data.test_fraction + data.val_fraction must be < 1")
+        return self
+
+
+class ModelConfig(_Section):
+    preset: str = "mae_vit_tiny_patch4"
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, v: str) -> str:
+        if v not in PRESETS:
+            raise ValueError(f"must be one of {sorted(PRESETS)}")
+        return v
+
+
+class PretrainConfig(_Section):
+    epochs: int = Field(40, ge=1)
+    batch_size: int = Field(256, ge=1)
+    accum_iter: int = Field(1, ge=1, description="gradient accumulation steps")
+    base_lr: float = Field(1.5e-4, gt=0.0, description="lr = base_lr * effective batch / 256")
+    min_lr: float = Field(0.0, ge=0.0)
+    warmup_epochs: float = Field(5, ge=0.0)
+    weight_decay: float = Field(0.05, ge=0.0)
+    mask_ratio: float = Field(0.75, gt=0.0, lt=1.0)
+    norm_pix_loss: bool = True
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    hflip: bool = True
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    compile: Literal["auto", "on", "off"] = "auto"
+    seed: int = Field(0, ge=0)
+    save_every: int = Field(5, ge=1, description="checkpoint every N epochs (and at the end)")
+    auto_resume: bool = Field(True, description="continue a matching interrupted run")
+    num_workers: int = Field(0, ge=0)
+    out_dir: str = "models/pretrain"
+    checkpoint_dir: str = "checkpoints/pretrain"
+    reports_dir: str = "reports/pretrain"
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, v: str) -> str:
+        head, _, idx = v.partition(":")
+        if head not in ("auto", "cpu", "cuda", "mps") or (idx and (head != "cuda" or not idx.isdigit())):
+            raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+        return v
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _scale_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 < v[0] <= v[1] <= 1.0:
+            raise ValueError("must be [low, high] with 0 < low <= high <= 1")
+        return v
+
+
+class Config(_Section):
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+
+    @model_validator(mode="after")
+    def _image_fits_patches(self) -> Config:
+        patch = int(preset_config(self.model.preset)["patch_size"])
+        if self.data.img_size % patch:
+            raise ValueError(
+                f"data.img_size ({self.data.img_size}) must be divisible by the patch size "
+                f"({patch}) of model.preset {self.model.preset!r}"
+            )
+        return self
+
+    def section_hash(self, *sections: str) -> str:
+        """Stable short hash of some sections, used to match checkpoints to runs."""
+        payload = {s: getattr(self, s).model_dump(mode="json") for s in sections}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------- loading
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "params"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+            parent = _section_model(e["loc"][:-1])
+            if parent is not None:
+                msg += f"; allowed keys: {', '.join(parent.model_fields)}"
+            lines.append(f"  {key}: {msg}")
+            continue
+        got = e.get("input")
+        shown = "" if isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  {key}: {msg}{shown}")
+    return "invalid params:\n" + "\n".join(lines)
+
+
+def _section_model(loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] = Config
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return None
+        model = field.annotation
+    return model
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` strings (values parsed as YAML) to a params dict."""
+    out = json.loads(json.dumps(raw))  # deep copy of plain data
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ParamsError(f"invalid override {item!r}: expected section.key=value")
+        parts = key.strip().split(".")
+        node = out
+        for part in parts[:-1]:
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise ParamsError(f"invalid override {item!r}: {part} is not a section")
+            node = nxt
+        try:
+            node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ParamsError(f"invalid override {item!r}: cannot parse value ({exc})") from exc
+    return out
+
+
+def validate(raw: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ParamsError(_format_errors(exc)) from None
+
+
+def load_params(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read params.yaml (missing file = all defaults), apply overrides, validate."""
+    path = Path(path) if path is not None else DEFAULT_PARAMS
+    raw: Any = {}
+    if path.exists():
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ParamsError(f"cannot parse {path}: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ParamsError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
+    elif path != DEFAULT_PARAMS:
+        raise ParamsError(f"params file not found: {path}")
+    return validate(apply_overrides(raw, overrides or []))

@@ -1,0 +1,156 @@
+"""Reading data/prepared/ for training, and batched on-device augmentation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
+
+from mae_ops.stages.prepare import SPLITS
+
+
+class PreparedData:
+    """Memory-mapped view of a prepared data folder."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        manifest = self.root / "manifest.json"
+        if not manifest.exists():
+            raise FileNotFoundError(f"{manifest} not found: run `mae-ops prepare` first")
+        self.manifest = json.loads(manifest.read_text())
+        self.images = np.load(self.root / "images.npy", mmap_mode="r")  # (N, C, S, S) uint8
+        self.labels = np.load(self.root / "labels.npy")
+        self.split = np.load(self.root / "split.npy")
+        self.labelled = np.load(self.root / "labelled.npy")
+
+    @property
+    def channels(self) -> int:
+        return int(self.images.shape[1])
+
+    @property
+    def img_size(self) -> int:
+        return int(self.images.shape[-1])
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.manifest["classes"])
+
+    @property
+    def mean(self) -> list[float]:
+        return list(self.manifest["mean"])
+
+    @property
+    def std(self) -> list[float]:
+        return list(self.manifest["std"])
+
+    def indices(self, *splits: str, labelled_only: bool = False) -> np.ndarray:
+        mask = np.isin(self.split, [SPLITS[s] for s in splits])
+        if labelled_only:
+            mask &= self.labelled
+        return np.flatnonzero(mask)
+
+
+class _BatchReader(Dataset):
+    """Indexed by a whole batch of sample ids: one sorted memmap read per batch."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, ids: np.ndarray) -> None:
+        self.images, self.labels, self.ids = images, labels, ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = np.sort(self.ids[np.asarray(positions)])
+        return torch.from_numpy(np.ascontiguousarray(self.images[rows])), torch.from_numpy(self.labels[rows])
+
+
+def batch_loader(
+    data: PreparedData,
+    ids: np.ndarray,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int = 0,
+    drop_last: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+) -> DataLoader:
+    """uint8 image batches (and labels) over ``ids``; sharded across ranks like
+    DistributedSampler. Call ``set_epoch(loader, e)`` before each epoch."""
+    reader = _BatchReader(data.images, data.labels, ids)
+    sampler = DistributedSampler(
+        reader, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
+    )
+    return DataLoader(
+        reader,
+        sampler=BatchSampler(sampler, batch_size, drop_last=drop_last),
+        batch_size=None,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def set_epoch(loader: DataLoader, epoch: int) -> None:
+    """Reshuffle a ``batch_loader`` for ``epoch`` (same order on every rank)."""
+    loader.sampler.sampler.set_epoch(epoch)
+
+
+def normalize(x: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
+    """uint8 or [0, 1] float (N, C, H, W) -> standardised float."""
+    if x.dtype == torch.uint8:
+        x = x.float() / 255.0
+    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
+def random_resized_crop(
+    x: torch.Tensor,
+    size: int,
+    scale: tuple[float, float] = (0.2, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    hflip: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Per-sample RandomResizedCrop (+ horizontal flip) for a whole batch at once.
+
+    Same sampling as torchvision's RandomResizedCrop (area fraction uniform in
+    ``scale``, log-uniform aspect ratio, 10 tries, whole image as fallback), but
+    vectorised with one ``grid_sample`` so it runs on the GPU with no per-image
+    Python work. x: (N, C, H, W) float -> (N, C, size, size).
+    """
+    n, dev = x.shape[0], x.device
+    h_in, w_in = x.shape[-2:]
+    tries = 10
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.rand(*shape, device=dev, generator=generator)
+
+    area = scale[0] + (scale[1] - scale[0]) * rand(n, tries)
+    log_r = torch.log(torch.tensor(ratio, device=dev))
+    aspect = torch.exp(log_r[0] + (log_r[1] - log_r[0]) * rand(n, tries))
+    # crop sides as fractions of the image sides
+    cw = torch.sqrt(area * aspect * h_in / w_in)
+    ch = torch.sqrt(area / aspect * w_in / h_in)
+    ok = (cw <= 1) & (ch <= 1)
+    first = torch.where(ok.any(1), ok.float().argmax(1), torch.zeros(n, dtype=torch.long, device=dev))
+    pick = first.unsqueeze(1)
+    cw = torch.where(ok.any(1), cw.gather(1, pick).squeeze(1), torch.ones(n, device=dev))
+    ch = torch.where(ok.any(1), ch.gather(1, pick).squeeze(1), torch.ones(n, device=dev))
+    # crop centre so the crop stays inside the image, in [-1, 1] coordinates
+    cx = (1 - cw) * (2 * rand(n) - 1)
+    cy = (1 - ch) * (2 * rand(n) - 1)
+    sign = torch.where(rand(n) < 0.5, -1.0, 1.0) if hflip else torch.ones(n, device=dev)
+    theta = torch.zeros(n, 2, 3, device=dev, dtype=x.dtype)
+    theta[:, 0, 0] = cw * sign
+    theta[:, 0, 2] = cx
+    theta[:, 1, 1] = ch
+    theta[:, 1, 2] = cy
+    grid = F.affine_grid(theta, [n, x.shape[1], size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)

@@ -1,0 +1,106 @@
+"""Decoding user images robustly into fixed-size uint8 arrays (PIL + numpy only,
+so that serving code can use it without importing torch)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm"}
+)
+GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
+_HIGH_DEPTH_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
+
+
+class ImageReadError(Exception):
+    """The file is not a usable image; the message is the reason recorded in manifests."""
+
+
+def is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def peek_is_gray(path: Path) -> bool | None:
+    """Colour model from the header alone (cheap); None when unreadable."""
+    try:
+        with Image.open(path) as img:
+            if img.mode == "P":
+                return _palette_is_gray(img)
+            return img.mode in GRAY_MODES
+    except Exception:
+        return None
+
+
+def _palette_is_gray(img: Image.Image) -> bool:
+    palette = np.asarray(img.getpalette() or [], dtype=np.uint8).reshape(-1, 3)
+    return bool(len(palette)) and bool((palette == palette[:, :1]).all())
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """16/32-bit integer and float images scaled (not clipped) to 8 bits."""
+    arr = np.asarray(img, dtype=np.float64)
+    if img.mode == "F":
+        top = 1.0 if arr.max(initial=0.0) <= 1.0 else 255.0
+    else:
+        top = 65535.0 if arr.max(initial=0.0) > 255 else 255.0
+    arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return Image.fromarray(arr, mode="L")
+
+
+def _flatten_alpha(img: Image.Image) -> Image.Image:
+    """Transparent pixels become white, as image viewers show them."""
+    rgba = img.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def normalize_mode(img: Image.Image, channels: int) -> Image.Image:
+    """Any PIL mode (CMYK, palette, RGBA, 16-bit, 1-bit, ...) -> 'L' or 'RGB'."""
+    if img.mode in _HIGH_DEPTH_MODES:
+        img = _to_8bit(img)
+    elif (img.mode == "P" and "transparency" in img.info) or img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        img = _flatten_alpha(img)
+    return img.convert("L" if channels == 1 else "RGB")
+
+
+def fit_square(img: Image.Image, size: int) -> Image.Image:
+    """Centre crop to a square and resize to ``size`` (antialiased)."""
+    if img.size == (size, size):
+        return img
+    return ImageOps.fit(img, (size, size), method=Image.Resampling.BICUBIC)
+
+
+def image_to_array(img: Image.Image, size: int, channels: int) -> np.ndarray:
+    img = fit_square(normalize_mode(img, channels), size)
+    arr = np.asarray(img, dtype=np.uint8)
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)  # (C, H, W)
+
+
+def load_image(path: str | Path, size: int, channels: int) -> np.ndarray:
+    """Decode one file to a (channels, size, size) uint8 array or raise ImageReadError."""
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise ImageReadError("empty file")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()  # forces the full decode: truncated files fail here
+                img = ImageOps.exif_transpose(img)
+                if img.width < 1 or img.height < 1:
+                    raise ImageReadError("image has no pixels")
+                return image_to_array(img, size, channels)
+    except ImageReadError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageReadError("not a recognised image format") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageReadError(f"image too large: {exc}") from None
+    except OSError as exc:
+        raise ImageReadError(f"unreadable or truncated: {exc}") from None
+    except (ValueError, SyntaxError, TypeError, EOFError) as exc:  # malformed headers
+        raise ImageReadError(f"corrupt image: {exc}") from None

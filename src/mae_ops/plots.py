@@ -1,0 +1,61 @@
+"""PNG figures people look at: reconstruction grids and learning curves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: no display on servers and CI
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from mae_ops.atomic import save_with
+
+
+def save_figure(fig: plt.Figure, dest: str | Path) -> None:
+    save_with(dest, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+    plt.close(fig)
+
+
+def _show(ax: plt.Axes, img: np.ndarray) -> None:
+    """(C, H, W) float in [0, 1]."""
+    img = np.clip(img, 0, 1)
+    if img.shape[0] == 1:
+        ax.imshow(img[0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    else:
+        ax.imshow(img.transpose(1, 2, 0), interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def reconstruction_grid(columns: dict[str, np.ndarray], dest: str | Path, title: str = "") -> None:
+    """One row per image, one column per named (N, C, H, W) array in [0, 1]."""
+    names = list(columns)
+    rows = len(next(iter(columns.values())))
+    fig, axes = plt.subplots(rows, len(names), figsize=(1.6 * len(names), 1.6 * rows), squeeze=False)
+    for r in range(rows):
+        for c, name in enumerate(names):
+            _show(axes[r, c], columns[name][r])
+            if r == 0:
+                axes[r, c].set_title(name, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, dest)
+
+
+def learning_curve(history: list[dict], keys: list[str], dest: str | Path, title: str = "") -> None:
+    """Per-epoch curves from a list of {'epoch': ..., key: ...} records."""
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    epochs = [h["epoch"] for h in history]
+    for key in keys:
+        ax.plot(epochs, [h[key] for h in history], marker="o", markersize=2, label=key)
+    ax.set_xlabel("epoch")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    save_figure(fig, dest)

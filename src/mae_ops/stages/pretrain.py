@@ -1,0 +1,298 @@
+"""Stage `pretrain`: data/prepared/ -> models/pretrain/ + reports/pretrain/.
+
+The MAE recipe: AdamW (0.9, 0.95), weight decay 0.05 except norms, biases and
+tokens, lr = base_lr * effective batch / 256, per-step cosine schedule after a
+linear warm-up, RandomResizedCrop + flip (on the training device), bf16
+autocast on CUDA. Runs under torchrun as DDP; rank 0 writes.
+
+Outputs:
+  models/pretrain/mae.pth        {'model', 'epoch', 'args'}: the whole MAE
+  models/pretrain/encoder.pth    {'model'}: encoder only, loads strictly into timm's ViT
+  reports/pretrain/metrics.json  final loss, throughput, time
+  reports/pretrain/history.csv   per-epoch loss / lr / images/s (DVC plots)
+  reports/pretrain/loss.png, reconstruction.png
+Resumable checkpoints (official layout {'model','optimizer','epoch','scaler','args'})
+go to checkpoints/pretrain/last.pth every `save_every` epochs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import io
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from timm.optim import param_groups_weight_decay
+from timm.scheduler import CosineLRScheduler
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from mae_ops import runtime
+from mae_ops.atomic import save_with, write_json, write_text
+from mae_ops.config import Config
+from mae_ops.data import PreparedData, batch_loader, normalize, random_resized_crop, set_epoch
+from mae_ops.models.checkpoint import encoder_state_dict
+from mae_ops.models.mae import MaskedAutoencoderViT, create_mae
+from mae_ops.plots import learning_curve, reconstruction_grid
+
+log = logging.getLogger(__name__)
+
+# keys that change how fast or where a run goes, not what it computes
+_NON_SEMANTIC = {"device", "amp", "compile", "num_workers", "save_every", "auto_resume",
+                 "out_dir", "checkpoint_dir", "reports_dir"}  # fmt: skip
+NO_WEIGHT_DECAY = ("cls_token", "mask_token", "pos_embed", "decoder_pos_embed")
+
+
+class ResumeError(RuntimeError):
+    pass
+
+
+def run_fingerprint(cfg: Config, data_hash: str) -> str:
+    """Identity of a pre-training run: a checkpoint resumes only a run with the same one."""
+    payload = {
+        "model": cfg.model.model_dump(mode="json"),
+        "pretrain": {k: v for k, v in cfg.pretrain.model_dump(mode="json").items() if k not in _NON_SEMANTIC},
+        "data": data_hash,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, fused: bool) -> torch.optim.AdamW:
+    groups = param_groups_weight_decay(model, weight_decay, no_weight_decay_list=NO_WEIGHT_DECAY)
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=fused or None)
+
+
+def _epoch_generator(seed: int, epoch: int, rank: int, device: torch.device) -> torch.Generator:
+    """All randomness of an epoch (crops, flips, masks) comes from this generator,
+    so a resumed run replays exactly what an uninterrupted one would have."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch * 1009 + rank)
+
+
+def _load_resume(path: Path, fingerprint: str, required: bool) -> dict | None:
+    if not path.exists():
+        if required:
+            raise ResumeError(f"--resume: no checkpoint at {path}")
+        return None
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    found = ckpt.get("args", {}).get("fingerprint")
+    if found != fingerprint:
+        if required:
+            raise ResumeError(
+                f"--resume: {path} belongs to a different run (params or data changed); "
+                "remove it or restore the params it was made with"
+            )
+        log.info("ignoring %s: it belongs to a different run", path)
+        return None
+    return ckpt
+
+
+@torch.no_grad()
+def save_reconstructions(
+    model: MaskedAutoencoderViT, data: PreparedData, mask_ratio: float, dest: Path, n: int = 8, seed: int = 0
+) -> None:
+    """original | masked | reconstruction | reconstruction + visible, on held-out images."""
+    ids = data.indices("val")
+    if len(ids) == 0:
+        ids = data.indices("train", "unlabeled")
+    ids = ids[np.linspace(0, len(ids) - 1, min(n, len(ids))).astype(int)]  # spread over the classes
+    device = next(model.parameters()).device
+    raw = torch.from_numpy(np.ascontiguousarray(data.images[ids])).to(device).float() / 255.0
+    x = normalize(raw, data.mean, data.std)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    noise = torch.rand(len(ids), model.patch_embed.num_patches, generator=gen, device=device)
+    was_training = model.training
+    model.eval()
+    _, pred, mask = model(x, mask_ratio, noise)
+    model.train(was_training)
+    if model.norm_pix_loss:  # predictions are per-patch standardised: undo with the true patch stats
+        target = model.patchify(x)
+        pred = pred * (target.var(-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(-1, keepdim=True)
+    recon = model.unpatchify(pred)
+    mask_img = model.unpatchify(mask.unsqueeze(-1).expand(-1, -1, pred.shape[-1]))
+    mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(data.std, device=device).view(1, -1, 1, 1)
+    recon = (recon * std + mean).clamp(0, 1)
+    columns = {
+        "original": raw,
+        "masked": raw * (1 - mask_img) + 0.5 * mask_img,
+        "reconstruction": recon,
+        "recon + visible": raw * (1 - mask_img) + recon * mask_img,
+    }
+    reconstruction_grid(
+        {k: v.cpu().numpy() for k, v in columns.items()}, dest, title=f"MAE, {mask_ratio:.0%} of patches masked"
+    )
+
+
+def _write_history(history: list[dict], dest: Path) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(history[0]))
+    writer.writeheader()
+    writer.writerows(history)
+    write_text(dest, buf.getvalue())
+
+
+def run(cfg: Config, resume: bool = False) -> dict:
+    p = cfg.pretrain
+    rt = runtime.setup(p.device, p.amp)
+    try:
+        return _train(cfg, rt, resume)
+    finally:
+        runtime.teardown()
+
+
+def _train(cfg: Config, rt: runtime.Runtime, resume: bool) -> dict:
+    p = cfg.pretrain
+    data = PreparedData(cfg.data.out_dir)
+    if data.img_size != cfg.data.img_size:
+        raise ValueError(
+            f"{cfg.data.out_dir} holds {data.img_size}px images but data.img_size is {cfg.data.img_size}: "
+            "run `mae-ops prepare` again"
+        )
+    ids = data.indices("train", "unlabeled")
+    torch.manual_seed(p.seed)  # identical initial weights on every rank
+    model = create_mae(cfg.model.preset, data.img_size, data.channels, p.norm_pix_loss).to(rt.device)
+    fingerprint = run_fingerprint(cfg, data.manifest["content_hash"])
+
+    eff_batch = p.batch_size * p.accum_iter * rt.world_size
+    lr = p.base_lr * eff_batch / 256
+    drop_last = len(ids) >= p.batch_size * rt.world_size
+    loader = batch_loader(
+        data, ids, p.batch_size, shuffle=True, seed=p.seed, drop_last=drop_last,
+        rank=rt.rank, world_size=rt.world_size, num_workers=p.num_workers,
+    )  # fmt: skip
+    batches = len(loader)
+    updates_per_epoch = -(-batches // p.accum_iter)
+    total = p.epochs * updates_per_epoch
+    warmup = min(round(p.warmup_epochs * updates_per_epoch), total - 1)
+    optimizer = build_optimizer(model, lr, p.weight_decay, fused=rt.device.type == "cuda")
+    scheduler = CosineLRScheduler(
+        optimizer, t_initial=max(1, total - warmup), lr_min=p.min_lr, warmup_t=warmup,
+        warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False,
+    )  # fmt: skip
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
+
+    start_epoch, history = 0, []
+    ckpt_path = Path(p.checkpoint_dir) / "last.pth"
+    ckpt = _load_resume(ckpt_path, fingerprint, required=resume) if (resume or p.auto_resume) else None
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        start_epoch = int(ckpt["epoch"]) + 1
+        history = list(ckpt["args"].get("history", []))
+        if rt.is_main:
+            log.info("resumed from %s at epoch %d/%d", ckpt_path, start_epoch, p.epochs)
+
+    train_model: torch.nn.Module = model
+    if rt.distributed:
+        train_model = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    use_compile = p.compile == "on" or (p.compile == "auto" and rt.device.type == "cuda")
+    if use_compile:
+        train_model = torch.compile(train_model)
+
+    if rt.is_main:
+        n_params = sum(t.numel() for t in model.parameters() if t.requires_grad)
+        log.info(
+            "pre-training %s (%.2fM params) on %d images, %d epochs, effective batch %d, lr %.2e",
+            cfg.model.preset, n_params / 1e6, len(ids), p.epochs, eff_batch, lr,
+        )  # fmt: skip
+
+    def checkpoint(epoch: int) -> None:
+        state = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "epoch": epoch,
+            "scaler": scaler.state_dict(),
+            "args": {"fingerprint": fingerprint, "config": cfg.model_dump(mode="json"), "history": history},
+        }
+        save_with(ckpt_path, lambda tmp: torch.save(state, tmp))
+
+    model.train()
+    t_start = time.perf_counter()
+    epochs_bar = tqdm(range(start_epoch, p.epochs), desc="pretrain", unit="epoch", disable=not rt.is_main)
+    for epoch in epochs_bar:
+        set_epoch(loader, epoch)
+        gen = _epoch_generator(p.seed, epoch, rt.rank, rt.device)
+        loss_sum = torch.zeros((), device=rt.device)
+        seen, t0 = 0, time.perf_counter()
+        for step, (imgs, _) in enumerate(loader):
+            imgs = imgs.to(rt.device, non_blocking=True).float().div_(255.0)
+            x = random_resized_crop(imgs, data.img_size, p.crop_scale, hflip=p.hflip, generator=gen)
+            x = normalize(x, data.mean, data.std)
+            noise = torch.rand(x.shape[0], model.patch_embed.num_patches, device=rt.device, generator=gen)
+            update = (step + 1) % p.accum_iter == 0 or step + 1 == batches
+            sync = update or not rt.distributed
+            with rt.autocast(), train_model.no_sync() if not sync else contextlib.nullcontext():
+                loss, _, _ = train_model(x, p.mask_ratio, noise)
+                scaler.scale(loss / p.accum_iter).backward()
+            if update:
+                scheduler.step_update(epoch * updates_per_epoch + step // p.accum_iter)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach()  # stays on the device: no sync per step
+            seen += x.shape[0]
+        mean_loss = float(runtime.all_reduce_mean(loss_sum / batches, rt))
+        if not np.isfinite(mean_loss):
+            raise FloatingPointError(f"pre-training loss is {mean_loss} at epoch {epoch}: lower pretrain.base_lr")
+        elapsed = time.perf_counter() - t0
+        record = {
+            "epoch": epoch + 1,
+            "loss": round(mean_loss, 6),
+            "lr": float(f"{optimizer.param_groups[0]['lr']:.6g}"),
+            "images_per_s": round(seen * rt.world_size / elapsed, 1),
+        }
+        history.append(record)
+        if rt.is_main:
+            epochs_bar.set_postfix(loss=f"{mean_loss:.4f}")
+            log.info("epoch %d/%d loss %.4f lr %.2e %.0f img/s", epoch + 1, p.epochs, mean_loss,
+                     record["lr"], record["images_per_s"])  # fmt: skip
+            if (epoch + 1) % p.save_every == 0 or epoch + 1 == p.epochs:
+                checkpoint(epoch)
+    train_time = time.perf_counter() - t_start
+
+    if not rt.is_main:
+        return {}
+    if not history:
+        raise ResumeError("nothing to train: the checkpoint already covers every epoch")
+    return _write_outputs(cfg, model, data, history, fingerprint, train_time, start_epoch, len(ids), eff_batch, lr)
+
+
+def _write_outputs(
+    cfg: Config, model: MaskedAutoencoderViT, data: PreparedData, history: list[dict], fingerprint: str,
+    train_time: float, start_epoch: int, num_images: int, eff_batch: int, lr: float,
+) -> dict:  # fmt: skip
+    p = cfg.pretrain
+    out, reports = Path(p.out_dir), Path(p.reports_dir)
+    args = {"fingerprint": fingerprint, "config": cfg.model_dump(mode="json"),
+            "img_size": data.img_size, "in_chans": data.channels, "mean": data.mean, "std": data.std}  # fmt: skip
+    state = model.state_dict()
+    save_with(out / "mae.pth", lambda tmp: torch.save({"model": state, "epoch": p.epochs - 1, "args": args}, tmp))
+    enc = encoder_state_dict(state)
+    save_with(out / "encoder.pth", lambda tmp: torch.save({"model": enc, "args": args}, tmp))
+
+    save_reconstructions(model, data, p.mask_ratio, reports / "reconstruction.png", seed=p.seed)
+    _write_history(history, reports / "history.csv")
+    learning_curve(history, ["loss"], reports / "loss.png", title="MAE pre-training loss (masked patches)")
+    metrics = {
+        "final_loss": history[-1]["loss"],
+        "first_loss": history[0]["loss"],
+        "epochs": p.epochs,
+        "resumed_from_epoch": start_epoch,
+        "num_images": num_images,
+        "effective_batch": eff_batch,
+        "lr": lr,
+        "train_time_s": round(train_time, 2),
+        "images_per_s": history[-1]["images_per_s"],
+    }
+    write_json(reports / "metrics.json", metrics)
+    log.info("pre-training done: loss %.4f -> %.4f in %.1fs; wrote %s", metrics["first_loss"],
+             metrics["final_loss"], train_time, out)  # fmt: skip
+    return metrics

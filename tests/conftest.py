@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny configs that run on a CPU in seconds."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from mae_ops.config import Config, load_params
+from mae_ops.stages import prepare
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # the venv's bin, where the mae-ops and dvc scripts live
+
+# keep tests quiet and single-machine
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+def tiny_overrides(root: Path) -> list[str]:
+    """A micro MAE on 28 px digits, every output under ``root``."""
+    return [
+        f"data.out_dir={root}/data/prepared",
+        "model.preset=mae_vit_micro_patch4",
+        "pretrain.epochs=2",
+        "pretrain.batch_size=128",
+        "pretrain.warmup_epochs=1",
+        "pretrain.base_lr=0.003",
+        f"pretrain.out_dir={root}/models/pretrain",
+        f"pretrain.checkpoint_dir={root}/checkpoints/pretrain",
+        f"pretrain.reports_dir={root}/reports/pretrain",
+    ]
+
+
+def tiny_config(root: Path, *extra: str) -> Config:
+    return load_params(REPO / "params.yaml", [*tiny_overrides(root), *extra])
+
+
+@pytest.fixture(scope="session")
+def prepared_mnist(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The embedded digits prepared once for the whole session (read-only for tests)."""
+    root = tmp_path_factory.mktemp("mnist")
+    prepare.run(tiny_config(root))
+    return root / "data" / "prepared"
+
+
+@pytest.fixture
+def mnist_root(tmp_path: Path, prepared_mnist: Path) -> Path:
+    """A fresh run folder whose data/prepared is a copy of the session's digits."""
+    shutil.copytree(prepared_mnist, tmp_path / "data" / "prepared")
+    return tmp_path
+
+
+def subprocess_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    return env

@@ -1,0 +1,106 @@
+"""params.yaml validation, --set overrides and the CLI's refusal of bad params."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mae_ops.config import Config, ParamsError, apply_overrides, load_params
+from tests.conftest import BIN, REPO, subprocess_env
+
+
+def test_repo_params_are_valid_and_cover_documented_keys() -> None:
+    cfg = load_params(REPO / "params.yaml")
+    assert cfg.data.source == "mnist-5k"
+    for key in ("img_size", "seed"):
+        assert hasattr(cfg.data, key)
+    for key in ("epochs", "batch_size", "mask_ratio", "norm_pix_loss", "device"):
+        assert hasattr(cfg.pretrain, key)
+    assert cfg.model.preset
+
+
+def test_missing_default_file_means_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert load_params() == Config()
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "hint"),
+    [
+        ("pretrain.mask_ratio=1.5", "pretrain.mask_ratio", "less than 1"),
+        ("pretrain.mask_ratio=0", "pretrain.mask_ratio", "greater than 0"),
+        ("pretrain.epochs=-3", "pretrain.epochs", "greater than or equal to 1"),
+        ("pretrain.batch_size=many", "pretrain.batch_size", "valid integer"),
+        ("data.img_size=30", "data.img_size", "divisible by the patch size"),
+        ("pretrain.colour=red", "pretrain.colour", "unknown key; allowed keys: epochs"),
+        ("training.epochs=3", "training", "unknown key; allowed keys: data, model, pretrain"),
+        ("model.preset=resnet50", "model.preset", "must be one of"),
+        ("pretrain.device=tpu", "pretrain.device", "auto, cpu, cuda"),
+        ("data.channels=2", "data.channels", "'auto', 1 or 3"),
+        ("pretrain.crop_scale=[0.9, 0.1]", "pretrain.crop_scale", "low <= high"),
+        ("data.test_fraction=0.6", "data.val_fraction", "must be < 1"),
+    ],
+)
+def test_bad_values_name_the_key_and_the_allowed_range(override: str, key: str, hint: str) -> None:
+    with pytest.raises(ParamsError) as err:
+        load_params(REPO / "params.yaml", [override, "data.val_fraction=0.5"] if "test_fraction" in override
+                    else [override])  # fmt: skip
+    message = str(err.value)
+    assert key in message
+    assert hint in message
+
+
+def test_overrides_parse_yaml_values() -> None:
+    raw = apply_overrides({"pretrain": {"epochs": 1}}, ["pretrain.epochs=7", "pretrain.crop_scale=[0.5, 1]",
+                                                       "pretrain.hflip=false", "data.source=/some/dir"])  # fmt: skip
+    assert raw == {"pretrain": {"epochs": 7, "crop_scale": [0.5, 1], "hflip": False}, "data": {"source": "/some/dir"}}
+    cfg = load_params(REPO / "params.yaml", ["pretrain.epochs=7"])
+    assert cfg.pretrain.epochs == 7
+
+
+@pytest.mark.parametrize("bad", ["novalue", "=3", "pretrain.epochs=[1"])
+def test_malformed_overrides(bad: str) -> None:
+    with pytest.raises(ParamsError, match="invalid override"):
+        load_params(REPO / "params.yaml", [bad])
+
+
+def test_unparseable_params_file(tmp_path: Path) -> None:
+    (tmp_path / "p.yaml").write_text("data: [unclosed\n")
+    with pytest.raises(ParamsError, match="cannot parse"):
+        load_params(tmp_path / "p.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ParamsError, match="mapping"):
+        load_params(tmp_path / "list.yaml")
+    with pytest.raises(ParamsError, match="not found"):
+        load_params(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("command", ["prepare", "pretrain"])
+def test_cli_exits_2_and_writes_nothing(tmp_path: Path, command: str) -> None:
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"pretrain": {"mask_ratio": 1.5}}))
+    proc = subprocess.run(
+        [str(BIN / "mae-ops"), command, "--set", "data.img_size=28"],
+        cwd=tmp_path, capture_output=True, text=True, env=subprocess_env(), timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "pretrain.mask_ratio" in proc.stderr and "less than 1" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_cli_set_is_validated_the_same_way(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [str(BIN / "mae-ops"), "check-params", "--params", str(REPO / "params.yaml"), "--set", "pretrain.epochs=0"],
+        cwd=tmp_path, capture_output=True, text=True, env=subprocess_env(), timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "pretrain.epochs" in proc.stderr
+    ok = subprocess.run(
+        [str(BIN / "mae-ops"), "check-params", "--params", str(REPO / "params.yaml"), "--set", "pretrain.epochs=3"],
+        cwd=tmp_path, capture_output=True, text=True, env=subprocess_env(), timeout=120,
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    assert yaml.safe_load(ok.stdout)["pretrain"]["epochs"] == 3

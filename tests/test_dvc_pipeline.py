@@ -1,0 +1,50 @@
+"""dvc.yaml really reproduces the stages in a git repo, then skips them."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import BIN, REPO, subprocess_env
+
+
+def _run(cmd: list[str], cwd: Path) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=subprocess_env(), timeout=900)
+    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout + proc.stderr
+
+
+def test_dvc_repro_runs_then_skips(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copy(REPO / "dvc.yaml", repo / "dvc.yaml")
+    shutil.copytree(REPO / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["model"]["preset"] = "mae_vit_micro_patch4"
+    params["pretrain"].update(epochs=2, batch_size=256, warmup_epochs=1)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    _run(["git", "init", "-q"], repo)
+    _run([str(BIN / "dvc"), "init", "-q"], repo)
+
+    first = _run([str(BIN / "dvc"), "repro"], repo)
+    assert "Running stage 'prepare'" in first and "Running stage 'pretrain'" in first
+    assert (repo / "models/pretrain/mae.pth").exists()
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    assert lock["stages"]["pretrain"]["params"]["params.yaml"]["pretrain"]["epochs"] == 2
+    mtime = (repo / "models/pretrain/mae.pth").stat().st_mtime_ns
+
+    second = _run([str(BIN / "dvc"), "repro"], repo)
+    assert "Running stage" not in second
+    assert "didn't change, skipping" in second
+    assert (repo / "models/pretrain/mae.pth").stat().st_mtime_ns == mtime
+
+    # a pre-training param change re-runs pretrain only
+    params["pretrain"]["epochs"] = 3
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    third = _run([str(BIN / "dvc"), "repro"], repo)
+    assert "Running stage 'pretrain'" in third and "Running stage 'prepare'" not in third
+    metrics = _run([str(BIN / "dvc"), "metrics", "show", "--json"], repo)
+    assert '"epochs": 3' in metrics

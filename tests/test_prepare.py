@@ -1,0 +1,174 @@
+"""`prepare`: the embedded digits, user folders, and every kind of bad image."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mae_ops.stages import prepare
+from mae_ops.stages.prepare import SPLITS, DataSourceError
+from tests.conftest import tiny_config
+
+
+def _load(root: Path) -> dict:
+    out = {name: np.load(root / f"{name}.npy") for name in ("images", "labels", "split", "labelled")}
+    out["manifest"] = json.loads((root / "manifest.json").read_text())
+    return out
+
+
+def test_embedded_mnist(prepared_mnist: Path) -> None:
+    d = _load(prepared_mnist)
+    m = d["manifest"]
+    assert d["images"].shape == (5000, 1, 28, 28) and d["images"].dtype == np.uint8
+    assert m["counts"] == {"train": 3500, "val": 500, "test": 1000, "unlabeled": 0, "labelled": 350}
+    assert m["classes"] == [str(i) for i in range(10)]
+    # stratified: every class equally represented in every split
+    assert set(m["counts_per_class"]["test"].values()) == {100}
+    assert set(m["counts_per_class"]["labelled"].values()) == {35}
+    # labelled subset is inside train only
+    assert np.all(d["split"][d["labelled"]] == SPLITS["train"])
+    # mean/std are those of the training split
+    train = d["images"][d["split"] == SPLITS["train"]].astype(np.float64) / 255
+    assert m["mean"][0] == pytest.approx(train.mean(), abs=1e-5)
+    assert m["std"][0] == pytest.approx(train.std(), abs=1e-5)
+    assert len(m["source_hash"]) == 64 and len(m["content_hash"]) == 64
+
+
+def test_split_is_deterministic_and_seeded(tmp_path: Path, prepared_mnist: Path) -> None:
+    first = _load(prepared_mnist)["manifest"]["content_hash"]
+    prepare.run(tiny_config(tmp_path / "again"))
+    assert _load(tmp_path / "again" / "data" / "prepared")["manifest"]["content_hash"] == first
+    prepare.run(tiny_config(tmp_path / "other", "data.seed=1"))
+    other = _load(tmp_path / "other" / "data" / "prepared")
+    assert other["manifest"]["content_hash"] != first
+    assert other["manifest"]["counts"]["test"] == 1000
+
+
+def test_labels_per_class_and_resize(tmp_path: Path) -> None:
+    prepare.run(tiny_config(tmp_path, "data.labels_per_class=5", "data.img_size=32", "data.channels=3"))
+    d = _load(tmp_path / "data" / "prepared")
+    assert d["images"].shape == (5000, 3, 32, 32)
+    assert d["manifest"]["counts"]["labelled"] == 50
+    assert np.array_equal(d["images"][:, 0], d["images"][:, 2])  # gray replicated to RGB
+
+
+def _save(img: Image.Image, path: Path, **kw) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, **kw)
+
+
+def _colour(seed: int, size=(20, 20)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8))
+
+
+@pytest.fixture
+def messy_folder(tmp_path: Path) -> Path:
+    """An ImageFolder with every kind of file users really have."""
+    root = tmp_path / "photos"
+    for cls in ("cat", "dog"):
+        for i in range(6):
+            _save(_colour(i + (100 if cls == "dog" else 0)), root / cls / f"ok_{i}.png")
+    # converted: CMYK JPEG, palette PNG, RGBA PNG, 16-bit gray PNG, odd size, 1-bit, nested folder
+    _save(_colour(50).convert("CMYK"), root / "cat" / "cmyk.jpg")
+    _save(_colour(51).convert("P", palette=Image.Palette.ADAPTIVE), root / "cat" / "palette.png")
+    rgba = _colour(52).convert("RGBA")
+    rgba.putalpha(0)  # fully transparent -> white
+    _save(rgba, root / "dog" / "rgba.png")
+    _save(Image.fromarray(np.full((20, 20), 65535, dtype=np.uint16)), root / "dog" / "sixteen.png")
+    _save(_colour(53, size=(7, 45)), root / "dog" / "odd_size.jpg")
+    _save(_colour(54).convert("1"), root / "dog" / "nested" / "bilevel.bmp")
+    # skipped: empty, truncated, not an image, wrong extension, hidden, stray file
+    (root / "cat" / "empty.jpg").write_bytes(b"")
+    good = root / "cat" / "ok_0.png"
+    _save(_colour(55, size=(64, 64)), root / "cat" / "full.jpg", quality=95)
+    data = (root / "cat" / "full.jpg").read_bytes()
+    (root / "cat" / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (root / "cat" / "full.jpg").unlink()
+    (root / "dog" / "notes.jpg").write_text("this is not a picture")
+    (root / "dog" / "readme.txt").write_text("hello")
+    (root / "dog" / ".DS_Store").write_bytes(b"\x00\x01")
+    (root / "stray.png").write_bytes(good.read_bytes())
+    return root
+
+
+def test_messy_folder_converts_or_skips_and_never_crashes(tmp_path: Path, messy_folder: Path) -> None:
+    cfg = tiny_config(tmp_path / "run", f"data.source={messy_folder}", "data.img_size=16",
+                      "data.test_fraction=0.25", "data.val_fraction=0.25")  # fmt: skip
+    manifest = prepare.run(cfg)
+    d = _load(tmp_path / "run" / "data" / "prepared")
+    reasons = {Path(s["path"]).name: s["reason"] for s in manifest["skipped"]}
+    assert set(reasons) == {"empty.jpg", "truncated.jpg", "notes.jpg", "readme.txt", ".DS_Store", "stray.png"}
+    assert reasons["empty.jpg"] == "empty file"
+    assert reasons["truncated.jpg"].startswith("unreadable or truncated")
+    assert reasons["notes.jpg"] == "not a recognised image format"
+    assert reasons["readme.txt"] == "not an image file extension"
+    assert manifest["num_skipped"] == 6
+    # 12 good + 6 converted images, all at 16x16 RGB
+    assert manifest["channels"] == 3
+    assert d["images"].shape == (18, 3, 16, 16)
+    assert manifest["classes"] == ["cat", "dog"]
+    files = json.loads((tmp_path / "run" / "data" / "prepared" / "files.json").read_text())
+    by_name = {Path(f).name: i for i, f in enumerate(files)}
+    assert np.all(d["images"][by_name["rgba.png"]] == 255)  # transparent -> white
+    assert np.all(d["images"][by_name["sixteen.png"]] == 255)  # 16-bit scaled, not clipped to garbage
+    assert d["labels"][by_name["bilevel.bmp"]] == 1  # nested file keeps its class
+    assert sum(manifest["counts"][s] for s in ("train", "val", "test")) == 18
+
+
+def test_sixteen_bit_is_scaled_not_clipped(tmp_path: Path) -> None:
+    root = tmp_path / "src"
+    ramp = (np.arange(16 * 16, dtype=np.uint16).reshape(16, 16) * 256).astype(np.uint16)
+    for cls in ("a", "b"):
+        _save(Image.fromarray(ramp), root / cls / "ramp.png")
+    prepare.run(tiny_config(tmp_path / "run", f"data.source={root}", "data.img_size=16",
+                            "data.test_fraction=0", "data.val_fraction=0"))  # fmt: skip
+    img = np.load(tmp_path / "run" / "data" / "prepared" / "images.npy")[0, 0]
+    assert img.dtype == np.uint8 and img.shape == (16, 16)
+    np.testing.assert_allclose(img.astype(float), ramp / 257.0, atol=1.0)
+
+
+def test_split_folders_and_unlabeled_pool(tmp_path: Path) -> None:
+    root, extra = tmp_path / "labelled", tmp_path / "unlabeled"
+    for split, n in (("train", 8), ("test", 3)):
+        for cls in ("x", "y"):
+            for i in range(n):
+                _save(Image.fromarray(np.full((10, 10), i * 20, np.uint8)), root / split / cls / f"{i}.png")
+    for i in range(5):
+        _save(Image.fromarray(np.full((12, 12), 7, np.uint8)), extra / "deep" / f"u{i}.jpg")
+    manifest = prepare.run(tiny_config(tmp_path / "run", f"data.source={root}", f"data.unlabeled_dirs=[{extra}]",
+                                       "data.img_size=8", "data.val_fraction=0.25"))  # fmt: skip
+    d = _load(tmp_path / "run" / "data" / "prepared")
+    assert manifest["channels"] == 1
+    assert manifest["counts"]["test"] == 6  # the test/ folder, untouched by the random split
+    assert manifest["counts"]["unlabeled"] == 5
+    assert manifest["counts"]["val"] == 4  # 25% of the labelled images, taken from train/
+    assert manifest["counts"]["train"] == 12
+    assert np.all(d["labels"][d["split"] == SPLITS["unlabeled"]] == -1)
+    files = json.loads((tmp_path / "run" / "data" / "prepared" / "files.json").read_text())
+    assert all("/test/" in files[i] for i in np.flatnonzero(d["split"] == SPLITS["test"]))
+
+
+def test_bad_sources_fail_clearly_and_keep_the_old_output(tmp_path: Path, prepared_mnist: Path) -> None:
+    import shutil
+
+    out = tmp_path / "run" / "data" / "prepared"
+    shutil.copytree(prepared_mnist, out)
+    before = (out / "manifest.json").read_text()
+    with pytest.raises(DataSourceError, match="folder not found"):
+        prepare.run(tiny_config(tmp_path / "run", f"data.source={tmp_path / 'missing'}"))
+    flat = tmp_path / "flat"
+    _save(_colour(1), flat / "a.png")
+    with pytest.raises(DataSourceError, match="no class sub-folders"):
+        prepare.run(tiny_config(tmp_path / "run", f"data.source={flat}"))
+    junk = tmp_path / "junk"
+    (junk / "c").mkdir(parents=True)
+    (junk / "c" / "bad.png").write_text("nope")
+    with pytest.raises(DataSourceError, match="no readable images"):
+        prepare.run(tiny_config(tmp_path / "run", f"data.source={junk}"))
+    assert (out / "manifest.json").read_text() == before
+    assert sorted(p.name for p in out.parent.iterdir()) == ["prepared"]  # no temp folders left behind

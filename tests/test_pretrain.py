@@ -1,0 +1,98 @@
+"""`pretrain`: learning on real digits, outputs, and resuming after a kill."""
+
+from __future__ import annotations
+
+import csv
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from PIL import Image
+
+from mae_ops.models.checkpoint import load_state_dict
+from mae_ops.stages import pretrain
+from tests.conftest import BIN, REPO, subprocess_env, tiny_config, tiny_overrides
+
+
+def test_loss_falls_on_real_digits_and_outputs_are_usable(mnist_root: Path) -> None:
+    cfg = tiny_config(mnist_root, "pretrain.epochs=4")
+    metrics = pretrain.run(cfg)
+    with open(mnist_root / "reports/pretrain/history.csv") as fh:
+        history = list(csv.DictReader(fh))
+    losses = [float(h["loss"]) for h in history]
+    assert len(losses) == 4
+    assert losses[-1] < 0.75 * losses[0], losses
+    assert metrics["final_loss"] == pytest.approx(losses[-1])
+    saved = json.loads((mnist_root / "reports/pretrain/metrics.json").read_text())
+    assert saved["epochs"] == 4 and saved["images_per_s"] > 0
+
+    full = torch.load(mnist_root / "models/pretrain/mae.pth", weights_only=True)
+    assert {"model", "epoch", "args"} <= set(full) and full["args"]["in_chans"] == 1
+    vit = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0, img_size=28, patch_size=4,
+                            in_chans=1, embed_dim=32, depth=2, num_heads=2)  # fmt: skip
+    vit.load_state_dict(load_state_dict(mnist_root / "models/pretrain/encoder.pth"), strict=True)
+    assert torch.equal(vit.blocks[0].attn.qkv.weight, full["model"]["blocks.0.attn.qkv.weight"])
+
+    # the resumable checkpoint uses the official layout
+    ckpt = torch.load(mnist_root / "checkpoints/pretrain/last.pth", weights_only=True)
+    assert {"model", "optimizer", "epoch", "scaler", "args"} <= set(ckpt) and ckpt["epoch"] == 3
+    for png in ("loss.png", "reconstruction.png"):
+        with Image.open(mnist_root / "reports/pretrain" / png) as img:
+            assert img.format == "PNG" and img.width > 200
+
+
+def _final_weights(root: Path) -> dict[str, torch.Tensor]:
+    return torch.load(root / "models/pretrain/mae.pth", weights_only=True)["model"]
+
+
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path: Path, prepared_mnist: Path) -> None:
+    import shutil
+
+    extra = ["pretrain.epochs=6", "pretrain.save_every=1"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    for root in (whole, killed):
+        shutil.copytree(prepared_mnist, root / "data" / "prepared")
+    pretrain.run(tiny_config(whole, *extra))
+
+    cmd = [str(BIN / "mae-ops"), "pretrain", "--params", str(REPO / "params.yaml")]
+    for item in [*tiny_overrides(killed), *extra]:
+        cmd += ["--set", item]
+    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = killed / "checkpoints/pretrain/last.pth"
+    deadline = time.time() + 300
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (killed / "models/pretrain/mae.pth").exists()
+    done_epochs = torch.load(last, weights_only=True)["epoch"] + 1
+    assert 1 <= done_epochs < 6
+
+    metrics = pretrain.run(tiny_config(killed, *extra), resume=True)
+    assert metrics["resumed_from_epoch"] == done_epochs
+    a, b = _final_weights(whole), _final_weights(killed)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=key)
+    hist_a = (whole / "reports/pretrain/history.csv").read_text().splitlines()
+    hist_b = (killed / "reports/pretrain/history.csv").read_text().splitlines()
+    assert [r.split(",")[1] for r in hist_a] == [r.split(",")[1] for r in hist_b]  # same loss curve
+
+
+def test_checkpoint_of_another_run_is_not_resumed(mnist_root: Path) -> None:
+    pretrain.run(tiny_config(mnist_root, "pretrain.epochs=1"))
+    with pytest.raises(pretrain.ResumeError, match="different run"):
+        pretrain.run(tiny_config(mnist_root, "pretrain.epochs=1", "pretrain.mask_ratio=0.5"), resume=True)
+    metrics = pretrain.run(tiny_config(mnist_root, "pretrain.epochs=1", "pretrain.mask_ratio=0.5"))
+    assert metrics["resumed_from_epoch"] == 0
+
+
+def test_missing_prepared_data_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="mae-ops prepare"):
+        pretrain.run(tiny_config(tmp_path))

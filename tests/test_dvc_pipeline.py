@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -25,12 +26,15 @@ def test_dvc_repro_runs_then_skips(tmp_path: Path) -> None:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["model"]["preset"] = "mae_vit_micro_patch4"
     params["pretrain"].update(epochs=2, batch_size=256, warmup_epochs=1)
+    params["finetune"].update(epochs=2, batch_size=32, linprobe_epochs=3)
+    params["hpo"].update(n_trials=2, epochs=1, startup_trials=1, warmup_epochs=0)
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     _run(["git", "init", "-q"], repo)
     _run([str(BIN / "dvc"), "init", "-q"], repo)
 
     first = _run([str(BIN / "dvc"), "repro"], repo)
-    assert "Running stage 'prepare'" in first and "Running stage 'pretrain'" in first
+    for stage in ("prepare", "pretrain", "finetune", "baselines", "evaluate"):
+        assert f"Running stage '{stage}'" in first
     assert (repo / "models/pretrain/mae.pth").exists()
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert lock["stages"]["pretrain"]["params"]["params.yaml"]["pretrain"]["epochs"] == 2
@@ -41,10 +45,14 @@ def test_dvc_repro_runs_then_skips(tmp_path: Path) -> None:
     assert "didn't change, skipping" in second
     assert (repo / "models/pretrain/mae.pth").stat().st_mtime_ns == mtime
 
-    # a pre-training param change re-runs pretrain only
-    params["pretrain"]["epochs"] = 3
+    metrics = json.loads(_run([str(BIN / "dvc"), "metrics", "show", "--json"], repo))
+    top1 = next(iter(metrics.values()))["data"]["reports/metrics.json"]["data"]  # keyed by revision
+    assert set(top1) == {"finetune", "scratch", "linprobe"}
+    assert all(0.0 <= m["top1"] <= 1.0 for m in top1.values())
+
+    # an evaluation param change re-runs only what depends on it
+    params["evaluate"]["batch_size"] = 100
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     third = _run([str(BIN / "dvc"), "repro"], repo)
-    assert "Running stage 'pretrain'" in third and "Running stage 'prepare'" not in third
-    metrics = _run([str(BIN / "dvc"), "metrics", "show", "--json"], repo)
-    assert '"epochs": 3' in metrics
+    assert "Running stage 'evaluate'" in third
+    assert all(f"Running stage '{s}'" not in third for s in ("prepare", "pretrain", "finetune", "baselines"))

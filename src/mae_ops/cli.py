@@ -85,6 +85,57 @@ def pretrain(
 
 
 @app.command()
+def finetune(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    resume: Annotated[bool, typer.Option(help="continue from the last checkpoint (error if none matches)")] = False,
+) -> None:
+    """Fine-tune (or linear-probe) the pre-trained encoder on the labelled subset, with Optuna
+    when hpo.enabled -> models/finetune/."""
+    from mae_ops.stages import finetune as stage
+    from mae_ops.training import ResumeError
+
+    cfg = _config(params, set_)
+    _setup_logging()
+    try:
+        metrics = stage.run(cfg, resume=resume)
+    except (ResumeError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    typer.echo(f"{metrics['mode']} ({metrics['init']}): validation top-1 {metrics['val_top1']:.2%}")
+
+
+@app.command()
+def baselines(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Train the comparisons: the same ViT from scratch, and a linear probe -> models/baselines/."""
+    from mae_ops.stages import baselines as stage
+
+    cfg = _config(params, set_)
+    _setup_logging()
+    try:
+        metrics = stage.run(cfg)
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    for name, m in metrics.items():
+        typer.echo(f"{name}: validation top-1 {m['val_top1']:.2%}")
+
+
+@app.command()
+def evaluate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Score every model on the held-out test split -> reports/metrics.json, reports/eval/."""
+    from mae_ops.stages import evaluate as stage
+
+    cfg = _config(params, set_)
+    _setup_logging()
+    try:
+        results = stage.run(cfg)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    for name, m in results.items():
+        typer.echo(f"{name:9s} test top-1 {m['top1']:.2%}")
+    typer.echo(f"summary: {cfg.evaluate.reports_dir}/summary.md")
+
+
+@app.command()
 def pipeline(
     stages: Annotated[list[str] | None, typer.Argument(help="stages to bring up to date (default: all)")] = None,
     force: Annotated[bool, typer.Option(help="re-run the stages even if nothing changed")] = False,

@@ -9,10 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mae_ops.models.mae import PRESETS, preset_config
 
@@ -21,6 +21,16 @@ DEFAULT_PARAMS = Path("params.yaml")
 
 class ParamsError(ValueError):
     """Invalid params: the message names every bad key and what is allowed."""
+
+
+def _check_device(v: str) -> str:
+    head, _, idx = v.partition(":")
+    if head not in ("auto", "cpu", "cuda", "mps") or (idx and (head != "cuda" or not idx.isdigit())):
+        raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+    return v
+
+
+DeviceName = Annotated[str, AfterValidator(_check_device)]
 
 
 class _Section(BaseModel):
@@ -76,7 +86,7 @@ class PretrainConfig(_Section):
     norm_pix_loss: bool = True
     crop_scale: tuple[float, float] = (0.2, 1.0)
     hflip: bool = True
-    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    device: DeviceName = Field("auto", description="auto | cpu | cuda | cuda:N")
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     compile: Literal["auto", "on", "off"] = "auto"
     seed: int = Field(0, ge=0)
@@ -87,14 +97,6 @@ class PretrainConfig(_Section):
     checkpoint_dir: str = "checkpoints/pretrain"
     reports_dir: str = "reports/pretrain"
 
-    @field_validator("device")
-    @classmethod
-    def _device_name(cls, v: str) -> str:
-        head, _, idx = v.partition(":")
-        if head not in ("auto", "cpu", "cuda", "mps") or (idx and (head != "cuda" or not idx.isdigit())):
-            raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
-        return v
-
     @field_validator("crop_scale")
     @classmethod
     def _scale_range(cls, v: tuple[float, float]) -> tuple[float, float]:
@@ -103,10 +105,123 @@ class PretrainConfig(_Section):
         return v
 
 
+class FinetuneConfig(_Section):
+    mode: Literal["finetune", "linprobe"] = "finetune"
+    init: str = Field("pretrain", description="pretrain | scratch | path to an MAE checkpoint (.pth)")
+    epochs: int = Field(60, ge=1)
+    batch_size: int = Field(64, ge=2)
+    base_lr: float = Field(1e-3, gt=0.0, description="lr = base_lr * batch / 256")
+    min_lr: float = Field(1e-6, ge=0.0)
+    warmup_epochs: float = Field(5, ge=0.0)
+    weight_decay: float = Field(0.05, ge=0.0)
+    layer_decay: float = Field(0.75, gt=0.0, le=1.0, description="lr scale per block from the head down")
+    drop_path: float = Field(0.1, ge=0.0, lt=1.0)
+    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
+    mixup: float = Field(0.0, ge=0.0, description="Mixup alpha, 0 = off")
+    cutmix: float = Field(0.0, ge=0.0, description="CutMix alpha, 0 = off")
+    translate: float = Field(0.1, ge=0.0, le=0.5, description="random shift, fraction of the image side")
+    rotate: float = Field(10.0, ge=0.0, le=180.0, description="random rotation, degrees")
+    scale: tuple[float, float] = (0.9, 1.1)
+    hflip: bool = False
+    randaug: str = Field("", description="timm RandAugment spec, e.g. rand-m9-mstd0.5-inc1; empty = off")
+    random_erase: float = Field(0.0, ge=0.0, le=1.0, description="RandomErasing probability")
+    global_pool: Literal["avg", "token"] = "avg"
+    linprobe_epochs: int = Field(100, ge=1)
+    linprobe_lr: float = Field(1e-2, gt=0.0)
+    eval_every: int = Field(5, ge=1, description="validate every N epochs (and at the end)")
+    device: DeviceName = "auto"
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    seed: int = Field(0, ge=0)
+    save_every: int = Field(10, ge=1)
+    auto_resume: bool = True
+    out_dir: str = "models/finetune"
+    checkpoint_dir: str = "checkpoints/finetune"
+    reports_dir: str = "reports/finetune"
+
+    @field_validator("scale")
+    @classmethod
+    def _scale_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 < v[0] <= v[1]:
+            raise ValueError("must be [low, high] with 0 < low <= high")
+        return v
+
+
+class SearchDim(_Section):
+    """One tuned knob: a float range (log-uniform when ``log``) or a list of choices."""
+
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: list[float | int | str | bool] | None = None
+
+    @model_validator(mode="after")
+    def _range_or_choices(self) -> SearchDim:
+        if self.choices is not None:
+            if not self.choices or self.low is not None or self.high is not None:
+                raise ValueError("give either non-empty choices or low/high, not both")
+        elif self.low is None or self.high is None or not self.low < self.high:
+            raise ValueError("needs low < high (or choices)")
+        elif self.log and self.low <= 0:
+            raise ValueError("a log range needs low > 0")
+        return self
+
+
+TUNABLE = ("base_lr", "layer_decay", "weight_decay", "drop_path", "label_smoothing", "mixup", "cutmix",
+           "translate", "rotate", "random_erase", "warmup_epochs")  # fmt: skip
+
+
+def _default_space() -> dict[str, SearchDim]:
+    return {
+        "base_lr": SearchDim(low=3e-4, high=1e-2, log=True),
+        "layer_decay": SearchDim(low=0.5, high=0.95),
+        "weight_decay": SearchDim(low=0.01, high=0.3, log=True),
+        "drop_path": SearchDim(low=0.0, high=0.3),
+    }
+
+
+class HpoConfig(_Section):
+    enabled: bool = True
+    n_trials: int = Field(10, ge=1)
+    timeout_s: float | None = Field(None, gt=0.0, description="stop starting trials after this long")
+    epochs: int = Field(20, ge=1, description="epochs per trial")
+    workers: int = Field(1, ge=1, description="local worker processes sharing the study")
+    storage: str = Field("sqlite:///optuna/finetune.db", description="SQLAlchemy URL (PostgreSQL for many machines)")
+    study_name: str = "mae-ops-finetune"
+    seed: int = Field(0, ge=0)
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    startup_trials: int = Field(3, ge=0, description="trials run in full before pruning starts")
+    warmup_epochs: int = Field(4, ge=0, description="epochs a trial runs before it may be pruned")
+    retrain: bool = Field(True, description="retrain with the best params for finetune.epochs (else keep the trial)")
+    space: dict[str, SearchDim] = Field(default_factory=_default_space)
+    reports_dir: str = "reports/hpo"
+
+    @field_validator("space")
+    @classmethod
+    def _known_knobs(cls, v: dict[str, SearchDim]) -> dict[str, SearchDim]:
+        unknown = sorted(set(v) - set(TUNABLE))
+        if unknown:
+            raise ValueError(f"cannot tune {unknown}; tunable finetune keys: {list(TUNABLE)}")
+        return v
+
+
+class EvaluateConfig(_Section):
+    baseline: Literal["scratch", "none"] = "scratch"
+    linprobe: bool = True
+    batch_size: int = Field(256, ge=1)
+    device: DeviceName = "auto"
+    baselines_dir: str = "models/baselines"
+    baselines_reports_dir: str = "reports/baselines"
+    reports_dir: str = "reports/eval"
+    metrics_file: str = "reports/metrics.json"
+
+
 class Config(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    hpo: HpoConfig = Field(default_factory=HpoConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
     @model_validator(mode="after")
     def _image_fits_patches(self) -> Config:

@@ -16,8 +16,11 @@ from mae_ops.stages.prepare import SPLITS
 class PreparedData:
     """Memory-mapped view of a prepared data folder."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, hide_test: bool = False) -> None:
+        """``hide_test``: training and tuning code opens the data this way, so
+        that asking for the held-out test split is an error, not a leak."""
         self.root = Path(root)
+        self.hide_test = hide_test
         manifest = self.root / "manifest.json"
         if not manifest.exists():
             raise FileNotFoundError(f"{manifest} not found: run `mae-ops prepare` first")
@@ -48,6 +51,8 @@ class PreparedData:
         return list(self.manifest["std"])
 
     def indices(self, *splits: str, labelled_only: bool = False) -> np.ndarray:
+        if self.hide_test and "test" in splits:
+            raise PermissionError("the test split is held out: only evaluation may read it")
         mask = np.isin(self.split, [SPLITS[s] for s in splits])
         if labelled_only:
             mask &= self.labelled
@@ -153,4 +158,35 @@ def random_resized_crop(
     theta[:, 1, 1] = ch
     theta[:, 1, 2] = cy
     grid = F.affine_grid(theta, [n, x.shape[1], size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def random_affine(
+    x: torch.Tensor,
+    translate: float = 0.1,
+    degrees: float = 10.0,
+    scale: tuple[float, float] = (0.9, 1.1),
+    hflip: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Per-sample random shift (fraction of the side), rotation, zoom and flip for
+    a whole batch in one ``grid_sample``; empty borders are filled with the edge
+    colour. x: (N, C, H, W) float."""
+    n, dev = x.shape[0], x.device
+
+    def uniform(low: float, high: float) -> torch.Tensor:
+        return low + (high - low) * torch.rand(n, device=dev, generator=generator)
+
+    angle = torch.deg2rad(uniform(-degrees, degrees))
+    zoom = uniform(*scale)
+    flip = torch.where(uniform(0, 1) < 0.5, -1.0, 1.0) if hflip else torch.ones(n, device=dev)
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.zeros(n, 2, 3, device=dev, dtype=x.dtype)
+    theta[:, 0, 0] = cos * flip
+    theta[:, 0, 1] = -sin
+    theta[:, 1, 0] = sin * flip
+    theta[:, 1, 1] = cos
+    theta[:, 0, 2] = 2 * uniform(-translate, translate)
+    theta[:, 1, 2] = 2 * uniform(-translate, translate)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)

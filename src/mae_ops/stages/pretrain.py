@@ -18,10 +18,6 @@ go to checkpoints/pretrain/last.pth every `save_every` epochs.
 from __future__ import annotations
 
 import contextlib
-import csv
-import hashlib
-import io
-import json
 import logging
 import time
 from pathlib import Path
@@ -29,17 +25,18 @@ from pathlib import Path
 import numpy as np
 import torch
 from timm.optim import param_groups_weight_decay
-from timm.scheduler import CosineLRScheduler
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from mae_ops import runtime
-from mae_ops.atomic import save_with, write_json, write_text
+from mae_ops.atomic import save_with, write_json
 from mae_ops.config import Config
 from mae_ops.data import PreparedData, batch_loader, normalize, random_resized_crop, set_epoch
 from mae_ops.models.checkpoint import encoder_state_dict
 from mae_ops.models.mae import MaskedAutoencoderViT, create_mae
 from mae_ops.plots import learning_curve, reconstruction_grid
+from mae_ops.reporting import write_history
+from mae_ops.training import Checkpointer, ResumeError, cosine_schedule, fingerprint  # noqa: F401 (re-export)
 
 log = logging.getLogger(__name__)
 
@@ -49,18 +46,10 @@ _NON_SEMANTIC = {"device", "amp", "compile", "num_workers", "save_every", "auto_
 NO_WEIGHT_DECAY = ("cls_token", "mask_token", "pos_embed", "decoder_pos_embed")
 
 
-class ResumeError(RuntimeError):
-    pass
-
-
 def run_fingerprint(cfg: Config, data_hash: str) -> str:
     """Identity of a pre-training run: a checkpoint resumes only a run with the same one."""
-    payload = {
-        "model": cfg.model.model_dump(mode="json"),
-        "pretrain": {k: v for k, v in cfg.pretrain.model_dump(mode="json").items() if k not in _NON_SEMANTIC},
-        "data": data_hash,
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    semantic = {k: v for k, v in cfg.pretrain.model_dump(mode="json").items() if k not in _NON_SEMANTIC}
+    return fingerprint({"model": cfg.model.model_dump(mode="json"), "pretrain": semantic, "data": data_hash})
 
 
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, fused: bool) -> torch.optim.AdamW:
@@ -72,24 +61,6 @@ def _epoch_generator(seed: int, epoch: int, rank: int, device: torch.device) -> 
     """All randomness of an epoch (crops, flips, masks) comes from this generator,
     so a resumed run replays exactly what an uninterrupted one would have."""
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch * 1009 + rank)
-
-
-def _load_resume(path: Path, fingerprint: str, required: bool) -> dict | None:
-    if not path.exists():
-        if required:
-            raise ResumeError(f"--resume: no checkpoint at {path}")
-        return None
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    found = ckpt.get("args", {}).get("fingerprint")
-    if found != fingerprint:
-        if required:
-            raise ResumeError(
-                f"--resume: {path} belongs to a different run (params or data changed); "
-                "remove it or restore the params it was made with"
-            )
-        log.info("ignoring %s: it belongs to a different run", path)
-        return None
-    return ckpt
 
 
 @torch.no_grad()
@@ -129,14 +100,6 @@ def save_reconstructions(
     )
 
 
-def _write_history(history: list[dict], dest: Path) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(history[0]))
-    writer.writeheader()
-    writer.writerows(history)
-    write_text(dest, buf.getvalue())
-
-
 def run(cfg: Config, resume: bool = False) -> dict:
     p = cfg.pretrain
     rt = runtime.setup(p.device, p.amp)
@@ -157,7 +120,7 @@ def _train(cfg: Config, rt: runtime.Runtime, resume: bool) -> dict:
     ids = data.indices("train", "unlabeled")
     torch.manual_seed(p.seed)  # identical initial weights on every rank
     model = create_mae(cfg.model.preset, data.img_size, data.channels, p.norm_pix_loss).to(rt.device)
-    fingerprint = run_fingerprint(cfg, data.manifest["content_hash"])
+    run_id = run_fingerprint(cfg, data.manifest["content_hash"])
 
     eff_batch = p.batch_size * p.accum_iter * rt.world_size
     lr = p.base_lr * eff_batch / 256
@@ -168,18 +131,13 @@ def _train(cfg: Config, rt: runtime.Runtime, resume: bool) -> dict:
     )  # fmt: skip
     batches = len(loader)
     updates_per_epoch = -(-batches // p.accum_iter)
-    total = p.epochs * updates_per_epoch
-    warmup = min(round(p.warmup_epochs * updates_per_epoch), total - 1)
     optimizer = build_optimizer(model, lr, p.weight_decay, fused=rt.device.type == "cuda")
-    scheduler = CosineLRScheduler(
-        optimizer, t_initial=max(1, total - warmup), lr_min=p.min_lr, warmup_t=warmup,
-        warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False,
-    )  # fmt: skip
+    scheduler = cosine_schedule(optimizer, p.epochs, updates_per_epoch, p.warmup_epochs, p.min_lr)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
 
     start_epoch, history = 0, []
-    ckpt_path = Path(p.checkpoint_dir) / "last.pth"
-    ckpt = _load_resume(ckpt_path, fingerprint, required=resume) if (resume or p.auto_resume) else None
+    checkpointer = Checkpointer(Path(p.checkpoint_dir) / "last.pth", run_id)
+    ckpt = checkpointer.load(required=resume) if (resume or p.auto_resume) else None
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -188,7 +146,7 @@ def _train(cfg: Config, rt: runtime.Runtime, resume: bool) -> dict:
         start_epoch = int(ckpt["epoch"]) + 1
         history = list(ckpt["args"].get("history", []))
         if rt.is_main:
-            log.info("resumed from %s at epoch %d/%d", ckpt_path, start_epoch, p.epochs)
+            log.info("resumed from %s at epoch %d/%d", checkpointer.path, start_epoch, p.epochs)
 
     train_model: torch.nn.Module = model
     if rt.distributed:
@@ -210,9 +168,9 @@ def _train(cfg: Config, rt: runtime.Runtime, resume: bool) -> dict:
             "optimizer": optimizer.state_dict(),
             "epoch": epoch,
             "scaler": scaler.state_dict(),
-            "args": {"fingerprint": fingerprint, "config": cfg.model_dump(mode="json"), "history": history},
+            "args": {"config": cfg.model_dump(mode="json"), "history": history},
         }
-        save_with(ckpt_path, lambda tmp: torch.save(state, tmp))
+        checkpointer.save(state)
 
     model.train()
     t_start = time.perf_counter()
@@ -260,18 +218,16 @@ def _train(cfg: Config, rt: runtime.Runtime, resume: bool) -> dict:
 
     if not rt.is_main:
         return {}
-    if not history:
-        raise ResumeError("nothing to train: the checkpoint already covers every epoch")
-    return _write_outputs(cfg, model, data, history, fingerprint, train_time, start_epoch, len(ids), eff_batch, lr)
+    return _write_outputs(cfg, model, data, history, run_id, train_time, start_epoch, len(ids), eff_batch, lr)
 
 
 def _write_outputs(
-    cfg: Config, model: MaskedAutoencoderViT, data: PreparedData, history: list[dict], fingerprint: str,
+    cfg: Config, model: MaskedAutoencoderViT, data: PreparedData, history: list[dict], run_id: str,
     train_time: float, start_epoch: int, num_images: int, eff_batch: int, lr: float,
 ) -> dict:  # fmt: skip
     p = cfg.pretrain
     out, reports = Path(p.out_dir), Path(p.reports_dir)
-    args = {"fingerprint": fingerprint, "config": cfg.model_dump(mode="json"),
+    args = {"fingerprint": run_id, "config": cfg.model_dump(mode="json"),
             "img_size": data.img_size, "in_chans": data.channels, "mean": data.mean, "std": data.std}  # fmt: skip
     state = model.state_dict()
     save_with(out / "mae.pth", lambda tmp: torch.save({"model": state, "epoch": p.epochs - 1, "args": args}, tmp))
@@ -279,7 +235,7 @@ def _write_outputs(
     save_with(out / "encoder.pth", lambda tmp: torch.save({"model": enc, "args": args}, tmp))
 
     save_reconstructions(model, data, p.mask_ratio, reports / "reconstruction.png", seed=p.seed)
-    _write_history(history, reports / "history.csv")
+    write_history(history, reports / "history.csv")
     learning_curve(history, ["loss"], reports / "loss.png", title="MAE pre-training loss (masked patches)")
     metrics = {
         "final_loss": history[-1]["loss"],

@@ -1,0 +1,208 @@
+"""Optuna search over the fine-tuning knobs declared in ``hpo.space``.
+
+A seeded TPE study in a real storage (SQLite file by default, any SQLAlchemy
+URL such as PostgreSQL for workers on many machines). Each trial fine-tunes for
+``hpo.epochs`` epochs and reports validation top-1 every epoch, so the pruner
+(median or Hyperband) stops hopeless trials early. A failed trial (NaN loss,
+out of memory) is recorded as failed and the study goes on; a killed study
+resumes with its earlier trials (trials left running are failed by the storage
+heartbeat and queued again).
+
+Outputs in ``hpo.reports_dir``: best_params.json, trials.csv (Optuna's trials
+dataframe) and PNG plots of the optimization history, parameter importances and
+intermediate values.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import warnings
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.study import MaxTrialsCallback
+from optuna.trial import TrialState
+
+from mae_ops import runtime
+from mae_ops.atomic import write_json, write_text
+from mae_ops.config import Config, FinetuneConfig, HpoConfig, SearchDim, validate
+from mae_ops.data import PreparedData
+from mae_ops.plots import save_figure
+from mae_ops.training import fingerprint
+
+log = logging.getLogger(__name__)
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+# errors a trial may die of without stopping the study (OutOfMemoryError is a RuntimeError)
+TRIAL_ERRORS = (FloatingPointError, RuntimeError, ValueError)
+
+
+def storage(hc: HpoConfig) -> RDBStorage:
+    url = hc.storage
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}}  # workers wait for the file lock
+    else:
+        engine_kwargs = {"pool_pre_ping": True}
+    with warnings.catch_warnings():  # the heartbeat API is marked experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return RDBStorage(
+            url, engine_kwargs=engine_kwargs, heartbeat_interval=10, grace_period=30,
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
+        )  # fmt: skip
+
+
+def pruner(hc: HpoConfig) -> optuna.pruners.BasePruner:
+    if hc.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=hc.startup_trials, n_warmup_steps=hc.warmup_epochs)
+    if hc.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=max(1, hc.warmup_epochs), max_resource=hc.epochs)
+    return optuna.pruners.NopPruner()
+
+
+def study_name(cfg: Config, data_hash: str) -> str:
+    """The name carries a fingerprint of everything a trial's score depends on,
+    so a crashed search resumes, and a changed one starts afresh in the same storage."""
+    semantic = {k: v for k, v in cfg.finetune.model_dump(mode="json").items()
+                if k not in {"device", "amp", "save_every", "auto_resume", "out_dir", "checkpoint_dir",
+                             "reports_dir", "eval_every", "epochs"}}  # fmt: skip
+    hpo = {k: v for k, v in cfg.hpo.model_dump(mode="json").items()
+           if k in {"epochs", "space", "seed", "pruner", "startup_trials", "warmup_epochs"}}  # fmt: skip
+    key = fingerprint({"model": cfg.model.preset, "finetune": semantic, "hpo": hpo, "data": data_hash})
+    return f"{cfg.hpo.study_name}-{key}"
+
+
+def create_study(cfg: Config, data_hash: str) -> optuna.Study:
+    """Create (or load) the study. Done once before workers start: concurrent
+    first use of an SQLite file can break its schema creation."""
+    hc = cfg.hpo
+    return optuna.create_study(
+        storage=storage(hc), study_name=study_name(cfg, data_hash), direction="maximize", load_if_exists=True,
+        sampler=optuna.samplers.TPESampler(seed=hc.seed, n_startup_trials=max(2, hc.startup_trials)),
+        pruner=pruner(hc),
+    )  # fmt: skip
+
+
+def suggest(trial: optuna.Trial, space: dict[str, SearchDim]) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for name, dim in space.items():
+        if dim.choices is not None:
+            params[name] = trial.suggest_categorical(name, dim.choices)
+        else:
+            params[name] = trial.suggest_float(name, dim.low, dim.high, log=dim.log)
+    return params
+
+
+def _trial_model_path(cfg: Config, number: int) -> Path:
+    return Path(cfg.finetune.checkpoint_dir) / "hpo" / f"trial-{number}.pth"
+
+
+def objective_for(cfg: Config, data: PreparedData, rt: runtime.Runtime):
+    from mae_ops.stages.finetune import save_result, train_finetune
+
+    def objective(trial: optuna.Trial) -> float:
+        params = suggest(trial, cfg.hpo.space)
+        ft = FinetuneConfig.model_validate({**cfg.finetune.model_dump(), **params})
+
+        def report(epoch: int, val_top1: float) -> None:
+            trial.report(val_top1, epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"val top-1 {val_top1:.3f} at epoch {epoch}")
+
+        result = train_finetune(cfg, ft, data, rt, init=ft.init, epochs=cfg.hpo.epochs, eval_every=1,
+                                report=report, desc=f"trial {trial.number}")  # fmt: skip
+        if not cfg.hpo.retrain:
+            save_result(result, _trial_model_path(cfg, trial.number))
+        trial.set_user_attr("train_time_s", round(result.train_time_s, 2))
+        return result.val_top1
+
+    return objective
+
+
+def optimize(cfg: Config, data: PreparedData, rt: runtime.Runtime, study: optuna.Study) -> None:
+    """Run trials until the study holds ``hpo.n_trials`` finished ones (across all workers)."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study.optimize(
+        objective_for(cfg, data, rt), n_trials=None, timeout=cfg.hpo.timeout_s, catch=TRIAL_ERRORS,
+        callbacks=[MaxTrialsCallback(cfg.hpo.n_trials, states=FINISHED), _log_trial],
+    )  # fmt: skip
+
+
+def _log_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    done = len(study.get_trials(deepcopy=False, states=FINISHED))
+    value = f"{trial.value:.4f}" if trial.value is not None else "-"
+    log.info("trial %d %s (val top-1 %s) %s [%d finished]", trial.number, trial.state.name.lower(), value,
+             {k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in trial.params.items()}, done)  # fmt: skip
+
+
+def _worker(cfg_json: dict, rank: int) -> None:
+    """A local worker process: same study, its own trials."""
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker{rank} %(message)s", datefmt="%H:%M:%S")
+    cfg = validate(cfg_json)
+    torch.set_num_threads(max(1, torch.get_num_threads() // cfg.hpo.workers))
+    rt = runtime.setup(cfg.finetune.device, cfg.finetune.amp)
+    data = PreparedData(cfg.data.out_dir, hide_test=True)
+    optimize(cfg, data, rt, create_study(cfg, data.manifest["content_hash"]))
+
+
+def run_study(cfg: Config, data: PreparedData, rt: runtime.Runtime) -> optuna.Study:
+    study = create_study(cfg, data.manifest["content_hash"])
+    before = len(study.get_trials(deepcopy=False, states=FINISHED))
+    if before:
+        log.info("study %r resumes with %d finished trials", study.study_name, before)
+    if cfg.hpo.workers > 1:
+        ctx = mp.get_context("spawn")
+        procs = [ctx.Process(target=_worker, args=(cfg.model_dump(mode="json"), r)) for r in range(cfg.hpo.workers)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+        if any(p.exitcode for p in procs):
+            raise RuntimeError(f"an HPO worker failed (exit codes {[p.exitcode for p in procs]})")
+    else:
+        optimize(cfg, data, rt, study)
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        raise RuntimeError("no HPO trial completed: see the log for why they failed or were pruned")
+    return study
+
+
+def best_trial_model(cfg: Config, study: optuna.Study):
+    """The best trial's own model (``hpo.retrain: false``)."""
+    from mae_ops.models.classifier import load_classifier
+    from mae_ops.stages.finetune import TrainResult
+
+    model, args = load_classifier(_trial_model_path(cfg, study.best_trial.number))
+    return TrainResult(model, args, [{"epoch": cfg.hpo.epochs, "val_top1": study.best_value}], study.best_value)
+
+
+def write_reports(study: optuna.Study, hc: HpoConfig) -> dict[str, Any]:
+    out = Path(hc.reports_dir)
+    trials = study.get_trials(deepcopy=False)
+    counts = {s.name.lower(): sum(t.state == s for t in trials) for s in (*FINISHED, TrialState.RUNNING)}
+    best = {"study": study.study_name, "value": study.best_value, "trial": study.best_trial.number,
+            "params": study.best_params, "counts": counts}  # fmt: skip
+    write_json(out / "best_params.json", best)
+    write_text(out / "trials.csv", study.trials_dataframe().to_csv(index=False))
+
+    from optuna.visualization import matplotlib as ovm
+
+    plots = {
+        "optimization_history.png": ovm.plot_optimization_history,
+        "intermediate_values.png": ovm.plot_intermediate_values,
+        "param_importances.png": ovm.plot_param_importances,
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna marks its matplotlib backend experimental
+        for name, plot in plots.items():
+            try:
+                ax = plot(study)
+            except (ValueError, RuntimeError) as exc:  # e.g. importances need >= 2 completed trials
+                log.info("skipping %s: %s", name, exc)
+                continue
+            fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+            save_figure(fig, out / name)
+    return best

@@ -1,0 +1,130 @@
+"""Stage `evaluate`: the held-out test split, read for the first time.
+
+Outputs:
+  reports/metrics.json          {"finetune": {"top1", ...}, "scratch": ..., "linprobe": ...} (DVC metrics)
+  reports/eval/summary.md       the models side by side: what MAE pre-training bought
+  reports/eval/per_class.csv    precision / recall / F1 / support of the fine-tuned model
+  reports/eval/predictions.csv  every test image: label and each model's prediction
+  reports/eval/confusion_matrix.png
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import ConfusionMatrixDisplay, precision_recall_fscore_support, top_k_accuracy_score
+
+from mae_ops.atomic import write_json, write_text
+from mae_ops.config import Config
+from mae_ops.data import PreparedData
+from mae_ops.models.classifier import load_classifier
+from mae_ops.plots import save_figure
+from mae_ops.runtime import resolve_device
+from mae_ops.stages.finetune import predict_proba
+
+log = logging.getLogger(__name__)
+
+
+def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
+    """Top-1 (top-5 with more than 5 classes) and macro scores, accuracies as fractions."""
+    n_classes = probs.shape[1]
+    pred = probs.argmax(1)
+    precision, recall, f1, _ = precision_recall_fscore_support(
+        labels, pred, labels=np.arange(n_classes), average="macro", zero_division=0
+    )
+    out = {"top1": round(float((pred == labels).mean()), 5)}
+    if n_classes > 5:
+        out["top5"] = round(float(top_k_accuracy_score(labels, probs, k=5, labels=np.arange(n_classes))), 5)
+    out.update(macro_precision=round(float(precision), 5), macro_recall=round(float(recall), 5),
+               macro_f1=round(float(f1), 5), num_test=len(labels))  # fmt: skip
+    return out
+
+
+def per_class_table(labels: np.ndarray, pred: np.ndarray, classes: list[str]) -> pd.DataFrame:
+    precision, recall, f1, support = precision_recall_fscore_support(
+        labels, pred, labels=np.arange(len(classes)), zero_division=0
+    )
+    return pd.DataFrame({"class": classes, "precision": precision.round(5), "recall": recall.round(5),
+                         "f1": f1.round(5), "support": support})  # fmt: skip
+
+
+def model_paths(cfg: Config) -> dict[str, Path]:
+    paths = {"finetune": Path(cfg.finetune.out_dir) / "model.pth"}
+    if cfg.evaluate.baseline == "scratch":
+        paths["scratch"] = Path(cfg.evaluate.baselines_dir) / "scratch.pth"
+    if cfg.evaluate.linprobe:
+        paths["linprobe"] = Path(cfg.evaluate.baselines_dir) / "linprobe.pth"
+    for name, path in paths.items():
+        if not path.exists():
+            stage = "finetune" if name == "finetune" else "baselines"
+            raise FileNotFoundError(f"{path} not found: run `mae-ops {stage}` first")
+    return paths
+
+
+def _summary(results: dict[str, dict], infos: dict[str, dict], manifest: dict) -> str:
+    names = {"finetune": "MAE pre-trained, fine-tuned", "scratch": "same ViT from scratch, same budget",
+             "linprobe": "MAE encoder frozen, linear probe"}  # fmt: skip
+    has_top5 = any("top5" in r for r in results.values())
+    head = "| model | test top-1 |" + (" test top-5 |" if has_top5 else "") + " macro F1 | val top-1 | epochs |"
+    lines = [
+        "# Evaluation on the held-out test split",
+        "",
+        f"{results['finetune']['num_test']} test images, {manifest['counts']['labelled']} training labels "
+        f"({len(manifest['classes'])} classes), data {manifest['content_hash'][:12]}.",
+        "",
+        head,
+        "|" + " --- |" * (head.count("|") - 1),
+    ]
+    for name, r in results.items():
+        info = infos[name]
+        top5 = f" {r['top5']:.2%} |" if has_top5 else ""
+        epochs = info["finetune"]["linprobe_epochs"] if info["mode"] == "linprobe" else info["finetune"]["epochs"]
+        lines.append(f"| {names.get(name, name)} | {r['top1']:.2%} |{top5} {r['macro_f1']:.3f} | "
+                     f"{info.get('val_top1', float('nan')):.2%} | {epochs} |")  # fmt: skip
+    if "scratch" in results:
+        gain = results["finetune"]["top1"] - results["scratch"]["top1"]
+        lines += ["", f"MAE pre-training bought **{gain * 100:+.1f} points** of test top-1 over training from scratch."]
+    return "\n".join(lines) + "\n"
+
+
+def run(cfg: Config) -> dict:
+    ev = cfg.evaluate
+    device = resolve_device(ev.device)
+    data = PreparedData(cfg.data.out_dir)
+    test_ids = data.indices("test")
+    if len(test_ids) == 0:
+        raise ValueError("the test split is empty: set data.test_fraction > 0 or add a test/ folder")
+    labels = data.labels[test_ids]
+    results, infos, preds = {}, {}, {}
+    for name, path in model_paths(cfg).items():
+        model, args = load_classifier(path)
+        if args.get("data_hash") != data.manifest["content_hash"]:
+            raise ValueError(f"{path} was trained on other data than {cfg.data.out_dir}: re-run the pipeline")
+        probs = predict_proba(model.to(device), data, test_ids, device, ev.batch_size)
+        results[name], infos[name], preds[name] = classification_metrics(labels, probs), args, probs
+        log.info("%s: test top-1 %.4f", name, results[name]["top1"])
+
+    out = Path(ev.reports_dir)
+    write_json(ev.metrics_file, results)
+    main_pred = preds["finetune"].argmax(1)
+    write_text(out / "per_class.csv", per_class_table(labels, main_pred, data.classes).to_csv(index=False))
+    files = json.loads((data.root / "files.json").read_text())
+    table = pd.DataFrame({"index": test_ids, "file": [files[i] for i in test_ids],
+                          "label": [data.classes[i] for i in labels]})  # fmt: skip
+    for name, probs in preds.items():
+        table[f"{name}_pred"] = [data.classes[i] for i in probs.argmax(1)]
+        table[f"{name}_prob"] = probs.max(1).round(5)
+    write_text(out / "predictions.csv", table.to_csv(index=False))
+    display = ConfusionMatrixDisplay.from_predictions(
+        labels, main_pred, labels=np.arange(len(data.classes)), display_labels=data.classes,
+        colorbar=False, xticks_rotation="vertical" if len(data.classes) > 10 else "horizontal",
+    )  # fmt: skip
+    display.ax_.set_title(f"fine-tuned model, test top-1 {results['finetune']['top1']:.2%}")
+    save_figure(display.figure_, out / "confusion_matrix.png")
+    write_text(out / "summary.md", _summary(results, infos, data.manifest))
+    return results

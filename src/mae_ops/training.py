@@ -1,0 +1,67 @@
+"""Pieces every trainer shares: run fingerprints, resumable checkpoints, the
+per-step cosine schedule."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from timm.scheduler import CosineLRScheduler
+
+from mae_ops.atomic import save_with
+
+log = logging.getLogger(__name__)
+
+
+class ResumeError(RuntimeError):
+    """--resume was asked for but no checkpoint of this very run exists."""
+
+
+def fingerprint(payload: Any) -> str:
+    """Short stable hash of JSON-able data: identifies a run's params and data."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Checkpointer:
+    """Atomic resumable checkpoints, refused when they belong to another run."""
+
+    def __init__(self, path: str | Path, run_id: str) -> None:
+        self.path = Path(path)
+        self.run_id = run_id
+
+    def load(self, required: bool = False) -> dict | None:
+        if not self.path.exists():
+            if required:
+                raise ResumeError(f"--resume: no checkpoint at {self.path}")
+            return None
+        ckpt = torch.load(self.path, map_location="cpu", weights_only=True)
+        if ckpt.get("args", {}).get("fingerprint") != self.run_id:
+            if required:
+                raise ResumeError(
+                    f"--resume: {self.path} belongs to a different run (params or data changed); "
+                    "remove it or restore the params it was made with"
+                )
+            log.info("ignoring %s: it belongs to a different run", self.path)
+            return None
+        return ckpt
+
+    def save(self, state: dict) -> None:
+        state.setdefault("args", {})["fingerprint"] = self.run_id
+        save_with(self.path, lambda tmp: torch.save(state, tmp))
+
+
+def cosine_schedule(
+    optimizer: torch.optim.Optimizer, epochs: int, updates_per_epoch: int, warmup_epochs: float, min_lr: float
+) -> CosineLRScheduler:
+    """Linear warm-up then cosine decay, stepped per update with ``step_update(n)``.
+    Honours timm's per-group ``lr_scale`` (layer decay)."""
+    total = epochs * updates_per_epoch
+    warmup = min(round(warmup_epochs * updates_per_epoch), total - 1)
+    return CosineLRScheduler(
+        optimizer, t_initial=max(1, total - warmup), lr_min=min_lr, warmup_t=warmup,
+        warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False,
+    )  # fmt: skip

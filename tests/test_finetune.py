@@ -1,0 +1,265 @@
+"""Fine-tuning, linear probing, Optuna search and evaluation on tiny configs."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from mae_ops import hpo, runtime
+from mae_ops.config import Config
+from mae_ops.data import PreparedData
+from mae_ops.models.classifier import build_classifier, load_encoder
+from mae_ops.models.mae import create_mae
+from mae_ops.stages import baselines, evaluate, finetune, pretrain
+from tests.conftest import BIN, REPO, subprocess_env, tiny_config, tiny_overrides
+
+FT = [
+    "finetune.epochs=2", "finetune.batch_size=32", "finetune.eval_every=1", "finetune.linprobe_epochs=5",
+    "hpo.enabled=false", "hpo.epochs=2", "hpo.n_trials=3", "hpo.startup_trials=1", "hpo.warmup_epochs=1",
+]  # fmt: skip
+
+
+def ft_config(root: Path, *extra: str) -> Config:
+    return tiny_config(
+        root, *FT,
+        f"finetune.out_dir={root}/models/finetune", f"finetune.checkpoint_dir={root}/checkpoints/finetune",
+        f"finetune.reports_dir={root}/reports/finetune", f"hpo.storage=sqlite:///{root}/optuna/study.db",
+        f"hpo.reports_dir={root}/reports/hpo", f"evaluate.baselines_dir={root}/models/baselines",
+        f"evaluate.baselines_reports_dir={root}/reports/baselines", f"evaluate.reports_dir={root}/reports/eval",
+        f"evaluate.metrics_file={root}/reports/metrics.json", *extra,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def pretrained_mnist(tmp_path_factory: pytest.TempPathFactory, prepared_mnist: Path) -> Path:
+    """Prepared digits plus a (briefly) pre-trained micro MAE, made once."""
+    root = tmp_path_factory.mktemp("pretrained")
+    shutil.copytree(prepared_mnist, root / "data" / "prepared")
+    pretrain.run(tiny_config(root, "pretrain.epochs=1"))
+    return root
+
+
+@pytest.fixture
+def run_root(tmp_path: Path, pretrained_mnist: Path) -> Path:
+    for sub in ("data/prepared", "models/pretrain"):
+        shutil.copytree(pretrained_mnist / sub, tmp_path / sub)
+    return tmp_path
+
+
+def _cpu() -> runtime.Runtime:
+    return runtime.setup("cpu", "off")
+
+
+def test_our_encoder_lands_in_the_classifier(run_root: Path) -> None:
+    cfg = ft_config(run_root)
+    data = PreparedData(cfg.data.out_dir, hide_test=True)
+    model, args = finetune.make_classifier(cfg, cfg.finetune, data, "pretrain")
+    mae = torch.load(run_root / "models/pretrain/mae.pth", weights_only=True)["model"]
+    state = model.state_dict()
+    for key in (
+        "patch_embed.proj.weight",
+        "cls_token",
+        "pos_embed",
+        "blocks.1.attn.qkv.weight",
+        "blocks.0.mlp.fc2.bias",
+    ):
+        assert torch.equal(state[key], mae[key]), key
+    assert args["mode"] == "finetune" and args["classes"] == [str(i) for i in range(10)]
+    # the head starts near zero, fc_norm replaces the final norm for average pooling
+    assert model.head.weight.abs().max() < 1e-3 and model.global_pool == "avg"
+    scratch, _ = finetune.make_classifier(cfg, cfg.finetune, data, "scratch")
+    assert not torch.equal(scratch.state_dict()["blocks.1.attn.qkv.weight"], mae["blocks.1.attn.qkv.weight"])
+
+
+def test_official_checkpoint_at_another_resolution(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    mae = create_mae("mae_vit_micro_patch4", img_size=16, in_chans=3)  # 4x4 grid
+    torch.save({"model": mae.state_dict()}, tmp_path / "mae_pretrain_official.pth")
+    clf = build_classifier("mae_vit_micro_patch4", 32, 3, 5)  # 8x8 grid
+    missing = load_encoder(clf, tmp_path / "mae_pretrain_official.pth")
+    assert set(missing) == {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"}
+    assert clf.pos_embed.shape == (1, 65, 32)
+    assert torch.equal(clf.blocks[0].attn.qkv.weight, mae.blocks[0].attn.qkv.weight)
+    assert torch.equal(clf.pos_embed[:, 0], mae.pos_embed[:, 0])  # cls position kept
+    wrong = build_classifier("mae_vit_tiny_patch4", 32, 3, 5)
+    with pytest.raises(ValueError, match="do not fit"):
+        load_encoder(wrong, tmp_path / "mae_pretrain_official.pth")
+
+
+def test_layer_decay_groups_get_the_right_lr_scales(run_root: Path) -> None:
+    cfg = ft_config(run_root, "finetune.layer_decay=0.5")
+    model = build_classifier("mae_vit_micro_patch4", 28, 1, 10)
+    optimizer = finetune.finetune_optimizer(model, cfg.finetune, lr=1e-3, fused=False)
+    depth = len(model.blocks)
+    scale_of = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            scale_of[p] = group["lr_scale"]
+    assert scale_of[model.patch_embed.proj.weight] == pytest.approx(0.5 ** (depth + 1))
+    assert scale_of[model.cls_token] == pytest.approx(0.5 ** (depth + 1))
+    for i, block in enumerate(model.blocks):
+        assert scale_of[block.attn.qkv.weight] == pytest.approx(0.5 ** (depth - i))
+    assert scale_of[model.head.weight] == 1.0 and scale_of[model.fc_norm.weight] == 1.0
+    # the schedule honours the scales
+    from mae_ops.training import cosine_schedule
+
+    sched = cosine_schedule(optimizer, epochs=10, updates_per_epoch=10, warmup_epochs=0, min_lr=0.0)
+    sched.step_update(10)
+    base = next(g["lr"] for g in optimizer.param_groups if g["lr_scale"] == 1.0)
+    for group in optimizer.param_groups:
+        assert group["lr"] == pytest.approx(base * group["lr_scale"])
+    no_decay = {p for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert model.pos_embed in no_decay and model.blocks[0].norm1.weight in no_decay
+    assert model.blocks[0].attn.qkv.weight not in no_decay
+
+
+def test_linprobe_freezes_the_encoder(run_root: Path) -> None:
+    cfg = ft_config(run_root)
+    data = PreparedData(cfg.data.out_dir, hide_test=True)
+    result = finetune.train_linprobe(cfg, cfg.finetune, data, _cpu())
+    mae = torch.load(run_root / "models/pretrain/mae.pth", weights_only=True)["model"]
+    assert torch.equal(result.model.blocks[0].attn.qkv.weight, mae["blocks.0.attn.qkv.weight"])
+    bn = result.model.head[0]
+    assert isinstance(bn, torch.nn.BatchNorm1d) and not bn.affine and bn.num_batches_tracked > 0
+    assert result.model.head[1].weight.abs().max() > 1e-3  # the linear head did learn
+    assert 0.1 < result.val_top1 <= 1.0
+
+
+def test_test_split_is_never_read_while_training_and_tuning(run_root: Path, tmp_path_factory) -> None:
+    other = tmp_path_factory.mktemp("poisoned")
+    for sub in ("data/prepared", "models/pretrain"):
+        shutil.copytree(run_root / sub, other / sub)
+    # poison every test image and label in the second copy (same manifest, so same fingerprints)
+    images = np.load(other / "data/prepared/images.npy", mmap_mode="r+")
+    split, labels = np.load(other / "data/prepared/split.npy"), np.load(other / "data/prepared/labels.npy")
+    test = np.flatnonzero(split == 2)
+    images[test] = np.random.default_rng(0).integers(0, 255, images[test].shape, dtype=np.uint8)
+    images.flush()
+    labels[test] = (labels[test] + 3) % 10
+    np.save(other / "data/prepared/labels.npy", labels)
+
+    weights = []
+    for root in (run_root, other):
+        finetune.run(ft_config(root, "hpo.enabled=true", "hpo.n_trials=2"))
+        weights.append(torch.load(root / "models/finetune/model.pth", weights_only=True)["model"])
+    for key in weights[0]:
+        assert torch.equal(weights[0][key], weights[1][key]), key
+    with pytest.raises(PermissionError, match="held out"):
+        PreparedData(run_root / "data/prepared", hide_test=True).indices("test")
+
+
+def _study(cfg: Config) -> optuna.Study:
+    data = PreparedData(cfg.data.out_dir)
+    return optuna.load_study(study_name=hpo.study_name(cfg, data.manifest["content_hash"]), storage=cfg.hpo.storage)
+
+
+def test_pruner_stops_trials_in_a_hopeless_region(run_root: Path) -> None:
+    cfg = ft_config(run_root, "hpo.enabled=true", "hpo.n_trials=6", "hpo.epochs=3", "hpo.startup_trials=2",
+                    "hpo.space={base_lr: {choices: [0.01, 1.0e-9]}}")  # fmt: skip
+    finetune.run(cfg)
+    trials = _study(cfg).get_trials()
+    states = [t.state for t in trials]
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    assert any(t.params["base_lr"] == 1.0e-9 for t in pruned), [(t.params, t.state) for t in trials]
+    assert all(len(t.intermediate_values) < 3 for t in pruned)  # stopped before the last epoch
+    assert sum(s in hpo.FINISHED for s in states) == 6
+
+
+def test_a_failing_trial_does_not_stop_the_study(run_root: Path) -> None:
+    cfg = ft_config(run_root, "hpo.enabled=true", "hpo.n_trials=4", "hpo.pruner=none",
+                    "hpo.space={base_lr: {choices: [0.01, 1.0e+12]}}")  # fmt: skip
+    finetune.run(cfg)
+    trials = _study(cfg).get_trials()
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert failed and all(t.params["base_lr"] == 1.0e12 for t in failed)
+    assert any(t.state == TrialState.COMPLETE for t in trials)
+    assert len(trials) == 4
+    best = pd.read_csv(run_root / "reports/hpo/trials.csv")
+    assert set(best["state"]) >= {"COMPLETE", "FAIL"}
+    for png in ("optimization_history.png", "intermediate_values.png"):
+        assert (run_root / "reports/hpo" / png).stat().st_size > 1000
+
+
+def test_a_killed_study_resumes_with_its_earlier_trials(run_root: Path) -> None:
+    extra = ["hpo.enabled=true", "hpo.n_trials=4", "hpo.epochs=4", "hpo.pruner=none"]
+    cfg = ft_config(run_root, *extra)
+    cmd = [str(BIN / "mae-ops"), "finetune", "--params", str(REPO / "params.yaml")]
+    for item in [*tiny_overrides(run_root), *FT, *[f"{k}={v}" for k, v in _paths(run_root).items()], *extra]:
+        cmd += ["--set", item]
+    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    done: list = []
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+        if not (run_root / "optuna/study.db").exists():
+            continue
+        try:
+            done = _study(cfg).get_trials(states=(TrialState.COMPLETE,))
+        except KeyError:  # study not created yet
+            continue
+        if done:
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and done, "the search finished before it could be killed"
+    before = {t.number: t.params for t in _study(cfg).get_trials(states=(TrialState.COMPLETE,))}
+
+    finetune.run(cfg)
+    after = _study(cfg).get_trials()
+    finished = [t for t in after if t.state in hpo.FINISHED]
+    assert len(finished) == 4
+    for number, params in before.items():  # the earlier trials are kept, not redone
+        assert after[number].params == params and after[number].state == TrialState.COMPLETE
+    assert (run_root / "models/finetune/model.pth").exists()
+
+
+def _paths(root: Path) -> dict[str, str]:
+    return {
+        "finetune.out_dir": f"{root}/models/finetune", "finetune.checkpoint_dir": f"{root}/checkpoints/finetune",
+        "finetune.reports_dir": f"{root}/reports/finetune", "hpo.storage": f"sqlite:///{root}/optuna/study.db",
+        "hpo.reports_dir": f"{root}/reports/hpo",
+    }  # fmt: skip
+
+
+def test_evaluate_matches_a_direct_computation(run_root: Path) -> None:
+    cfg = ft_config(run_root)
+    finetune.run(cfg)
+    baselines.run(cfg)
+    results = evaluate.run(cfg)
+    assert set(results) == {"finetune", "scratch", "linprobe"}
+    for r in results.values():
+        assert 0.0 <= r["top1"] <= 1.0 and 0.0 <= r["top5"] <= 1.0 and r["top5"] >= r["top1"]
+        assert r["num_test"] == 1000
+    table = pd.read_csv(run_root / "reports/eval/predictions.csv", dtype=str)
+    assert len(table) == 1000
+    for name, r in results.items():
+        assert r["top1"] == pytest.approx((table[f"{name}_pred"] == table["label"]).mean(), abs=1e-5)
+    per_class = pd.read_csv(run_root / "reports/eval/per_class.csv", dtype={"class": str})
+    for _, row in per_class.iterrows():
+        truth = table["label"] == row["class"]
+        predicted = table["finetune_pred"] == row["class"]
+        assert row["support"] == truth.sum()
+        assert row["recall"] == pytest.approx((truth & predicted).sum() / truth.sum(), abs=1e-4)
+        if predicted.sum():
+            assert row["precision"] == pytest.approx((truth & predicted).sum() / predicted.sum(), abs=1e-4)
+    summary = (run_root / "reports/eval/summary.md").read_text()
+    assert "from scratch" in summary and "linear probe" in summary
+    assert (run_root / "reports/eval/confusion_matrix.png").stat().st_size > 1000
+
+
+def test_resume_refuses_a_checkpoint_of_other_params(run_root: Path) -> None:
+    from mae_ops.training import ResumeError
+
+    finetune.run(ft_config(run_root, "finetune.save_every=1"))
+    with pytest.raises(ResumeError, match="different run"):
+        finetune.run(ft_config(run_root, "finetune.save_every=1", "finetune.drop_path=0.2"), resume=True)

@@ -223,6 +223,15 @@ def test_a_killed_study_resumes_with_its_earlier_trials(run_root: Path) -> None:
     assert (run_root / "models/finetune/model.pth").exists()
 
 
+def test_local_workers_share_one_study(run_root: Path) -> None:
+    cfg = ft_config(run_root, "hpo.enabled=true", "hpo.n_trials=4", "hpo.workers=2", "hpo.pruner=none")
+    finetune.run(cfg)
+    trials = _study(cfg).get_trials()
+    assert len([t for t in trials if t.state in hpo.FINISHED]) >= 4
+    assert len({t.user_attrs["worker"] for t in trials if t.state == TrialState.COMPLETE}) == 2
+    assert sorted(t.number for t in trials) == list(range(len(trials)))  # no trial lost or duplicated
+
+
 def _paths(root: Path) -> dict[str, str]:
     return {
         "finetune.out_dir": f"{root}/models/finetune", "finetune.checkpoint_dir": f"{root}/checkpoints/finetune",

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import typer
 
 from mae_ops.config import Config, ParamsError, load_params
+
+T = TypeVar("T")
 
 app = typer.Typer(
     name="mae-ops",
@@ -48,17 +51,26 @@ def _config(params: Path, overrides: list[str] | None) -> Config:
         raise  # unreachable, keeps type checkers calm
 
 
+def _run_stage(params: Path, overrides: list[str] | None, stage: Callable[[Config], T]) -> tuple[Config, T]:
+    """Validate params, run one stage; input problems become one line on stderr and exit code 2."""
+    from mae_ops.config import InputError
+    from mae_ops.training import ResumeError
+
+    cfg = _config(params, overrides)
+    _setup_logging()
+    try:
+        return cfg, stage(cfg)
+    except (InputError, ResumeError, FileNotFoundError, PermissionError) as exc:
+        _fail(str(exc))
+        raise  # unreachable
+
+
 @app.command()
 def prepare(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Ingest the data source into data/prepared/ (fixed size, splits, manifest)."""
     from mae_ops.stages import prepare as stage
 
-    cfg = _config(params, set_)
-    _setup_logging()
-    try:
-        manifest = stage.run(cfg)
-    except stage.DataSourceError as exc:
-        _fail(str(exc))
+    cfg, manifest = _run_stage(params, set_, stage.run)
     typer.echo(
         f"prepared {manifest['num_images']} images {manifest['counts']} "
         f"({manifest['num_skipped']} skipped) -> {cfg.data.out_dir}"
@@ -74,12 +86,7 @@ def pretrain(
     """MAE pre-training on the prepared images -> models/pretrain/."""
     from mae_ops.stages import pretrain as stage
 
-    cfg = _config(params, set_)
-    _setup_logging()
-    try:
-        metrics = stage.run(cfg, resume=resume)
-    except (stage.ResumeError, FileNotFoundError) as exc:
-        _fail(str(exc))
+    _, metrics = _run_stage(params, set_, lambda cfg: stage.run(cfg, resume=resume))
     if metrics:
         typer.echo(f"pre-training loss {metrics['first_loss']:.4f} -> {metrics['final_loss']:.4f}")
 
@@ -93,14 +100,8 @@ def finetune(
     """Fine-tune (or linear-probe) the pre-trained encoder on the labelled subset, with Optuna
     when hpo.enabled -> models/finetune/."""
     from mae_ops.stages import finetune as stage
-    from mae_ops.training import ResumeError
 
-    cfg = _config(params, set_)
-    _setup_logging()
-    try:
-        metrics = stage.run(cfg, resume=resume)
-    except (ResumeError, FileNotFoundError) as exc:
-        _fail(str(exc))
+    _, metrics = _run_stage(params, set_, lambda cfg: stage.run(cfg, resume=resume))
     typer.echo(f"{metrics['mode']} ({metrics['init']}): validation top-1 {metrics['val_top1']:.2%}")
 
 
@@ -109,12 +110,7 @@ def baselines(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> N
     """Train the comparisons: the same ViT from scratch, and a linear probe -> models/baselines/."""
     from mae_ops.stages import baselines as stage
 
-    cfg = _config(params, set_)
-    _setup_logging()
-    try:
-        metrics = stage.run(cfg)
-    except FileNotFoundError as exc:
-        _fail(str(exc))
+    _, metrics = _run_stage(params, set_, stage.run)
     for name, m in metrics.items():
         typer.echo(f"{name}: validation top-1 {m['val_top1']:.2%}")
 
@@ -124,12 +120,7 @@ def evaluate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> No
     """Score every model on the held-out test split -> reports/metrics.json, reports/eval/."""
     from mae_ops.stages import evaluate as stage
 
-    cfg = _config(params, set_)
-    _setup_logging()
-    try:
-        results = stage.run(cfg)
-    except (FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
+    cfg, results = _run_stage(params, set_, stage.run)
     for name, m in results.items():
         typer.echo(f"{name:9s} test top-1 {m['top1']:.2%}")
     typer.echo(f"summary: {cfg.evaluate.reports_dir}/summary.md")

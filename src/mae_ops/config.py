@@ -23,6 +23,11 @@ class ParamsError(ValueError):
     """Invalid params: the message names every bad key and what is allowed."""
 
 
+class InputError(ValueError):
+    """Valid params, but what they point at cannot be used (missing folder,
+    models trained on other data, an empty split, ...)."""
+
+
 def _check_device(v: str) -> str:
     head, _, idx = v.partition(":")
     if head not in ("auto", "cpu", "cuda", "mps") or (idx and (head != "cuda" or not idx.isdigit())):

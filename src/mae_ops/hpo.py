@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
+import socket
 import warnings
 from pathlib import Path
 from typing import Any
@@ -118,6 +120,7 @@ def objective_for(cfg: Config, data: PreparedData, rt: runtime.Runtime):
         if not cfg.hpo.retrain:
             save_result(result, _trial_model_path(cfg, trial.number))
         trial.set_user_attr("train_time_s", round(result.train_time_s, 2))
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         return result.val_top1
 
     return objective

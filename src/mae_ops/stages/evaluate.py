@@ -20,7 +20,7 @@ import pandas as pd
 from sklearn.metrics import ConfusionMatrixDisplay, precision_recall_fscore_support, top_k_accuracy_score
 
 from mae_ops.atomic import write_json, write_text
-from mae_ops.config import Config
+from mae_ops.config import Config, InputError
 from mae_ops.data import PreparedData
 from mae_ops.models.classifier import load_classifier
 from mae_ops.plots import save_figure
@@ -98,13 +98,13 @@ def run(cfg: Config) -> dict:
     data = PreparedData(cfg.data.out_dir)
     test_ids = data.indices("test")
     if len(test_ids) == 0:
-        raise ValueError("the test split is empty: set data.test_fraction > 0 or add a test/ folder")
+        raise InputError("the test split is empty: set data.test_fraction > 0 or add a test/ folder")
     labels = data.labels[test_ids]
     results, infos, preds = {}, {}, {}
     for name, path in model_paths(cfg).items():
         model, args = load_classifier(path)
         if args.get("data_hash") != data.manifest["content_hash"]:
-            raise ValueError(f"{path} was trained on other data than {cfg.data.out_dir}: re-run the pipeline")
+            raise InputError(f"{path} was trained on other data than {cfg.data.out_dir}: re-run the pipeline")
         probs = predict_proba(model.to(device), data, test_ids, device, ev.batch_size)
         results[name], infos[name], preds[name] = classification_metrics(labels, probs), args, probs
         log.info("%s: test top-1 %.4f", name, results[name]["top1"])

@@ -25,7 +25,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from mae_ops.atomic import atomic_dir, write_json
-from mae_ops.config import Config, DataConfig
+from mae_ops.config import Config, DataConfig, InputError
 from mae_ops.images import ImageReadError, is_image_file, load_image, peek_is_gray
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ EMBEDDED_SOURCES = ("mnist-5k",)
 _SPLIT_DIR_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
 
-class DataSourceError(ValueError):
+class DataSourceError(InputError):
     """The configured data source cannot be used (missing folder, no classes, ...)."""
 
 

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from mae_ops import runtime
 from mae_ops.atomic import save_with, write_json
-from mae_ops.config import Config
+from mae_ops.config import Config, InputError
 from mae_ops.data import PreparedData, batch_loader, normalize, random_resized_crop, set_epoch
 from mae_ops.models.checkpoint import encoder_state_dict
 from mae_ops.models.mae import MaskedAutoencoderViT, create_mae
@@ -113,7 +113,7 @@ def _train(cfg: Config, rt: runtime.Runtime, resume: bool) -> dict:
     p = cfg.pretrain
     data = PreparedData(cfg.data.out_dir)
     if data.img_size != cfg.data.img_size:
-        raise ValueError(
+        raise InputError(
             f"{cfg.data.out_dir} holds {data.img_size}px images but data.img_size is {cfg.data.img_size}: "
             "run `mae-ops prepare` again"
         )

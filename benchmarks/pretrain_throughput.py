@@ -21,7 +21,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from mae_ops.atomic import write_json
-from mae_ops.models.mae import create_mae, preset_config
+from mae_ops.models.mae import create_mae
+from mae_ops.models.presets import preset_config
 from mae_ops.runtime import resolve_amp, resolve_device
 from mae_ops.stages.pretrain import build_optimizer
 

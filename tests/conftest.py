@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from mae_ops.config import Config, load_params
-from mae_ops.stages import prepare
+from mae_ops.stages import prepare, pretrain
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin, where the mae-ops and dvc scripts live
@@ -57,3 +57,37 @@ def subprocess_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     return env
+
+
+FT = [
+    "finetune.epochs=2", "finetune.batch_size=32", "finetune.eval_every=1", "finetune.linprobe_epochs=5",
+    "hpo.enabled=false", "hpo.epochs=2", "hpo.n_trials=3", "hpo.startup_trials=1", "hpo.warmup_epochs=1",
+]  # fmt: skip
+
+
+def ft_config(root: Path, *extra: str) -> Config:
+    """Tiny fine-tuning settings (search off unless asked), every output under ``root``."""
+    return tiny_config(
+        root, *FT,
+        f"finetune.out_dir={root}/models/finetune", f"finetune.checkpoint_dir={root}/checkpoints/finetune",
+        f"finetune.reports_dir={root}/reports/finetune", f"hpo.storage=sqlite:///{root}/optuna/study.db",
+        f"hpo.reports_dir={root}/reports/hpo", f"evaluate.baselines_dir={root}/models/baselines",
+        f"evaluate.baselines_reports_dir={root}/reports/baselines", f"evaluate.reports_dir={root}/reports/eval",
+        f"evaluate.metrics_file={root}/reports/metrics.json", *extra,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def pretrained_mnist(tmp_path_factory: pytest.TempPathFactory, prepared_mnist: Path) -> Path:
+    """Prepared digits plus a (briefly) pre-trained micro MAE, made once."""
+    root = tmp_path_factory.mktemp("pretrained")
+    shutil.copytree(prepared_mnist, root / "data" / "prepared")
+    pretrain.run(tiny_config(root, "pretrain.epochs=1"))
+    return root
+
+
+@pytest.fixture
+def run_root(tmp_path: Path, pretrained_mnist: Path) -> Path:
+    for sub in ("data/prepared", "models/pretrain"):
+        shutil.copytree(pretrained_mnist / sub, tmp_path / sub)
+    return tmp_path

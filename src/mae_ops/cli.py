@@ -127,6 +127,69 @@ def evaluate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> No
 
 
 @app.command()
+def export(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Export the fine-tuned model to ONNX, gated on parity with PyTorch -> models/export/."""
+    from mae_ops.stages import export as stage
+
+    try:
+        cfg, parity = _run_stage(params, set_, stage.run)
+    except stage.ParityError as exc:
+        _fail(str(exc))
+    line = f"parity: max |diff| {parity['max_abs_diff']:.2e}, top-1 agreement {parity['top1_agreement']:.2%}"
+    if "int8_top1" in parity:
+        line += f"; int8 top-1 {parity['int8_top1']:.2%} (fp32 {parity['onnx_top1']:.2%})"
+    typer.echo(line + f" -> {cfg.export.out_dir}")
+
+
+@app.command()
+def predict(
+    model: Annotated[Path, typer.Argument(help="an .onnx file made by `mae-ops export`")],
+    paths: Annotated[list[Path], typer.Argument(help="image files or folders")],
+    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1)] = 3,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON lines")] = False,
+    as_csv: Annotated[bool, typer.Option("--csv", help="print CSV")] = False,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    threads: Annotated[int | None, typer.Option(min=1)] = None,
+) -> None:
+    """Top-k labels for images with onnxruntime alone (no torch needed). Exit 1 if any image failed."""
+    import json
+
+    from mae_ops.serving import expand_paths, open_session, predict_files
+
+    if not model.exists():
+        _fail(f"model not found: {model}")
+    try:
+        session = open_session(model, device, threads)
+        records = predict_files(session, expand_paths(list(paths)), top_k)
+    except ValueError as exc:
+        _fail(str(exc))
+    if not records:
+        _fail("no image files found")
+    if as_json:
+        for r in records:
+            typer.echo(json.dumps(r))
+    elif as_csv:
+        import csv
+
+        writer = csv.writer(sys.stdout)
+        writer.writerow(["file", "label", "prob", "error"])
+        for r in records:
+            best = r.get("top", [{}])[0]
+            writer.writerow([r["file"], best.get("label", ""), best.get("prob", ""), r.get("error", "")])
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table("file", *(f"#{i + 1}" for i in range(top_k)))
+        for r in records:
+            cells = [f"{t['label']} ({t['prob']:.1%})" for t in r.get("top", [])] or [f"[red]error: {r['error']}"]
+            table.add_row(r["file"], *cells)
+        Console().print(table)
+    if any("error" in r for r in records):
+        raise typer.Exit(code=1)
+
+
+@app.command()
 def pipeline(
     stages: Annotated[list[str] | None, typer.Argument(help="stages to bring up to date (default: all)")] = None,
     force: Annotated[bool, typer.Option(help="re-run the stages even if nothing changed")] = False,

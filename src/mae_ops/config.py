@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mae_ops.models.mae import PRESETS, preset_config
+from mae_ops.models.presets import PRESETS, preset_config
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -220,6 +220,19 @@ class EvaluateConfig(_Section):
     metrics_file: str = "reports/metrics.json"
 
 
+class ExportConfig(_Section):
+    opset: int = Field(18, ge=17, le=23)
+    quantize: bool = Field(True, description="also publish a dynamic-int8 model (gated on accuracy)")
+    per_channel: bool = False
+    max_int8_drop: float = Field(0.01, ge=0.0, le=1.0, description="largest allowed top-1 loss of int8")
+    fp16: bool = Field(False, description="also publish an fp16 model for GPU serving")
+    encoder: bool = Field(True, description="also export the pre-trained encoder as a feature extractor")
+    max_abs_diff: float = Field(1e-4, gt=0.0, description="parity gate on logits, fp32")
+    threads: int = Field(2, ge=1)
+    out_dir: str = "models/export"
+    reports_dir: str = "reports/export"
+
+
 class Config(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -227,6 +240,7 @@ class Config(_Section):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     hpo: HpoConfig = Field(default_factory=HpoConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
 
     @model_validator(mode="after")
     def _image_fits_patches(self) -> Config:

@@ -12,7 +12,7 @@ import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
 from mae_ops.models.checkpoint import encoder_state_dict, load_state_dict
-from mae_ops.models.mae import preset_config
+from mae_ops.models.presets import preset_config
 
 
 def build_classifier(

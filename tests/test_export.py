@@ -1,0 +1,168 @@
+"""ONNX export: parity gate, metadata, int8, dynamic batch, and `mae-ops predict`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from PIL import Image
+
+from mae_ops.serving import ModelInfo, open_session, run_logits
+from mae_ops.stages import export, finetune
+from tests.conftest import BIN, ft_config, subprocess_env
+
+
+def export_config(root: Path, *extra: str):
+    return ft_config(root, f"export.out_dir={root}/models/export", f"export.reports_dir={root}/reports/export",
+                     "export.max_int8_drop=1.0", *extra)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory, pretrained_mnist: Path) -> Path:
+    root = tmp_path_factory.mktemp("export")
+    for sub in ("data/prepared", "models/pretrain"):
+        shutil.copytree(pretrained_mnist / sub, root / sub)
+    finetune.run(ft_config(root, "finetune.epochs=3"))
+    export.run(export_config(root))
+    return root
+
+
+def _test_arrays(root: Path) -> tuple[np.ndarray, np.ndarray]:
+    split = np.load(root / "data/prepared/split.npy")
+    ids = np.flatnonzero(split == 2)
+    images = np.load(root / "data/prepared/images.npy")[ids]
+    return images, np.load(root / "data/prepared/labels.npy")[ids]
+
+
+def test_parity_on_real_digits(exported: Path) -> None:
+    parity = json.loads((exported / "reports/export/parity.json").read_text())
+    assert parity["num_images"] == 1000 and parity["passed"]
+    assert parity["max_abs_diff"] <= 1e-4 and parity["top1_agreement"] == 1.0
+    # check it independently: onnxruntime on the test digits vs the PyTorch classifier
+    import torch
+
+    from mae_ops.models.classifier import load_classifier
+
+    model, args = load_classifier(exported / "models/finetune/model.pth")
+    images, _ = _test_arrays(exported)
+    pixels = images.astype(np.float32) / 255.0
+    mean, std = np.array(args["mean"]).reshape(1, -1, 1, 1), np.array(args["std"]).reshape(1, -1, 1, 1)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(((pixels - mean) / std).astype(np.float32))).numpy()
+    got = run_logits(open_session(exported / "models/export/model.onnx", "cpu"), pixels)
+    assert np.abs(got - ref).max() <= 1e-4
+    # one self-contained file, valid, opset >= 17
+    files = sorted(p.name for p in (exported / "models/export").iterdir())
+    assert files == ["encoder.onnx", "model.int8.onnx", "model.onnx"]
+    proto = onnx.load(str(exported / "models/export/model.onnx"))
+    onnx.checker.check_model(proto)
+    assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 17
+
+
+def test_metadata_round_trip(exported: Path) -> None:
+    info = ModelInfo.from_session(open_session(exported / "models/export/model.onnx", "cpu"))
+    manifest = json.loads((exported / "data/prepared/manifest.json").read_text())
+    assert info.classes == manifest["classes"] and info.img_size == 28 and info.channels == 1
+    assert json.loads(info.metadata["mean"]) == manifest["mean"] and json.loads(info.metadata["std"]) == manifest["std"]
+    sha = hashlib.sha256((exported / "models/finetune/model.pth").read_bytes()).hexdigest()
+    assert info.metadata["model_sha256"] == sha
+    assert info.metadata["data_hash"] == manifest["content_hash"] and len(info.metadata["params_hash"]) == 16
+
+
+@pytest.mark.parametrize("name", ["model.onnx", "model.int8.onnx"])
+def test_dynamic_batch_sizes(exported: Path, name: str) -> None:
+    session = open_session(exported / "models/export" / name, "cpu")
+    images, _ = _test_arrays(exported)
+    pixels = images[:7].astype(np.float32) / 255.0
+    seven = session.run(["logits", "probabilities"], {"pixels": pixels})
+    one = session.run(["logits"], {"pixels": pixels[:1]})[0]
+    assert seven[0].shape == (7, 10) and one.shape == (1, 10)
+    # dynamic int8 quantises activations with the range of the whole batch: close, not equal
+    np.testing.assert_allclose(one[0], seven[0][0], atol=1e-4 if name == "model.onnx" else 2e-2)
+    np.testing.assert_allclose(seven[1].sum(1), 1.0, atol=1e-5)
+
+
+def test_int8_accuracy_is_measured_on_the_test_split(exported: Path) -> None:
+    parity = json.loads((exported / "reports/export/parity.json").read_text())
+    images, labels = _test_arrays(exported)
+    q = run_logits(open_session(exported / "models/export/model.int8.onnx", "cpu"), images.astype(np.float32) / 255)
+    assert parity["int8_top1"] == pytest.approx(float((q.argmax(1) == labels).mean()))
+    assert parity["int8_drop"] == pytest.approx(parity["onnx_top1"] - parity["int8_top1"])
+    assert (exported / "models/export/model.int8.onnx").stat().st_size < (
+        exported / "models/export/model.onnx"
+    ).stat().st_size
+
+
+def test_encoder_feature_extractor(exported: Path) -> None:
+    session = open_session(exported / "models/export/encoder.onnx", "cpu")
+    images, _ = _test_arrays(exported)
+    feats = session.run(["features"], {"pixels": images[:5].astype(np.float32) / 255})[0]
+    assert feats.shape == (5, 32)  # micro preset: embed_dim 32
+
+
+def test_gate_refuses_a_broken_model_and_keeps_the_old_file(exported: Path, monkeypatch) -> None:
+    before = (exported / "models/export/model.onnx").read_bytes()
+    real = export.to_onnx
+
+    def broken_exporter(module, example, dest, outputs, opset, metadata):
+        real(module, example, dest, outputs, opset, metadata)
+        proto = onnx.load(str(dest))
+        weight = max(proto.graph.initializer, key=lambda t: np.prod(t.dims))  # perturb the largest weight
+        arr = onnx.numpy_helper.to_array(weight).copy()
+        arr += 0.05
+        weight.CopyFrom(onnx.numpy_helper.from_array(arr, weight.name))
+        onnx.save(proto, str(dest))
+
+    monkeypatch.setattr(export, "to_onnx", broken_exporter)
+    with pytest.raises(export.ParityError, match="parity failed"):
+        export.run(export_config(exported))
+    assert (exported / "models/export/model.onnx").read_bytes() == before
+    assert not json.loads((exported / "reports/export/parity.json").read_text())["passed"]
+    assert not list((exported / "models/export").glob(".export-*"))  # no temp files left
+    monkeypatch.undo()
+    export.run(export_config(exported))  # restore the passing report for other tests
+
+
+def test_predict_on_a_folder_with_a_corrupt_file(exported: Path, tmp_path: Path) -> None:
+    images, _ = _test_arrays(exported)
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    for i in range(6):
+        Image.fromarray(images[i, 0]).save(folder / f"digit_{i}.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    proc = subprocess.run(
+        [str(BIN / "mae-ops"), "predict", str(exported / "models/export/model.onnx"), str(folder), "--json", "-k", "2"],
+        capture_output=True, text=True, env=subprocess_env(), timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    records = {Path(r["file"]).name: r for r in map(json.loads, proc.stdout.splitlines())}
+    assert "error" in records["broken.png"] and "top" not in records["broken.png"]
+    expected = run_logits(open_session(exported / "models/export/model.onnx", "cpu"),
+                          images[:6].astype(np.float32) / 255).argmax(1)  # fmt: skip
+    for i in range(6):
+        top = records[f"digit_{i}.png"]["top"]
+        assert len(top) == 2 and top[0]["prob"] >= top[1]["prob"]
+        assert top[0]["label"] == str(expected[i])
+
+
+def test_predict_path_does_not_import_torch(exported: Path, tmp_path: Path) -> None:
+    images, _ = _test_arrays(exported)
+    Image.fromarray(images[0, 0]).save(tmp_path / "one.png")
+    model = str(exported / "models/export/model.onnx")
+    code = (
+        "import sys\nfrom mae_ops.cli import main\n"
+        f"sys.argv = ['mae-ops', 'predict', {model!r}, {str(tmp_path)!r}, '--csv']\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        "print('TORCH_LOADED' if 'torch' in sys.modules else 'NO_TORCH')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith("NO_TORCH")
+    assert "one.png" in proc.stdout

@@ -192,19 +192,29 @@ def predict(
 @app.command()
 def pipeline(
     stages: Annotated[list[str] | None, typer.Argument(help="stages to bring up to date (default: all)")] = None,
+    set_: SetOpt = None,
     force: Annotated[bool, typer.Option(help="re-run the stages even if nothing changed")] = False,
+    lock_wait: Annotated[float, typer.Option(help="seconds to wait for another run to finish")] = 0.0,
 ) -> None:
-    """Run the DVC pipeline (`dvc repro`): only stages whose inputs changed run."""
-    import os
-    import subprocess
+    """Run the pipeline as a Prefect flow over the DVC stages: only what changed runs.
+    --set overrides are written into params.yaml (and so recorded in dvc.lock)."""
+    import importlib.util
 
-    bin_dir = Path(sys.executable).parent  # this environment's mae-ops and dvc
-    dvc = bin_dir / "dvc" if (bin_dir / "dvc").exists() else Path("dvc")
-    if not Path("dvc.yaml").exists():
-        _fail("no dvc.yaml here: run `mae-ops pipeline` from the project folder")
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
-    cmd = [str(dvc), "repro", *(["--force"] if force else []), *(stages or [])]
-    raise typer.Exit(subprocess.run(cmd, env=env).returncode)
+    from mae_ops.orchestration import StageFailed, configure_prefect
+
+    if not Path("dvc.yaml").exists() or not Path("flows/pipeline.py").exists():
+        _fail("run `mae-ops pipeline` from the project folder (dvc.yaml and flows/ are not here)")
+    configure_prefect()
+    spec = importlib.util.spec_from_file_location("mae_ops_flows_pipeline", "flows/pipeline.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    try:
+        results = module.pipeline(repo=".", stages=stages, overrides=set_, force=force, lock_wait_s=lock_wait)
+    except (StageFailed, ParamsError, RuntimeError, ValueError) as exc:
+        _fail(str(exc))
+    ran = [r.stage for r in results if r.ran]
+    typer.echo(f"pipeline done: {len(ran)} stage(s) ran ({', '.join(ran) or 'none'}), "
+               f"{len(results) - len(ran)} up to date")  # fmt: skip
 
 
 @app.command("check-params")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -36,6 +37,28 @@ def _check_device(v: str) -> str:
 
 
 DeviceName = Annotated[str, AfterValidator(_check_device)]
+
+
+def _ordered_range(v: tuple[float, float], upper: float | None) -> tuple[float, float]:
+    if not 0.0 < v[0] <= v[1] or (upper is not None and v[1] > upper):
+        bound = f" <= {upper:g}" if upper is not None else ""
+        raise ValueError(f"must be [low, high] with 0 < low <= high{bound}")
+    return v
+
+
+UnitRange = Annotated[tuple[float, float], AfterValidator(partial(_ordered_range, upper=1.0))]
+PositiveRange = Annotated[tuple[float, float], AfterValidator(partial(_ordered_range, upper=None))]
+
+# keys that change how fast or where a run goes, not what it computes: left out
+# of the fingerprints that decide whether a checkpoint or a study can be resumed
+RUNTIME_KEYS = frozenset({"device", "amp", "compile", "num_workers", "save_every", "auto_resume", "eval_every",
+                          "out_dir", "checkpoint_dir", "reports_dir"})  # fmt: skip
+
+
+def semantic_params(section: BaseModel, *also_ignore: str) -> dict[str, Any]:
+    """A section's params without the runtime-only keys."""
+    skip = RUNTIME_KEYS | set(also_ignore)
+    return {k: v for k, v in section.model_dump(mode="json").items() if k not in skip}
 
 
 class _Section(BaseModel):
@@ -89,7 +112,7 @@ class PretrainConfig(_Section):
     weight_decay: float = Field(0.05, ge=0.0)
     mask_ratio: float = Field(0.75, gt=0.0, lt=1.0)
     norm_pix_loss: bool = True
-    crop_scale: tuple[float, float] = (0.2, 1.0)
+    crop_scale: UnitRange = (0.2, 1.0)
     hflip: bool = True
     device: DeviceName = Field("auto", description="auto | cpu | cuda | cuda:N")
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
@@ -101,13 +124,6 @@ class PretrainConfig(_Section):
     out_dir: str = "models/pretrain"
     checkpoint_dir: str = "checkpoints/pretrain"
     reports_dir: str = "reports/pretrain"
-
-    @field_validator("crop_scale")
-    @classmethod
-    def _scale_range(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if not 0.0 < v[0] <= v[1] <= 1.0:
-            raise ValueError("must be [low, high] with 0 < low <= high <= 1")
-        return v
 
 
 class FinetuneConfig(_Section):
@@ -126,7 +142,7 @@ class FinetuneConfig(_Section):
     cutmix: float = Field(0.0, ge=0.0, description="CutMix alpha, 0 = off")
     translate: float = Field(0.1, ge=0.0, le=0.5, description="random shift, fraction of the image side")
     rotate: float = Field(10.0, ge=0.0, le=180.0, description="random rotation, degrees")
-    scale: tuple[float, float] = (0.9, 1.1)
+    scale: PositiveRange = (0.9, 1.1)
     hflip: bool = False
     randaug: str = Field("", description="timm RandAugment spec, e.g. rand-m9-mstd0.5-inc1; empty = off")
     random_erase: float = Field(0.0, ge=0.0, le=1.0, description="RandomErasing probability")
@@ -142,13 +158,6 @@ class FinetuneConfig(_Section):
     out_dir: str = "models/finetune"
     checkpoint_dir: str = "checkpoints/finetune"
     reports_dir: str = "reports/finetune"
-
-    @field_validator("scale")
-    @classmethod
-    def _scale_range(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if not 0.0 < v[0] <= v[1]:
-            raise ValueError("must be [low, high] with 0 < low <= high")
-        return v
 
 
 class SearchDim(_Section):

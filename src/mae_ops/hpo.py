@@ -31,7 +31,7 @@ from optuna.trial import TrialState
 
 from mae_ops import runtime
 from mae_ops.atomic import write_json, write_text
-from mae_ops.config import Config, FinetuneConfig, HpoConfig, SearchDim, validate
+from mae_ops.config import Config, FinetuneConfig, HpoConfig, SearchDim, semantic_params, validate
 from mae_ops.data import PreparedData
 from mae_ops.plots import save_figure
 from mae_ops.training import fingerprint
@@ -69,9 +69,7 @@ def pruner(hc: HpoConfig) -> optuna.pruners.BasePruner:
 def study_name(cfg: Config, data_hash: str) -> str:
     """The name carries a fingerprint of everything a trial's score depends on,
     so a crashed search resumes, and a changed one starts afresh in the same storage."""
-    semantic = {k: v for k, v in cfg.finetune.model_dump(mode="json").items()
-                if k not in {"device", "amp", "save_every", "auto_resume", "out_dir", "checkpoint_dir",
-                             "reports_dir", "eval_every", "epochs"}}  # fmt: skip
+    semantic = semantic_params(cfg.finetune, "epochs")
     hpo = {k: v for k, v in cfg.hpo.model_dump(mode="json").items()
            if k in {"epochs", "space", "seed", "pruner", "startup_trials", "warmup_epochs"}}  # fmt: skip
     key = fingerprint({"model": cfg.model.preset, "finetune": semantic, "hpo": hpo, "data": data_hash})

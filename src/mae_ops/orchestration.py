@@ -50,9 +50,10 @@ class StageResult:
 
 
 def tool_env() -> dict[str, str]:
-    """Environment in which `dvc` finds this environment's `mae-ops`."""
+    """Environment in which `dvc` finds this environment's `mae-ops`, without progress bars."""
     bin_dir = str(Path(sys.executable).parent)
-    return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    # the stages log one line per epoch; progress bars only garble a captured log
+    return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "TQDM_DISABLE": "1"}
 
 
 def dvc_executable() -> str:

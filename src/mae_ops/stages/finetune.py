@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from mae_ops import runtime
 from mae_ops.atomic import save_with, write_json
-from mae_ops.config import Config, FinetuneConfig
+from mae_ops.config import Config, FinetuneConfig, semantic_params
 from mae_ops.data import PreparedData, batch_loader, normalize, random_affine, set_epoch
 from mae_ops.models.classifier import build_classifier, classifier_checkpoint, load_encoder
 from mae_ops.plots import learning_curve
@@ -279,10 +279,7 @@ def train_linprobe(
 
 # ----------------------------------------------------------------------- run
 def run_fingerprint(cfg: Config, ft: FinetuneConfig, data: PreparedData, init: str, epochs: int) -> str:
-    semantic = {k: v for k, v in ft.model_dump(mode="json").items()
-                if k not in {"device", "amp", "save_every", "auto_resume", "out_dir", "checkpoint_dir",
-                             "reports_dir", "eval_every"}}  # fmt: skip
-    return fingerprint({"model": cfg.model.preset, "ft": semantic, "init": init, "epochs": epochs,
+    return fingerprint({"model": cfg.model.preset, "ft": semantic_params(ft), "init": init, "epochs": epochs,
                         "data": data.manifest["content_hash"]})  # fmt: skip
 
 

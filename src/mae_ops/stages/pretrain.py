@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from mae_ops import runtime
 from mae_ops.atomic import save_with, write_json
-from mae_ops.config import Config, InputError
+from mae_ops.config import Config, InputError, semantic_params
 from mae_ops.data import PreparedData, batch_loader, normalize, random_resized_crop, set_epoch
 from mae_ops.models.checkpoint import encoder_state_dict
 from mae_ops.models.mae import MaskedAutoencoderViT, create_mae
@@ -40,16 +40,13 @@ from mae_ops.training import Checkpointer, ResumeError, cosine_schedule, fingerp
 
 log = logging.getLogger(__name__)
 
-# keys that change how fast or where a run goes, not what it computes
-_NON_SEMANTIC = {"device", "amp", "compile", "num_workers", "save_every", "auto_resume",
-                 "out_dir", "checkpoint_dir", "reports_dir"}  # fmt: skip
 NO_WEIGHT_DECAY = ("cls_token", "mask_token", "pos_embed", "decoder_pos_embed")
 
 
 def run_fingerprint(cfg: Config, data_hash: str) -> str:
     """Identity of a pre-training run: a checkpoint resumes only a run with the same one."""
-    semantic = {k: v for k, v in cfg.pretrain.model_dump(mode="json").items() if k not in _NON_SEMANTIC}
-    return fingerprint({"model": cfg.model.model_dump(mode="json"), "pretrain": semantic, "data": data_hash})
+    return fingerprint({"model": cfg.model.model_dump(mode="json"), "pretrain": semantic_params(cfg.pretrain),
+                        "data": data_hash})  # fmt: skip
 
 
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, fused: bool) -> torch.optim.AdamW:

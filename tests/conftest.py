@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from mae_ops.config import Config, load_params
-from mae_ops.stages import prepare, pretrain
+from mae_ops.stages import export, finetune, prepare, pretrain
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin, where the mae-ops and dvc scripts live
@@ -91,3 +91,18 @@ def run_root(tmp_path: Path, pretrained_mnist: Path) -> Path:
     for sub in ("data/prepared", "models/pretrain"):
         shutil.copytree(pretrained_mnist / sub, tmp_path / sub)
     return tmp_path
+
+
+def export_config(root: Path, *extra: str):
+    return ft_config(root, f"export.out_dir={root}/models/export", f"export.reports_dir={root}/reports/export",
+                     "export.max_int8_drop=1.0", *extra)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory: pytest.TempPathFactory, pretrained_mnist: Path) -> Path:
+    root = tmp_path_factory.mktemp("export")
+    for sub in ("data/prepared", "models/pretrain"):
+        shutil.copytree(pretrained_mnist / sub, root / sub)
+    finetune.run(ft_config(root, "finetune.epochs=3"))
+    export.run(export_config(root))
+    return root

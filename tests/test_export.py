@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,23 +14,8 @@ import pytest
 from PIL import Image
 
 from mae_ops.serving import ModelInfo, open_session, run_logits
-from mae_ops.stages import export, finetune
-from tests.conftest import BIN, ft_config, subprocess_env
-
-
-def export_config(root: Path, *extra: str):
-    return ft_config(root, f"export.out_dir={root}/models/export", f"export.reports_dir={root}/reports/export",
-                     "export.max_int8_drop=1.0", *extra)  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory, pretrained_mnist: Path) -> Path:
-    root = tmp_path_factory.mktemp("export")
-    for sub in ("data/prepared", "models/pretrain"):
-        shutil.copytree(pretrained_mnist / sub, root / sub)
-    finetune.run(ft_config(root, "finetune.epochs=3"))
-    export.run(export_config(root))
-    return root
+from mae_ops.stages import export
+from tests.conftest import BIN, export_config, subprocess_env
 
 
 def _test_arrays(root: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -6,6 +6,7 @@ invalid params exit with code 2 before anything is written.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from collections.abc import Callable
@@ -215,6 +216,106 @@ def pipeline(
     ran = [r.stage for r in results if r.ran]
     typer.echo(f"pipeline done: {len(ran)} stage(s) ran ({', '.join(ran) or 'none'}), "
                f"{len(results) - len(ran)} up to date")  # fmt: skip
+
+
+def _load_flow(name: str, attr: str):
+    import importlib.util
+
+    path = Path("flows") / f"{name}.py"
+    if not path.exists() or not Path("dvc.yaml").exists():
+        _fail(f"run this from the project folder ({path} and dvc.yaml are not here)")
+    spec = importlib.util.spec_from_file_location(f"mae_ops_flows_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return getattr(module, attr)
+
+
+@app.command()
+def retrain(
+    params: ParamsOpt = Path("params.yaml"),
+    force: Annotated[bool, typer.Option(help="retrain even if the data did not change")] = False,
+) -> None:
+    """One retraining run now: pipeline if the data changed, then champion/challenger promotion."""
+    from mae_ops.orchestration import configure_prefect
+
+    _config(params, None)
+    configure_prefect()
+    result = _load_flow("retrain", "retrain")(repo=".", force=force)
+    typer.echo(json.dumps(result, default=str))
+
+
+@app.command()
+def serve(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Serve the retraining flow as a deployment on retrain.schedule (cron) against the
+    Prefect server in PREFECT_API_URL (start one with `prefect server start`)."""
+    from mae_ops.orchestration import configure_prefect
+
+    cfg = _config(params, set_)
+    configure_prefect()
+    flow = _load_flow("retrain", "retrain")
+    flow.serve(name=cfg.retrain.deployment, cron=cfg.retrain.schedule,
+               parameters={"repo": str(Path.cwd())}, description="scheduled MAE retraining")  # fmt: skip
+
+
+registry_app = typer.Typer(help="The model registry: versions, production pointer, history.", no_args_is_help=True)
+app.add_typer(registry_app, name="registry")
+
+
+def _registry_dir(params: Path) -> Path:
+    return Path(_config(params, None).retrain.registry_dir)
+
+
+@registry_app.command("list")
+def registry_list(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Every registered version; * marks production."""
+    from mae_ops import registry as reg
+
+    root = _registry_dir(params)
+    prod = (reg.production(root) or {}).get("version")
+    for v in reg.list_versions(root):
+        mark = "*" if v["version"] == prod else " "
+        typer.echo(
+            f"{mark} {v['version']}  test top-1 {v['test_top1']:.2%}  {v['created']}  git {v['git_revision'][:8]}"
+        )
+
+
+@registry_app.command("show")
+def registry_show(
+    version: Annotated[str, typer.Argument()] = "production", params: ParamsOpt = Path("params.yaml")
+) -> None:
+    """One version's record (default: the production pointer)."""
+    from mae_ops import registry as reg
+
+    root = _registry_dir(params)
+    try:
+        record = reg.production(root) if version == "production" else reg.get_version(root, version)
+    except reg.RegistryError as exc:
+        _fail(str(exc))
+    typer.echo(json.dumps(record, indent=2))
+
+
+@registry_app.command("promote")
+def registry_promote(version: str, params: ParamsOpt = Path("params.yaml")) -> None:
+    """Put a version in production by hand."""
+    from mae_ops import registry as reg
+
+    try:
+        pointer = reg.promote(_registry_dir(params), version, "promoted by hand")
+    except reg.RegistryError as exc:
+        _fail(str(exc))
+    typer.echo(f"production: {pointer['version']} (was {pointer['previous']})")
+
+
+@registry_app.command("rollback")
+def registry_rollback(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Back to the previous production version."""
+    from mae_ops import registry as reg
+
+    try:
+        pointer = reg.rollback(_registry_dir(params))
+    except reg.RegistryError as exc:
+        _fail(str(exc))
+    typer.echo(f"production: {pointer['version']}")
 
 
 @app.command("check-params")

@@ -242,6 +242,22 @@ class ExportConfig(_Section):
     reports_dir: str = "reports/export"
 
 
+class RetrainConfig(_Section):
+    schedule: str = Field("0 3 * * 1", description="cron schedule of the retraining deployment")
+    deployment: str = "mae-ops-retrain"
+    promote_tolerance: float = Field(0.0, ge=0.0, le=1.0, description="challenger may be this much worse")
+    registry_dir: str = "registry"
+    dvc_remote: str = Field("", description="folder or URL to `dvc push` to after a run; empty = no push")
+    commit_lock: bool = Field(True, description="git-commit dvc.lock, params and reports after a run")
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, v: str) -> str:
+        if len(v.split()) not in (5, 6):
+            raise ValueError("must be a cron expression with 5 fields, e.g. '0 3 * * 1'")
+        return v
+
+
 class Config(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -250,6 +266,7 @@ class Config(_Section):
     hpo: HpoConfig = Field(default_factory=HpoConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    retrain: RetrainConfig = Field(default_factory=RetrainConfig)
 
     @model_validator(mode="after")
     def _image_fits_patches(self) -> Config:

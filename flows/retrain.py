@@ -1,0 +1,80 @@
+"""Prefect flow for scheduled retraining with champion/challenger promotion.
+
+Each run checks whether the data sources changed since the production model
+was built (content hash); if not, it does nothing (unless forced). Otherwise it
+runs the pipeline flow, registers the new model, promotes it only if it is at
+least as good as the champion on the same current test split, records dvc.lock
+and pushes DVC outputs to the configured remote. `mae-ops serve` deploys it on
+a cron schedule.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from mae_ops import registry
+from mae_ops.config import load_params
+from mae_ops.orchestration import dvc_executable, tool_env
+from mae_ops.stages.prepare import source_fingerprint
+
+
+def _pipeline_flow():
+    spec = importlib.util.spec_from_file_location("mae_ops_pipeline_flow", Path(__file__).with_name("pipeline.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.pipeline
+
+
+@task(cache_policy=NO_CACHE)
+def record_run(repo: str, remote: str, commit: bool) -> list[str]:
+    """git-commit dvc.lock, params and reports; `dvc push` to the remote."""
+    root, done = Path(repo), []
+    if commit and (root / ".git").exists():
+        subprocess.run(["git", "add", "dvc.lock", "params.yaml", "reports"], cwd=root, check=False)
+        msg = "mae-ops retrain: record dvc.lock and reports"
+        if subprocess.run(["git", "commit", "-q", "-m", msg], cwd=root, env=tool_env()).returncode == 0:
+            done.append("committed dvc.lock")
+    if remote:
+        env = tool_env()
+        subprocess.run([dvc_executable(), "remote", "add", "-f", "-d", "mae-ops-store", remote], cwd=root, env=env,
+                       check=True)  # fmt: skip
+        subprocess.run([dvc_executable(), "push"], cwd=root, env=env, check=True)
+        done.append(f"pushed to {remote}")
+    return done
+
+
+@flow(name="mae-ops-retrain")
+def retrain(repo: str = ".", force: bool = False, overrides: list[str] | None = None) -> dict:
+    logger = get_run_logger()
+    root = Path(repo).resolve()
+    cfg = load_params(root / "params.yaml", overrides or [])
+    reg = root / cfg.retrain.registry_dir
+    source_hash = source_fingerprint(cfg.data)
+    champion = registry.production(reg)
+    if champion and champion["info"]["data_source_hash"] == source_hash and not force:
+        logger.info("data unchanged since production model %s: nothing to do", champion["version"])
+        return {"action": "skipped", "production": champion["version"]}
+
+    built_for = (champion or {}).get("info", {}).get("data_source_hash")
+    # DVC tracks params and code, not the bytes of a user's image folder: re-prepare when they changed
+    force_prepare = built_for is not None and built_for != source_hash
+    pipeline = _pipeline_flow()
+    if force_prepare:
+        pipeline(repo=str(root), stages=["prepare"], overrides=overrides, force=True)
+    pipeline(repo=str(root), overrides=overrides)
+    candidate = registry.register(root, reg)
+    decision = registry.challenge(reg, candidate["version"], root / cfg.data.out_dir, cfg.retrain.promote_tolerance)
+    recorded = record_run(str(root), cfg.retrain.dvc_remote, cfg.retrain.commit_lock)
+    summary = (f"# Retraining\n\ncandidate **{candidate['version']}** test top-1 {decision['challenger_top1']:.2%}; "
+               f"champion {decision['champion'] or '-'} "
+               + (f"{decision['champion_top1']:.2%}" if decision.get("champion_top1") is not None else "")
+               + f"\n\n{'promoted to production' if decision['promoted'] else 'champion kept'}; "
+               + ", ".join(recorded or ["nothing recorded"]) + "\n")  # fmt: skip
+    create_markdown_artifact(summary, key="mae-ops-retrain", description="champion/challenger decision")
+    return {"action": "promoted" if decision["promoted"] else "kept champion", **decision}

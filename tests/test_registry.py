@@ -1,0 +1,156 @@
+"""Champion/challenger registry and the retraining flow's no-op."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from mae_ops import registry
+from mae_ops.stages import evaluate
+from tests.conftest import REPO, export_config
+
+
+def _degrade(model: Path) -> None:
+    """A much worse model: the head always answers class 0 (10% on balanced digits)."""
+    proto = onnx.load(str(model))
+    for t in proto.graph.initializer:
+        if t.name.endswith("head.weight") or t.name.endswith("head.bias"):
+            arr = np.zeros(onnx.numpy_helper.to_array(t).shape, dtype=np.float32)
+            if t.name.endswith("bias"):
+                arr[0] = 10.0
+            t.CopyFrom(onnx.numpy_helper.from_array(arr, t.name))
+    onnx.save(proto, str(model))
+
+
+@pytest.fixture
+def project(tmp_path: Path, exported: Path) -> Path:
+    for sub in ("data/prepared", "models/finetune", "models/export"):
+        shutil.copytree(exported / sub, tmp_path / sub)
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    evaluate.run(export_config(tmp_path, "evaluate.baseline=none", "evaluate.linprobe=false",
+                               f"evaluate.metrics_file={tmp_path}/reports/metrics.json"))  # fmt: skip
+    return tmp_path
+
+
+def test_promotes_better_keeps_champion_against_worse_and_rolls_back(project: Path) -> None:
+    reg, data = project / "registry", project / "data/prepared"
+    good = (project / "models/export/model.onnx").read_bytes()
+
+    _degrade(project / "models/export/model.onnx")
+    weak = registry.register(project, reg)["version"]
+    first = registry.challenge(reg, weak, data)
+    assert first["promoted"] and registry.production(reg)["version"] == weak
+
+    (project / "models/export/model.onnx").write_bytes(good)
+    strong = registry.register(project, reg)["version"]
+    better = registry.challenge(reg, strong, data)
+    assert better["promoted"] and better["challenger_top1"] > better["champion_top1"]
+    assert registry.production(reg)["version"] == strong
+
+    _degrade(project / "models/export/model.onnx")
+    worse = registry.register(project, reg)["version"]
+    kept = registry.challenge(reg, worse, data)
+    assert not kept["promoted"] and registry.production(reg)["version"] == strong
+    assert kept["champion_top1"] == pytest.approx(better["challenger_top1"])  # re-measured on the same split
+
+    assert [v["version"] for v in registry.list_versions(reg)] == [weak, strong, worse]
+    assert {"model.onnx", "metrics.json", "params.yaml", "info.json"} <= {
+        p.name for p in (reg / "versions" / strong).iterdir()
+    } | {"info.json"}
+    assert registry.rollback(reg)["version"] == weak
+    with pytest.raises(registry.RegistryError, match="nothing to roll back"):
+        registry.rollback(reg)
+    events = [e["event"] for e in registry.history(reg)]
+    assert events.count("promoted") == 3 and "kept champion" in events
+    assert not list(reg.glob("*.tmp")) and not list(reg.glob(".production*"))
+
+
+def test_retrain_does_nothing_when_the_data_did_not_change(project: Path) -> None:
+    import importlib.util
+
+    from prefect.testing.utilities import prefect_test_harness
+
+    reg = project / "registry"
+    version = registry.register(project, reg)["version"]
+    registry.promote(reg, version, "test")
+    spec = importlib.util.spec_from_file_location("flows_retrain", REPO / "flows/retrain.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with prefect_test_harness(server_startup_timeout=120):
+        result = module.retrain(repo=str(project))
+    assert result == {"action": "skipped", "production": version}
+    assert len(registry.list_versions(reg)) == 1
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_scheduled_deployment_on_a_real_local_server(project: Path, tmp_path_factory) -> None:
+    """`prefect server start` on 127.0.0.1, `mae-ops serve` registers the cron
+    deployment, and a run triggered through the server completes."""
+    import os
+    import subprocess
+    import time
+    import urllib.request
+
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from tests.conftest import BIN, subprocess_env
+
+    for item in ("flows", "dvc.yaml"):
+        (shutil.copytree if (REPO / item).is_dir() else shutil.copy)(REPO / item, project / item)
+    reg = project / "registry"
+    registry.promote(reg, registry.register(project, reg)["version"], "test")  # data unchanged: runs are no-ops
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {**subprocess_env(), "PREFECT_HOME": str(home), "PREFECT_API_URL": url,
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false"}  # fmt: skip
+    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    serve = None
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(1)
+        else:
+            raise AssertionError("the Prefect server did not come up")
+        cmd = [str(BIN / "mae-ops"), "serve", "--set", "retrain.schedule=30 2 * * *"]
+        serve = subprocess.Popen(cmd, cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            deployment = None
+            while time.time() < deadline + 60 and deployment is None:
+                try:
+                    with get_client(sync_client=True) as client:
+                        deployment = client.read_deployment_by_name("mae-ops-retrain/mae-ops-retrain")
+                except Exception:
+                    time.sleep(1)
+            assert deployment is not None, "mae-ops serve did not register the deployment"
+            assert [s.schedule.cron for s in deployment.schedules] == ["30 2 * * *"]
+            run = run_deployment("mae-ops-retrain/mae-ops-retrain", timeout=180)
+            assert run.state is not None and run.state.is_completed(), run.state
+    finally:
+        for proc in (serve, server):
+            if proc is not None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+    assert os.path.exists(reg / "production.json")

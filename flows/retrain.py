@@ -38,10 +38,17 @@ def record_run(repo: str, remote: str, commit: bool) -> list[str]:
     if commit and (root / ".git").exists():
         subprocess.run(["git", "add", "dvc.lock", "params.yaml", "reports"], cwd=root, check=False)
         msg = "mae-ops retrain: record dvc.lock and reports"
-        if subprocess.run(["git", "commit", "-q", "-m", msg], cwd=root, env=tool_env()).returncode == 0:
+        env = tool_env()
+        has_identity = subprocess.run(["git", "config", "user.email"], cwd=root, capture_output=True).stdout.strip()
+        if not has_identity:  # a scheduler account often has none
+            env.update(GIT_AUTHOR_NAME="mae-ops", GIT_AUTHOR_EMAIL="mae-ops@localhost",
+                       GIT_COMMITTER_NAME="mae-ops", GIT_COMMITTER_EMAIL="mae-ops@localhost")  # fmt: skip
+        if subprocess.run(["git", "commit", "-q", "-m", msg], cwd=root, env=env).returncode == 0:
             done.append("committed dvc.lock")
     if remote:
         env = tool_env()
+        if "://" not in remote:  # a local folder: absolute, so every clone pushes to the same place
+            remote = str((root / remote).resolve())
         subprocess.run([dvc_executable(), "remote", "add", "-f", "-d", "mae-ops-store", remote], cwd=root, env=env,
                        check=True)  # fmt: skip
         subprocess.run([dvc_executable(), "push"], cwd=root, env=env, check=True)

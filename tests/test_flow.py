@@ -61,6 +61,17 @@ def test_flow_runs_every_stage_then_skips_them(tmp_path: Path) -> None:
     assert "skipped (up to date)" in summary and "| finetune | " in summary and "parity" in summary
     assert (repo / "models/export/model.onnx").exists()
 
+    # after a run the retraining flow records dvc.lock in git and pushes the outputs to the DVC remote
+    spec = importlib.util.spec_from_file_location("flows_retrain", REPO / "flows/retrain.py")
+    retrain = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(retrain)
+    done = retrain.record_run.fn(str(repo), "dvc-store", True)
+    assert done == ["committed dvc.lock", f"pushed to {(repo / 'dvc-store').resolve()}"]
+    pushed = [p for p in (repo / "dvc-store").rglob("*") if p.is_file()]
+    assert len(pushed) > 10  # the prepared data, checkpoints and ONNX files
+    log = subprocess.run(["git", "log", "--name-only", "-1"], cwd=repo, capture_output=True, text=True).stdout
+    assert "dvc.lock" in log and "reports/metrics.json" in log
+
 
 def test_a_failing_stage_is_named(tmp_path: Path) -> None:
     repo = _git_dvc_repo(tmp_path / "repo")

@@ -190,6 +190,20 @@ def predict(
         raise typer.Exit(code=1)
 
 
+def _load_flow(name: str, attr: str):
+    """Import flows/<name>.py as module ``flows.<name>`` from the project folder;
+    an importable name lets Prefect's runner re-import the flow in its worker processes."""
+    import importlib
+
+    path = Path("flows") / f"{name}.py"
+    if not path.exists() or not Path("dvc.yaml").exists():
+        _fail(f"run this from the project folder ({path} and dvc.yaml are not here)")
+    root = str(Path.cwd())
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    return getattr(importlib.import_module(f"flows.{name}"), attr)
+
+
 @app.command()
 def pipeline(
     stages: Annotated[list[str] | None, typer.Argument(help="stages to bring up to date (default: all)")] = None,
@@ -199,35 +213,17 @@ def pipeline(
 ) -> None:
     """Run the pipeline as a Prefect flow over the DVC stages: only what changed runs.
     --set overrides are written into params.yaml (and so recorded in dvc.lock)."""
-    import importlib.util
-
     from mae_ops.orchestration import StageFailed, configure_prefect
 
-    if not Path("dvc.yaml").exists() or not Path("flows/pipeline.py").exists():
-        _fail("run `mae-ops pipeline` from the project folder (dvc.yaml and flows/ are not here)")
     configure_prefect()
-    spec = importlib.util.spec_from_file_location("mae_ops_flows_pipeline", "flows/pipeline.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    flow = _load_flow("pipeline", "pipeline")
     try:
-        results = module.pipeline(repo=".", stages=stages, overrides=set_, force=force, lock_wait_s=lock_wait)
+        results = flow(repo=".", stages=stages, overrides=set_, force=force, lock_wait_s=lock_wait)
     except (StageFailed, ParamsError, RuntimeError, ValueError) as exc:
         _fail(str(exc))
     ran = [r.stage for r in results if r.ran]
     typer.echo(f"pipeline done: {len(ran)} stage(s) ran ({', '.join(ran) or 'none'}), "
                f"{len(results) - len(ran)} up to date")  # fmt: skip
-
-
-def _load_flow(name: str, attr: str):
-    import importlib.util
-
-    path = Path("flows") / f"{name}.py"
-    if not path.exists() or not Path("dvc.yaml").exists():
-        _fail(f"run this from the project folder ({path} and dvc.yaml are not here)")
-    spec = importlib.util.spec_from_file_location(f"mae_ops_flows_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return getattr(module, attr)
 
 
 @app.command()

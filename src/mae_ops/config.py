@@ -247,7 +247,9 @@ class RetrainConfig(_Section):
     deployment: str = "mae-ops-retrain"
     promote_tolerance: float = Field(0.0, ge=0.0, le=1.0, description="challenger may be this much worse")
     registry_dir: str = "registry"
-    dvc_remote: str = Field("", description="folder or URL to `dvc push` to after a run; empty = no push")
+    dvc_remote: str = Field(
+        "dvc-store", description="folder (relative to the project) or URL to `dvc push` to after a run; empty = no push"
+    )
     commit_lock: bool = Field(True, description="git-commit dvc.lock, params and reports after a run")
 
     @field_validator("schedule")

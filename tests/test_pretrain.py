@@ -96,3 +96,26 @@ def test_checkpoint_of_another_run_is_not_resumed(mnist_root: Path) -> None:
 def test_missing_prepared_data_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="mae-ops prepare"):
         pretrain.run(tiny_config(tmp_path))
+
+
+def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path: Path, prepared_mnist: Path) -> None:
+    """torchrun + gloo: 2 ranks x batch 64 follow the loss curve of 1 process x batch 128."""
+    import shutil
+
+    curves = {}
+    torchrun = [str(BIN / "torchrun"), "--nproc_per_node=2", "-m", "mae_ops.cli"]
+    for name, launcher, batch in (("one", [str(BIN / "mae-ops")], 128), ("two", torchrun, 64)):
+        root = tmp_path / name
+        shutil.copytree(prepared_mnist, root / "data" / "prepared")
+        cmd = [*launcher, "pretrain", "--params", str(REPO / "params.yaml")]
+        for item in [*tiny_overrides(root), "pretrain.epochs=3", f"pretrain.batch_size={batch}"]:
+            cmd += ["--set", item]
+        proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        with open(root / "reports/pretrain/history.csv") as fh:
+            curves[name] = [float(r["loss"]) for r in csv.DictReader(fh)]
+        assert json.loads((root / "reports/pretrain/metrics.json").read_text())["effective_batch"] == 128
+    assert len(curves["one"]) == len(curves["two"]) == 3
+    for a, b in zip(curves["one"], curves["two"], strict=True):
+        assert abs(a - b) / a < 0.03, curves  # same math, same effective batch; only the sample order differs
+    assert curves["two"][-1] < 0.75 * curves["two"][0]

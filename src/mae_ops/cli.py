@@ -215,6 +215,7 @@ def pipeline(
     --set overrides are written into params.yaml (and so recorded in dvc.lock)."""
     from mae_ops.orchestration import StageFailed, configure_prefect
 
+    _config(Path("params.yaml"), set_)  # bad overrides stop here, before any flow starts
     configure_prefect()
     flow = _load_flow("pipeline", "pipeline")
     try:

@@ -53,6 +53,16 @@ def mnist_root(tmp_path: Path, prepared_mnist: Path) -> Path:
     return tmp_path
 
 
+def load_flow_module(name: str):
+    """flows/<name>.py of this repository, loaded from its file (flows/ is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"flows_{name}", REPO / "flows" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def subprocess_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import subprocess
 from pathlib import Path
@@ -12,7 +11,7 @@ import yaml
 
 from mae_ops.config import ParamsError
 from mae_ops.orchestration import StageFailed, pipeline_lock, run_dvc_stage, run_summary, write_overrides
-from tests.conftest import BIN, REPO, subprocess_env
+from tests.conftest import BIN, REPO, load_flow_module, subprocess_env
 
 
 def _git_dvc_repo(root: Path) -> Path:
@@ -37,18 +36,11 @@ def _tiny_project(root: Path) -> Path:
     return root
 
 
-def _load_flow():
-    spec = importlib.util.spec_from_file_location("flows_pipeline", REPO / "flows/pipeline.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.pipeline
-
-
 def test_flow_runs_every_stage_then_skips_them(tmp_path: Path) -> None:
     from prefect.testing.utilities import prefect_test_harness
 
     repo = _tiny_project(tmp_path / "project")
-    pipeline = _load_flow()
+    pipeline = load_flow_module("pipeline").pipeline
     with prefect_test_harness(server_startup_timeout=120):
         first = pipeline(repo=str(repo), overrides=["pretrain.seed=3"])
         assert [r.stage for r in first] == ["prepare", "pretrain", "finetune", "baselines", "evaluate", "export"]
@@ -62,10 +54,7 @@ def test_flow_runs_every_stage_then_skips_them(tmp_path: Path) -> None:
     assert (repo / "models/export/model.onnx").exists()
 
     # after a run the retraining flow records dvc.lock in git and pushes the outputs to the DVC remote
-    spec = importlib.util.spec_from_file_location("flows_retrain", REPO / "flows/retrain.py")
-    retrain = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(retrain)
-    done = retrain.record_run.fn(str(repo), "dvc-store", True)
+    done = load_flow_module("retrain").record_run.fn(str(repo), "dvc-store", True)
     assert done == ["committed dvc.lock", f"pushed to {(repo / 'dvc-store').resolve()}"]
     pushed = [p for p in (repo / "dvc-store").rglob("*") if p.is_file()]
     assert len(pushed) > 10  # the prepared data, checkpoints and ONNX files

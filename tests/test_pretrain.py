@@ -16,6 +16,7 @@ from PIL import Image
 
 from mae_ops.models.checkpoint import load_state_dict
 from mae_ops.stages import pretrain
+from mae_ops.training import ResumeError
 from tests.conftest import BIN, REPO, subprocess_env, tiny_config, tiny_overrides
 
 
@@ -87,7 +88,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path: Path, prepared_mn
 
 def test_checkpoint_of_another_run_is_not_resumed(mnist_root: Path) -> None:
     pretrain.run(tiny_config(mnist_root, "pretrain.epochs=1"))
-    with pytest.raises(pretrain.ResumeError, match="different run"):
+    with pytest.raises(ResumeError, match="different run"):
         pretrain.run(tiny_config(mnist_root, "pretrain.epochs=1", "pretrain.mask_ratio=0.5"), resume=True)
     metrics = pretrain.run(tiny_config(mnist_root, "pretrain.epochs=1", "pretrain.mask_ratio=0.5"))
     assert metrics["resumed_from_epoch"] == 0

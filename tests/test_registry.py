@@ -11,7 +11,7 @@ import pytest
 
 from mae_ops import registry
 from mae_ops.stages import evaluate
-from tests.conftest import REPO, export_config
+from tests.conftest import REPO, export_config, load_flow_module
 
 
 def _degrade(model: Path) -> None:
@@ -70,18 +70,14 @@ def test_promotes_better_keeps_champion_against_worse_and_rolls_back(project: Pa
 
 
 def test_retrain_does_nothing_when_the_data_did_not_change(project: Path) -> None:
-    import importlib.util
-
     from prefect.testing.utilities import prefect_test_harness
 
     reg = project / "registry"
     version = registry.register(project, reg)["version"]
     registry.promote(reg, version, "test")
-    spec = importlib.util.spec_from_file_location("flows_retrain", REPO / "flows/retrain.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    retrain = load_flow_module("retrain").retrain
     with prefect_test_harness(server_startup_timeout=120):
-        result = module.retrain(repo=str(project))
+        result = retrain(repo=str(project))
     assert result == {"action": "skipped", "production": version}
     assert len(registry.list_versions(reg)) == 1
 

@@ -36,7 +36,7 @@ from mae_ops.models.checkpoint import encoder_state_dict
 from mae_ops.models.mae import MaskedAutoencoderViT, create_mae
 from mae_ops.plots import learning_curve, reconstruction_grid
 from mae_ops.reporting import write_history
-from mae_ops.training import Checkpointer, ResumeError, cosine_schedule, fingerprint  # noqa: F401 (re-export)
+from mae_ops.training import Checkpointer, cosine_schedule, fingerprint
 
 log = logging.getLogger(__name__)
 

@@ -1,30 +1,59 @@
-"""MAE pre-training throughput: images/s, achieved TFLOP/s, MFU, peak memory,
-and the encoder speed-up from dropping masked tokens.
+"""MAE pre-training throughput: images/s, achieved TFLOP/s, MFU, peak memory, the
+input pipeline against the training step, and the encoder speed-up from masking.
 
-    python benchmarks/pretrain_throughput.py --preset mae_vit_base_patch16 --batch-size 256 --device cuda
+    python benchmarks/pretrain_throughput.py --preset mae_vit_base_patch16 \
+        --preset mae_vit_large_patch16 --batch-size 256 --peak-tflops 790
 
-Synthetic images (speed does not depend on pixel values); the training step
-is the pre-training stage's (same model, optimizer, autocast). Prints one JSON
-object and writes it under reports/benchmarks/.
+Three ways to run the same MAE step, per preset (``--modes``):
+
+  reference  the official MAE recipe's step as its code runs it: fp16 autocast with
+             a GradScaler, eager, unfused AdamW, explicit (non-SDPA) attention, and
+             a host sync per step (it reads ``loss.item()`` every step)
+  plain      the pre-training stage with ``pretrain.fast: off``: bf16, eager,
+             unfused AdamW, SDPA attention, no per-step sync
+  fast       the stage's default on CUDA (``pretrain.fast: auto``): plus
+             torch.compile (``--compile-mode``), fused AdamW, data on the device
+
+Every mode runs the stage's own pieces (``augment``, ``build_optimizer``,
+``compile_model``, ``DeviceBatches`` / ``batch_loader``). Measured per mode:
+``step`` (forward + backward + update on a ready batch), ``input`` (loader +
+on-device crop/flip/normalise alone) and ``end_to_end`` (both, as the stage
+runs them). On a CPU every mode runs in fp32. Images are synthetic uint8 (speed
+does not depend on pixel values) unless ``--data`` names a prepared folder.
+Prints and writes one JSON (default reports/benchmarks/pretrain_throughput-<device>.json).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import os
 import platform
 import resource
+import tempfile
 import time
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from mae_ops.atomic import write_json
-from mae_ops.models.mae import create_mae
+from mae_ops.config import PretrainConfig
+from mae_ops.data import DeviceBatches, PreparedData, batch_loader
+from mae_ops.models.mae import MaskedAutoencoderViT, create_mae
 from mae_ops.models.presets import preset_config
-from mae_ops.runtime import resolve_amp, resolve_device
-from mae_ops.stages.pretrain import build_optimizer
+from mae_ops.runtime import resolve_device
+from mae_ops.stages.pretrain import augment, build_optimizer, compile_model
+
+MODES = {
+    "reference": {"amp": torch.float16, "fast": False, "sdpa": False, "sync_per_step": True},
+    "plain": {"amp": torch.bfloat16, "fast": False, "sdpa": True, "sync_per_step": False},
+    "fast": {"amp": torch.bfloat16, "fast": True, "sdpa": True, "sync_per_step": False},
+}
 
 
 def _sync(device: torch.device) -> None:
@@ -32,7 +61,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time(fn, device: torch.device, steps: int, warmup: int) -> float:
+def _time(fn: Callable[[], None], device: torch.device, steps: int, warmup: int) -> float:
     """Seconds per call of ``fn`` after ``warmup`` untimed calls."""
     for _ in range(warmup):
         fn()
@@ -44,109 +73,207 @@ def _time(fn, device: torch.device, steps: int, warmup: int) -> float:
     return (time.perf_counter() - t0) / steps
 
 
+def synthetic_prepared(root: Path, n: int, channels: int, size: int) -> PreparedData:
+    """A prepared-data folder of random uint8 images (the layout `mae-ops prepare` writes)."""
+    rng = np.random.default_rng(0)
+    images = np.lib.format.open_memmap(root / "images.npy", mode="w+", dtype=np.uint8, shape=(n, channels, size, size))
+    for start in range(0, n, 256):
+        images[start : start + 256] = rng.integers(0, 256, images[start : start + 256].shape, dtype=np.uint8)
+    images.flush()
+    np.save(root / "labels.npy", np.zeros(n, dtype=np.int64))
+    np.save(root / "split.npy", np.zeros(n, dtype=np.int8))
+    np.save(root / "labelled.npy", np.zeros(n, dtype=bool))
+    stats = {"mean": [0.5] * channels, "std": [0.25] * channels}
+    write_json(root / "manifest.json", {"classes": ["x"], "content_hash": "synthetic", **stats})
+    return PreparedData(root)
+
+
+def _batches(loader, device: torch.device) -> Iterator[torch.Tensor]:
+    """uint8 batches on the device, cycling over epochs."""
+    epoch = 0
+    while True:
+        loader.sampler.sampler.set_epoch(epoch)
+        for imgs, _ in loader:
+            yield imgs.to(device, non_blocking=True)
+        epoch += 1
+
+
+def _peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB, process max RSS
+
+
+def flops_per_step(model: MaskedAutoencoderViT, x: torch.Tensor, mask_ratio: float) -> int:
+    """Forward + backward FLOPs of one step, counted on the eager model with explicit
+    attention (every matmul visible to the counter), so every mode is charged the same."""
+    attention = [m for m in model.modules() if hasattr(m, "fused_attn")]
+    fused = [m.fused_attn for m in attention]
+    for m in attention:
+        m.fused_attn = False
+    with FlopCounterMode(display=False) as counter:
+        loss, _, _ = model(x, mask_ratio)
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    for m, f in zip(attention, fused, strict=True):
+        m.fused_attn = f
+    return counter.get_total_flops()
+
+
+def bench_mode(args, preset: str, mode: str, data: PreparedData, device: torch.device) -> dict:
+    spec = MODES[mode]
+    amp = spec["amp"] if device.type == "cuda" else None
+    p = PretrainConfig(batch_size=args.batch_size, mask_ratio=args.mask_ratio, crop_scale=(0.2, 1.0), hflip=True)
+    torch.manual_seed(0)
+    model = create_mae(preset, data.img_size, data.channels, norm_pix_loss=True).to(device)
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = spec["sdpa"]
+    optimizer = build_optimizer(model, 1e-4, 0.05, fused=spec["fast"])
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    step_model = compile_model(model, args.compile_mode) if spec["fast"] else model
+    ids = data.indices("train")
+    shard = {"shuffle": True, "seed": 0, "drop_last": True}
+    on_device = spec["fast"] and DeviceBatches.fits(data, ids, device)
+    if on_device:
+        loader = DeviceBatches(data, ids, args.batch_size, device, **shard)
+    else:
+        loader = batch_loader(data, ids, args.batch_size, num_workers=args.num_workers, **shard)
+    batches = _batches(loader, device)
+    mean, std = (torch.tensor(v, device=device) for v in (data.mean, data.std))
+    gen = torch.Generator(device=device).manual_seed(0)
+    num_patches = model.patch_embed.num_patches
+    autocast = torch.autocast(device.type, dtype=amp, enabled=amp is not None)
+    ready = augment(next(batches), p, data.img_size, mean, std, num_patches, gen)
+
+    def train_step(x: torch.Tensor, noise: torch.Tensor) -> None:
+        with autocast:
+            loss, _, _ = step_model(x, args.mask_ratio, noise)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if spec["sync_per_step"]:
+            loss.item()  # the reference logs the loss of every step
+
+    def input_only() -> None:
+        augment(next(batches), p, data.img_size, mean, std, num_patches, gen)
+
+    def end_to_end() -> None:
+        train_step(*augment(next(batches), p, data.img_size, mean, std, num_patches, gen))
+
+    result: dict = {"mode": mode, "precision": str(amp).removeprefix("torch.") if amp else "fp32",
+                    "compile": spec["fast"] and args.compile_mode, "fused_adamw": spec["fast"],
+                    "attention": "sdpa" if spec["sdpa"] else "explicit", "data_on_device": on_device}  # fmt: skip
+    flops = flops_per_step(model, ready[0], args.mask_ratio)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    step_s = _time(lambda: train_step(*ready), device, args.steps, args.warmup)
+    input_s = _time(input_only, device, args.steps, 2)
+    with warnings.catch_warnings(record=True) as caught:
+        if device.type == "cuda":  # count the host-device syncs the stage's loop makes
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+        e2e_s = _time(end_to_end, device, args.steps, 2)
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = sum("synchroniz" in str(w.message) for w in caught)
+    result.update({
+        "images_per_s": round(args.batch_size / step_s, 1),
+        "step_ms": round(step_s * 1e3, 2),
+        "gflop_per_image": round(flops / args.batch_size / 1e9, 3),
+        "achieved_tflops": round(flops / step_s / 1e12, 3),
+        "mfu": round(flops / step_s / 1e12 / args.peak_tflops, 4) if args.peak_tflops else None,
+        "input_images_per_s": round(args.batch_size / input_s, 1),
+        "input_over_step": round(step_s / input_s, 2),  # > 1: the input pipeline outruns the step
+        "end_to_end_images_per_s": round(args.batch_size / e2e_s, 1),
+        "host_syncs_per_step": round(syncs / (args.steps + 2), 2) if device.type == "cuda" else None,
+        "peak_memory_gib": round(_peak_memory_gib(device), 3),
+    })  # fmt: skip
+    if mode == "plain":  # encoder alone, forward + backward: visible tokens only vs every token
+
+        def encoder_step(ratio: float) -> Callable[[], None]:
+            def fn() -> None:
+                with autocast:
+                    latent, _, _ = model.forward_encoder(ready[0], ratio)
+                latent.float().mean().backward()
+
+            return fn
+
+        masked = _time(encoder_step(args.mask_ratio), device, max(3, args.steps // 2), 2)
+        full = _time(encoder_step(0.0), device, max(3, args.steps // 2), 2)
+        result["encoder_speedup_from_masking"] = round(full / masked, 2)
+    return result
+
+
+def release(device: torch.device) -> None:
+    """Free the last mode's model, optimizer and compiled graphs before the next."""
+    gc.collect()
+    torch._dynamo.reset()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="mae_vit_tiny_patch4")
+    ap.add_argument("--preset", action="append", help="repeatable (default: mae_vit_tiny_patch4)")
+    ap.add_argument("--modes", default="reference,plain,fast")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--img-size", type=int, default=None, help="default: 224 (paper presets) or 28")
     ap.add_argument("--in-chans", type=int, default=None, help="default: 3 (paper presets) or 1")
+    ap.add_argument("--data", type=Path, default=None, help="a prepared folder (default: synthetic images)")
+    ap.add_argument("--num-images", type=int, default=None, help="synthetic images (default: 8 batches)")
+    ap.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1),
+                    help="DataLoader workers when the data is not on the device")  # fmt: skip
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
-    ap.add_argument("--compile", default="auto", choices=["auto", "on", "off"])
-    ap.add_argument("--fused", default="auto", choices=["auto", "on", "off"], help="fused AdamW (auto: CUDA)")
+    ap.add_argument("--compile-mode", default="default")
     ap.add_argument("--mask-ratio", type=float, default=0.75)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--peak-tflops", type=float, default=None, help="chip peak, for MFU (H100/H200 bf16: ~790)")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="chip bf16 peak, for MFU (H100/H200: ~790)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
-    paper = preset_config(args.preset)["patch_size"] >= 14
-    img_size = args.img_size or (224 if paper else 28)
-    in_chans = args.in_chans or (3 if paper else 1)
     device = resolve_device(args.device)
-    amp_dtype = resolve_amp(args.amp, device)
-    use_compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-
-    torch.manual_seed(0)
-    model = create_mae(args.preset, img_size, in_chans, norm_pix_loss=True).to(device)
-    fused = args.fused == "on" or (args.fused == "auto" and device.type == "cuda")
-    opt = build_optimizer(model, 1e-4, 0.05, fused=fused)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    step_model = torch.compile(model) if use_compile else model
-    x = torch.randn(args.batch_size, in_chans, img_size, img_size, device=device)
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else torch.autocast(device.type, enabled=False)
-
-    def train_step() -> None:
-        with autocast:
-            loss, _, _ = step_model(x, args.mask_ratio)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-
-    with FlopCounterMode(display=False) as counter:  # eager count of one forward + backward
-        with autocast:
-            loss, _, _ = model(x, args.mask_ratio)
-        loss.backward()
-    opt.zero_grad(set_to_none=True)
-    flops_per_step = counter.get_total_flops()
-
+        torch.backends.cudnn.allow_tf32 = True
+    modes = [m.strip() for m in args.modes.split(",")]
+    runs = []
+    for preset in args.preset or ["mae_vit_tiny_patch4"]:
+        paper = preset_config(preset)["patch_size"] >= 14
+        img_size = args.img_size or (224 if paper else 28)
+        in_chans = args.in_chans or (3 if paper else 1)
+        with tempfile.TemporaryDirectory() as tmp:
+            if args.data:
+                data = PreparedData(args.data)
+            else:
+                data = synthetic_prepared(Path(tmp), args.num_images or 8 * args.batch_size, in_chans, img_size)
+            results = []
+            for mode in modes:
+                results.append(bench_mode(args, preset, mode, data, device))
+                release(device)
+                print(json.dumps({"preset": preset, **results[-1]}), flush=True)
+        by_mode = {r["mode"]: r["images_per_s"] for r in results}
+        runs.append({
+            "preset": preset, "img_size": data.img_size, "in_chans": data.channels, "results": results,
+            "speedup_fast_over_reference": round(by_mode["fast"] / by_mode["reference"], 3)
+            if {"fast", "reference"} <= set(by_mode) else None,
+            "speedup_fast_over_plain": round(by_mode["fast"] / by_mode["plain"], 3)
+            if {"fast", "plain"} <= set(by_mode) else None,
+        })  # fmt: skip
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)  # peak of the training step, not of the flop count
-    sec_per_step = _time(train_step, device, args.steps, args.warmup)
-    images_per_s = args.batch_size / sec_per_step
-    tflops = flops_per_step / sec_per_step / 1e12
-
-    # encoder alone, forward + backward: visible tokens only vs every token
-    def encoder_step(ratio: float):
-        def fn() -> None:
-            with autocast:
-                latent, _, _ = model.forward_encoder(x, ratio)
-            latent.float().mean().backward()
-
-        return fn
-
-    enc_masked = _time(encoder_step(args.mask_ratio), device, max(3, args.steps // 2), 2)
-    enc_full = _time(encoder_step(0.0), device, max(3, args.steps // 2), 2)
-    model.zero_grad(set_to_none=True)
-
-    if device.type == "cuda":
-        peak_mem = torch.cuda.max_memory_allocated(device) / 2**30
         device_name = torch.cuda.get_device_name(device)
     else:
-        peak_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
         device_name = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    result = {
-        "preset": args.preset,
-        "img_size": img_size,
-        "in_chans": in_chans,
-        "batch_size": args.batch_size,
-        "mask_ratio": args.mask_ratio,
-        "device": str(device),
-        "device_name": device_name,
-        "precision": str(amp_dtype).removeprefix("torch.") if amp_dtype else "fp32",
-        "compile": use_compile,
-        "fused_adamw": fused,
-        "torch": torch.__version__,
-        "images_per_s": round(images_per_s, 1),
-        "step_ms": round(sec_per_step * 1e3, 2),
-        "gflop_per_image": round(flops_per_step / args.batch_size / 1e9, 3),
-        "achieved_tflops": round(tflops, 3),
-        "mfu": round(tflops / args.peak_tflops, 4) if args.peak_tflops else None,
-        "peak_memory_gib": round(peak_mem, 3),
-        "peak_memory_kind": "cuda max allocated" if device.type == "cuda" else "process max RSS",
-        "encoder_ms_masked": round(enc_masked * 1e3, 2),
-        "encoder_ms_all_tokens": round(enc_full * 1e3, 2),
-        "encoder_speedup_from_masking": round(enc_full / enc_masked, 2),
-    }
-    out = args.out or Path("reports/benchmarks") / f"pretrain_throughput-{args.preset}-{device.type}.json"
-    if args.out is None and not (use_compile or fused):
-        out = out.with_name(out.stem + "-plain.json")
-    write_json(out, result)
-    print(json.dumps(result, indent=2))
+    report = {
+        "device": str(device), "device_name": device_name, "torch": torch.__version__,
+        "batch_size": args.batch_size, "mask_ratio": args.mask_ratio, "compile_mode": args.compile_mode,
+        "steps": args.steps, "peak_tflops": args.peak_tflops, "runs": runs,
+    }  # fmt: skip
+    out = args.out or Path("reports/benchmarks") / f"pretrain_throughput-{device.type}.json"
+    write_json(out, report)
+    print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

@@ -42,6 +42,8 @@ def test_missing_default_file_means_defaults(tmp_path: Path, monkeypatch: pytest
         ("data.channels=2", "data.channels", "'auto', 1 or 3"),
         ("pretrain.crop_scale=[0.9, 0.1]", "pretrain.crop_scale", "low <= high"),
         ("data.test_fraction=0.6", "data.val_fraction", "must be < 1"),
+        ("pretrain.fast=sometimes", "pretrain.fast", "'auto', 'on' or 'off'"),
+        ("pretrain.compile_mode=turbo", "pretrain.compile_mode", "'max-autotune'"),
     ],
 )
 def test_bad_values_name_the_key_and_the_allowed_range(override: str, key: str, hint: str) -> None:
@@ -104,3 +106,10 @@ def test_cli_set_is_validated_the_same_way(tmp_path: Path) -> None:
     )  # fmt: skip
     assert ok.returncode == 0, ok.stderr
     assert yaml.safe_load(ok.stdout)["pretrain"]["epochs"] == 3
+
+
+def test_bare_on_off_in_yaml_mean_the_switch_words() -> None:
+    """YAML 1.1 reads on/off as booleans; the switches take them back as words."""
+    cfg = load_params(REPO / "params.yaml", ["pretrain.fast=off", "pretrain.amp=off", "finetune.amp=off"])
+    assert (cfg.pretrain.fast, cfg.pretrain.amp, cfg.finetune.amp) == ("off", "off", "off")
+    assert load_params(REPO / "params.yaml", ["pretrain.fast=on"]).pretrain.fast == "on"

@@ -106,6 +106,20 @@ def finetune(
     typer.echo(f"{metrics['mode']} ({metrics['init']}): validation top-1 {metrics['val_top1']:.2%}")
 
 
+@app.command("hpo-worker")
+def hpo_worker(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    worker: Annotated[int | None, typer.Option(help="sampler seed offset (default: from host and pid)")] = None,
+) -> None:
+    """Run trials of the fine-tuning study in hpo.storage until it holds hpo.n_trials finished
+    ones: start one per machine (or GPU) beside `mae-ops finetune`, all with the same params."""
+    from mae_ops import hpo
+
+    _, mine = _run_stage(params, set_, lambda cfg: hpo.work(cfg, worker))
+    typer.echo(f"this worker ran {len(mine)} trial(s): {mine}")
+
+
 @app.command()
 def baselines(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Train the comparisons: the same ViT from scratch, and a linear probe -> models/baselines/."""

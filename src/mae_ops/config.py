@@ -13,7 +13,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from mae_ops.models.presets import PRESETS, preset_config
 
@@ -49,10 +58,19 @@ def _ordered_range(v: tuple[float, float], upper: float | None) -> tuple[float, 
 UnitRange = Annotated[tuple[float, float], AfterValidator(partial(_ordered_range, upper=1.0))]
 PositiveRange = Annotated[tuple[float, float], AfterValidator(partial(_ordered_range, upper=None))]
 
+
+def _yaml_switch(v: Any) -> Any:
+    """YAML reads a bare on/off as true/false: take them back as the words."""
+    return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
+
+
+Switch = Annotated[Literal["auto", "on", "off"], BeforeValidator(_yaml_switch)]
+Precision = Annotated[Literal["auto", "bf16", "fp16", "off"], BeforeValidator(_yaml_switch)]
+
 # keys that change how fast or where a run goes, not what it computes: left out
 # of the fingerprints that decide whether a checkpoint or a study can be resumed
-RUNTIME_KEYS = frozenset({"device", "amp", "compile", "num_workers", "save_every", "auto_resume", "eval_every",
-                          "out_dir", "checkpoint_dir", "reports_dir"})  # fmt: skip
+RUNTIME_KEYS = frozenset({"device", "amp", "fast", "compile_mode", "num_workers", "save_every", "auto_resume",
+                          "eval_every", "out_dir", "checkpoint_dir", "reports_dir"})  # fmt: skip
 
 
 def semantic_params(section: BaseModel, *also_ignore: str) -> dict[str, Any]:
@@ -115,8 +133,11 @@ class PretrainConfig(_Section):
     crop_scale: UnitRange = (0.2, 1.0)
     hflip: bool = True
     device: DeviceName = Field("auto", description="auto | cpu | cuda | cuda:N")
-    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
-    compile: Literal["auto", "on", "off"] = "auto"
+    amp: Precision = "auto"
+    fast: Switch = Field(
+        "auto", description="torch.compile, fused AdamW, data resident on the device; auto: on with CUDA"
+    )
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     seed: int = Field(0, ge=0)
     save_every: int = Field(5, ge=1, description="checkpoint every N epochs (and at the end)")
     auto_resume: bool = Field(True, description="continue a matching interrupted run")
@@ -151,7 +172,7 @@ class FinetuneConfig(_Section):
     linprobe_lr: float = Field(1e-2, gt=0.0)
     eval_every: int = Field(5, ge=1, description="validate every N epochs (and at the end)")
     device: DeviceName = "auto"
-    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    amp: Precision = "auto"
     seed: int = Field(0, ge=0)
     save_every: int = Field(10, ge=1)
     auto_resume: bool = True

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +75,15 @@ class _BatchReader(Dataset):
         return torch.from_numpy(np.ascontiguousarray(self.images[rows])), torch.from_numpy(self.labels[rows])
 
 
+def _batch_sampler(
+    n: int, batch_size: int, shuffle: bool, seed: int, drop_last: bool, rank: int, world_size: int
+) -> BatchSampler:
+    sampler = DistributedSampler(
+        range(n), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
+    )
+    return BatchSampler(sampler, batch_size, drop_last=drop_last)
+
+
 def batch_loader(
     data: PreparedData,
     ids: np.ndarray,
@@ -85,15 +96,12 @@ def batch_loader(
     world_size: int = 1,
     num_workers: int = 0,
 ) -> DataLoader:
-    """uint8 image batches (and labels) over ``ids``; sharded across ranks like
+    """uint8 image batches (and labels) over ``ids``, read from the memmap on the
+    host (pinned when CUDA is present); sharded across ranks like
     DistributedSampler. Call ``set_epoch(loader, e)`` before each epoch."""
-    reader = _BatchReader(data.images, data.labels, ids)
-    sampler = DistributedSampler(
-        reader, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
-    )
     return DataLoader(
-        reader,
-        sampler=BatchSampler(sampler, batch_size, drop_last=drop_last),
+        _BatchReader(data.images, data.labels, ids),
+        sampler=_batch_sampler(len(ids), batch_size, shuffle, seed, drop_last, rank, world_size),
         batch_size=None,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
@@ -101,17 +109,59 @@ def batch_loader(
     )
 
 
-def set_epoch(loader: DataLoader, epoch: int) -> None:
-    """Reshuffle a ``batch_loader`` for ``epoch`` (same order on every rank)."""
+class DeviceBatches:
+    """The same batches as ``batch_loader`` (same sampler, same order), served
+    from a copy of the uint8 images resident on ``device``: a step costs one
+    on-device gather, and the host does no work per batch (one index copy per
+    epoch). For data sets that fit in accelerator memory."""
+
+    def __init__(
+        self, data: PreparedData, ids: np.ndarray, batch_size: int, device: torch.device, *, shuffle: bool,
+        seed: int = 0, drop_last: bool = False, rank: int = 0, world_size: int = 1,
+    ) -> None:  # fmt: skip
+        self.sampler = _batch_sampler(len(ids), batch_size, shuffle, seed, drop_last, rank, world_size)
+        self.rows = np.asarray(ids)
+        self.images = torch.from_numpy(np.ascontiguousarray(data.images[self.rows])).to(device)
+        self.labels = torch.from_numpy(data.labels[self.rows]).to(device)
+        self.device = device
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        # each batch in ascending row order, as _BatchReader reads it
+        batches = [b[np.argsort(self.rows[b], kind="stable")] for b in map(np.asarray, self.sampler)]
+        if not batches:
+            return
+        order = torch.from_numpy(np.concatenate(batches)).to(self.device)
+        start = 0
+        for b in batches:
+            idx = order[start : start + len(b)]
+            start += len(b)
+            yield self.images.index_select(0, idx), self.labels.index_select(0, idx)
+
+    @staticmethod
+    def fits(data: PreparedData, ids: np.ndarray, device: torch.device, share: float = 0.25) -> bool:
+        """Whether the images of ``ids`` take at most ``share`` of the device's free memory."""
+        if device.type != "cuda":
+            return True
+        need = len(ids) * int(np.prod(data.images.shape[1:]))
+        return need <= share * torch.cuda.mem_get_info(device)[0]
+
+
+def set_epoch(loader: DataLoader | DeviceBatches, epoch: int) -> None:
+    """Reshuffle a ``batch_loader`` or ``DeviceBatches`` for ``epoch`` (same order on every rank)."""
     loader.sampler.sampler.set_epoch(epoch)
 
 
-def normalize(x: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
-    """uint8 or [0, 1] float (N, C, H, W) -> standardised float."""
+def normalize(x: torch.Tensor, mean: list[float] | torch.Tensor, std: list[float] | torch.Tensor) -> torch.Tensor:
+    """uint8 or [0, 1] float (N, C, H, W) -> standardised float. Pass ``mean`` and
+    ``std`` as tensors on x's device in a training loop: building them from
+    lists is a host-to-device copy, which waits for the device."""
     if x.dtype == torch.uint8:
         x = x.float() / 255.0
-    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    m = torch.as_tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
     return (x - m) / s
 
 
@@ -138,7 +188,7 @@ def random_resized_crop(
         return torch.rand(*shape, device=dev, generator=generator)
 
     area = scale[0] + (scale[1] - scale[0]) * rand(n, tries)
-    log_r = torch.log(torch.tensor(ratio, device=dev))
+    log_r = (math.log(ratio[0]), math.log(ratio[1]))  # host floats: no device copy, no sync
     aspect = torch.exp(log_r[0] + (log_r[1] - log_r[0]) * rand(n, tries))
     # crop sides as fractions of the image sides
     cw = torch.sqrt(area * aspect * h_in / w_in)

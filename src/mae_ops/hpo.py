@@ -19,7 +19,9 @@ import logging
 import multiprocessing as mp
 import os
 import socket
+import time
 import warnings
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -43,19 +45,38 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 TRIAL_ERRORS = (FloatingPointError, RuntimeError, ValueError)
 
 
-def storage(hc: HpoConfig) -> RDBStorage:
+def storage(hc: HpoConfig, attempts: int = 5) -> RDBStorage:
+    """The study's RDB storage. Passwords need not sit in params.yaml: PostgreSQL
+    URLs without one use PGPASSWORD or ~/.pgpass, as every libpq client does."""
     url = hc.storage
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}}  # workers wait for the file lock
     else:
         engine_kwargs = {"pool_pre_ping": True}
-    with warnings.catch_warnings():  # the heartbeat API is marked experimental
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return RDBStorage(
-            url, engine_kwargs=engine_kwargs, heartbeat_interval=10, grace_period=30,
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
-        )  # fmt: skip
+    from sqlalchemy.exc import SQLAlchemyError
+
+    for attempt in range(1, attempts + 1):
+        try:
+            with warnings.catch_warnings():  # the heartbeat API is marked experimental
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return RDBStorage(
+                    url, engine_kwargs=engine_kwargs, heartbeat_interval=10, grace_period=30,
+                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
+                )  # fmt: skip
+        except SQLAlchemyError as exc:
+            # workers starting together on an empty database race to create its tables
+            if attempt == attempts:
+                raise RuntimeError(f"cannot open the Optuna storage {_redact(url)}: {exc}") from exc
+            log.info("storage not ready (%s), retrying", type(exc).__name__)
+            time.sleep(attempt)
+    raise AssertionError("unreachable")
+
+
+def _redact(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
 
 
 def pruner(hc: HpoConfig) -> optuna.pruners.BasePruner:
@@ -76,14 +97,14 @@ def study_name(cfg: Config, data_hash: str) -> str:
     return f"{cfg.hpo.study_name}-{key}"
 
 
-def create_study(cfg: Config, data_hash: str) -> optuna.Study:
-    """Create (or load) the study. Done once before workers start: concurrent
-    first use of an SQLite file can break its schema creation."""
+def create_study(cfg: Config, data_hash: str, worker: int = 0) -> optuna.Study:
+    """Create (or load) the study. Each worker seeds its sampler differently, or
+    workers would propose the same random start-up trials."""
     hc = cfg.hpo
+    sampler = optuna.samplers.TPESampler(seed=hc.seed + worker, n_startup_trials=max(2, hc.startup_trials))
     return optuna.create_study(
         storage=storage(hc), study_name=study_name(cfg, data_hash), direction="maximize", load_if_exists=True,
-        sampler=optuna.samplers.TPESampler(seed=hc.seed, n_startup_trials=max(2, hc.startup_trials)),
-        pruner=pruner(hc),
+        sampler=sampler, pruner=pruner(hc),
     )  # fmt: skip
 
 
@@ -124,13 +145,19 @@ def objective_for(cfg: Config, data: PreparedData, rt: runtime.Runtime):
     return objective
 
 
-def optimize(cfg: Config, data: PreparedData, rt: runtime.Runtime, study: optuna.Study) -> None:
-    """Run trials until the study holds ``hpo.n_trials`` finished ones (across all workers)."""
+def optimize(cfg: Config, data: PreparedData, rt: runtime.Runtime, study: optuna.Study) -> list[int]:
+    """Run trials until the study holds ``hpo.n_trials`` finished ones (across all
+    workers); returns the numbers of the trials this process ran."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    mine: list[int] = []
+    if len(study.get_trials(deepcopy=False, states=FINISHED)) >= cfg.hpo.n_trials:
+        return mine  # full already (MaxTrialsCallback only stops after one more trial)
     study.optimize(
         objective_for(cfg, data, rt), n_trials=None, timeout=cfg.hpo.timeout_s, catch=TRIAL_ERRORS,
-        callbacks=[MaxTrialsCallback(cfg.hpo.n_trials, states=FINISHED), _log_trial],
+        callbacks=[MaxTrialsCallback(cfg.hpo.n_trials, states=FINISHED), _log_trial,
+                   lambda _study, trial: mine.append(trial.number)],
     )  # fmt: skip
+    return mine
 
 
 def _log_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -140,14 +167,31 @@ def _log_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
              {k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in trial.params.items()}, done)  # fmt: skip
 
 
-def _worker(cfg_json: dict, rank: int) -> None:
-    """A local worker process: same study, its own trials."""
+def work(cfg: Config, worker: int | None = None) -> list[int]:
+    """One worker of a study, on this machine: join the study the params name
+    (created if missing) and run trials until it holds ``hpo.n_trials`` finished
+    ones. Every machine needs the same data/prepared (the study name carries its
+    hash) and, for ``finetune.init: pretrain``, the same models/pretrain.
+    Returns the numbers of the trials this worker ran."""
+    if worker is None:  # distinct sampler seeds on distinct machines and processes
+        worker = zlib.crc32(f"{socket.gethostname()}:{os.getpid()}".encode()) % 100_000
+    rt = runtime.setup(cfg.finetune.device, cfg.finetune.amp)
+    try:
+        data = PreparedData(cfg.data.out_dir, hide_test=True)
+        study = create_study(cfg, data.manifest["content_hash"], worker)
+        log.info("worker %s joins study %r (%d finished trials) in %s", worker, study.study_name,
+                 len(study.get_trials(deepcopy=False, states=FINISHED)), _redact(cfg.hpo.storage))  # fmt: skip
+        return optimize(cfg, data, rt, study)
+    finally:
+        runtime.teardown()
+
+
+def _local_worker(cfg_json: dict, rank: int) -> None:
+    """A local worker process (``hpo.workers``): its share of the CPU threads."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker{rank} %(message)s", datefmt="%H:%M:%S")
     cfg = validate(cfg_json)
     torch.set_num_threads(max(1, torch.get_num_threads() // cfg.hpo.workers))
-    rt = runtime.setup(cfg.finetune.device, cfg.finetune.amp)
-    data = PreparedData(cfg.data.out_dir, hide_test=True)
-    optimize(cfg, data, rt, create_study(cfg, data.manifest["content_hash"]))
+    work(cfg, worker=rank)
 
 
 def run_study(cfg: Config, data: PreparedData, rt: runtime.Runtime) -> optuna.Study:
@@ -157,7 +201,8 @@ def run_study(cfg: Config, data: PreparedData, rt: runtime.Runtime) -> optuna.St
         log.info("study %r resumes with %d finished trials", study.study_name, before)
     if cfg.hpo.workers > 1:
         ctx = mp.get_context("spawn")
-        procs = [ctx.Process(target=_worker, args=(cfg.model_dump(mode="json"), r)) for r in range(cfg.hpo.workers)]
+        cfg_json = cfg.model_dump(mode="json")
+        procs = [ctx.Process(target=_local_worker, args=(cfg_json, r)) for r in range(cfg.hpo.workers)]
         for p in procs:
             p.start()
         for p in procs:

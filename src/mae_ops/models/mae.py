@@ -169,12 +169,12 @@ class MaskedAutoencoderViT(nn.Module):
         if noise is None:
             noise = torch.rand(n, num_tokens, device=x.device)
         ids_shuffle = torch.argsort(noise, dim=1)  # ascending: small noise is kept
-        ids_restore = torch.argsort(ids_shuffle, dim=1)
+        # the inverse permutation by one scatter (cheaper than a second sort, same result)
+        ranks = torch.arange(num_tokens, device=x.device).expand(n, -1)
+        ids_restore = torch.empty_like(ids_shuffle).scatter_(1, ids_shuffle, ranks)
         ids_keep = ids_shuffle[:, :len_keep]
         x_kept = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, dim))
-        mask = torch.ones(n, num_tokens, device=x.device, dtype=x.dtype)
-        mask[:, :len_keep] = 0
-        mask = torch.gather(mask, 1, ids_restore)
+        mask = (ids_restore >= len_keep).to(x.dtype)  # a token is removed iff its rank is past len_keep
         return x_kept, mask, ids_restore
 
     # ------------------------------------------------------------- forward

@@ -5,6 +5,12 @@ tokens, lr = base_lr * effective batch / 256, per-step cosine schedule after a
 linear warm-up, RandomResizedCrop + flip (on the training device), bf16
 autocast on CUDA. Runs under torchrun as DDP; rank 0 writes.
 
+The fast path (``pretrain.fast``, on by default with CUDA) changes speed, not
+math: the uint8 images live on the device and are cropped, flipped and
+normalised there; the model and its loss are compiled (``torch.compile``);
+AdamW is fused; the step never waits for the device (losses are summed on the
+device and read once per epoch). Attention is PyTorch SDPA (flash) either way.
+
 Outputs:
   models/pretrain/mae.pth        {'model', 'epoch', 'args'}: the whole MAE
   models/pretrain/encoder.pth    {'model'}: encoder only, loads strictly into timm's ViT
@@ -30,8 +36,8 @@ from tqdm.auto import tqdm
 
 from mae_ops import runtime
 from mae_ops.atomic import save_with, write_json
-from mae_ops.config import Config, InputError, semantic_params
-from mae_ops.data import PreparedData, batch_loader, normalize, random_resized_crop, set_epoch
+from mae_ops.config import Config, InputError, PretrainConfig, semantic_params
+from mae_ops.data import DeviceBatches, PreparedData, batch_loader, normalize, random_resized_crop, set_epoch
 from mae_ops.models.checkpoint import encoder_state_dict
 from mae_ops.models.mae import MaskedAutoencoderViT, create_mae
 from mae_ops.plots import learning_curve, reconstruction_grid
@@ -52,6 +58,27 @@ def run_fingerprint(cfg: Config, data_hash: str) -> str:
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, fused: bool) -> torch.optim.AdamW:
     groups = param_groups_weight_decay(model, weight_decay, no_weight_decay_list=NO_WEIGHT_DECAY)
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=fused or None)
+
+
+def use_fast_path(p: PretrainConfig, device: torch.device) -> bool:
+    return p.fast == "on" or (p.fast == "auto" and device.type == "cuda")
+
+
+def compile_model(model: torch.nn.Module, mode: str) -> torch.nn.Module:
+    """torch.compile of the whole forward, loss included (the MAE returns it)."""
+    return torch.compile(model, mode=None if mode == "default" else mode)
+
+
+def augment(
+    imgs: torch.Tensor, p: PretrainConfig, img_size: int, mean: torch.Tensor, std: torch.Tensor,
+    num_patches: int, generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """uint8 batch on the device -> (normalised crops, masking noise), all on the device."""
+    x = imgs.float().div_(255.0)
+    x = random_resized_crop(x, img_size, p.crop_scale, hflip=p.hflip, generator=generator)
+    x = normalize(x, mean, std)
+    noise = torch.rand(x.shape[0], num_patches, device=x.device, generator=generator)
+    return x, noise
 
 
 def _epoch_generator(seed: int, epoch: int, rank: int, device: torch.device) -> torch.Generator:
@@ -122,13 +149,15 @@ def _train(cfg: Config, rt: runtime.Runtime, resume: bool) -> dict:
     eff_batch = p.batch_size * p.accum_iter * rt.world_size
     lr = p.base_lr * eff_batch / 256
     drop_last = len(ids) >= p.batch_size * rt.world_size
-    loader = batch_loader(
-        data, ids, p.batch_size, shuffle=True, seed=p.seed, drop_last=drop_last,
-        rank=rt.rank, world_size=rt.world_size, num_workers=p.num_workers,
-    )  # fmt: skip
+    fast = use_fast_path(p, rt.device)
+    shard = {"shuffle": True, "seed": p.seed, "drop_last": drop_last, "rank": rt.rank, "world_size": rt.world_size}
+    if fast and DeviceBatches.fits(data, ids, rt.device):
+        loader = DeviceBatches(data, ids, p.batch_size, rt.device, **shard)
+    else:
+        loader = batch_loader(data, ids, p.batch_size, num_workers=p.num_workers, **shard)
     batches = len(loader)
     updates_per_epoch = -(-batches // p.accum_iter)
-    optimizer = build_optimizer(model, lr, p.weight_decay, fused=rt.device.type == "cuda")
+    optimizer = build_optimizer(model, lr, p.weight_decay, fused=fast)
     scheduler = cosine_schedule(optimizer, p.epochs, updates_per_epoch, p.warmup_epochs, p.min_lr)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
 
@@ -148,15 +177,15 @@ def _train(cfg: Config, rt: runtime.Runtime, resume: bool) -> dict:
     train_model: torch.nn.Module = model
     if rt.distributed:
         train_model = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-    use_compile = p.compile == "on" or (p.compile == "auto" and rt.device.type == "cuda")
-    if use_compile:
-        train_model = torch.compile(train_model)
+    if fast:
+        train_model = compile_model(train_model, p.compile_mode)
 
     if rt.is_main:
         n_params = sum(t.numel() for t in model.parameters() if t.requires_grad)
         log.info(
-            "pre-training %s (%.2fM params) on %d images, %d epochs, effective batch %d, lr %.2e",
-            cfg.model.preset, n_params / 1e6, len(ids), p.epochs, eff_batch, lr,
+            "pre-training %s (%.2fM params) on %d images, %d epochs, effective batch %d, lr %.2e; fast path %s%s",
+            cfg.model.preset, n_params / 1e6, len(ids), p.epochs, eff_batch, lr, "on" if fast else "off",
+            " (data on the device)" if isinstance(loader, DeviceBatches) else "",
         )  # fmt: skip
 
     def checkpoint(epoch: int) -> None:
@@ -169,6 +198,8 @@ def _train(cfg: Config, rt: runtime.Runtime, resume: bool) -> dict:
         }
         checkpointer.save(state)
 
+    mean, std = (torch.tensor(v, device=rt.device) for v in (data.mean, data.std))  # made once: no copy per step
+    num_patches = model.patch_embed.num_patches
     model.train()
     t_start = time.perf_counter()
     epochs_bar = tqdm(range(start_epoch, p.epochs), desc="pretrain", unit="epoch", disable=not rt.is_main)
@@ -178,10 +209,8 @@ def _train(cfg: Config, rt: runtime.Runtime, resume: bool) -> dict:
         loss_sum = torch.zeros((), device=rt.device)
         seen, t0 = 0, time.perf_counter()
         for step, (imgs, _) in enumerate(loader):
-            imgs = imgs.to(rt.device, non_blocking=True).float().div_(255.0)
-            x = random_resized_crop(imgs, data.img_size, p.crop_scale, hflip=p.hflip, generator=gen)
-            x = normalize(x, data.mean, data.std)
-            noise = torch.rand(x.shape[0], model.patch_embed.num_patches, device=rt.device, generator=gen)
+            imgs = imgs.to(rt.device, non_blocking=True)
+            x, noise = augment(imgs, p, data.img_size, mean, std, num_patches, gen)
             update = (step + 1) % p.accum_iter == 0 or step + 1 == batches
             sync = update or not rt.distributed
             with rt.autocast(), train_model.no_sync() if not sync else contextlib.nullcontext():

@@ -99,8 +99,10 @@ def test_missing_prepared_data_is_a_clear_error(tmp_path: Path) -> None:
         pretrain.run(tiny_config(tmp_path))
 
 
-def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path: Path, prepared_mnist: Path) -> None:
-    """torchrun + gloo: 2 ranks x batch 64 follow the loss curve of 1 process x batch 128."""
+def test_ddp_on_two_cpu_processes_matches_one_process_and_resumes(tmp_path: Path, prepared_mnist: Path) -> None:
+    """torchrun + gloo: 2 ranks x batch 64, killed after its first checkpoint and
+    run again, follow the loss curve of 1 process x batch 128."""
+    import os
     import shutil
 
     curves = {}
@@ -109,14 +111,30 @@ def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path: Path, prepared_m
         root = tmp_path / name
         shutil.copytree(prepared_mnist, root / "data" / "prepared")
         cmd = [*launcher, "pretrain", "--params", str(REPO / "params.yaml")]
-        for item in [*tiny_overrides(root), "pretrain.epochs=3", f"pretrain.batch_size={batch}"]:
+        for item in [
+            *tiny_overrides(root),
+            "pretrain.epochs=4",
+            "pretrain.save_every=1",
+            f"pretrain.batch_size={batch}",
+        ]:
             cmd += ["--set", item]
+        if name == "two":  # kill the whole torchrun group once rank 0 has written a checkpoint
+            first = subprocess.Popen(cmd, env=subprocess_env(), start_new_session=True,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+            last, deadline = root / "checkpoints/pretrain/last.pth", time.time() + 300
+            while not last.exists() and first.poll() is None and time.time() < deadline:
+                time.sleep(0.02)
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait()
+            assert first.returncode == -signal.SIGKILL, "the DDP run finished before it could be killed"
         proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-2000:]
         with open(root / "reports/pretrain/history.csv") as fh:
             curves[name] = [float(r["loss"]) for r in csv.DictReader(fh)]
-        assert json.loads((root / "reports/pretrain/metrics.json").read_text())["effective_batch"] == 128
-    assert len(curves["one"]) == len(curves["two"]) == 3
+        metrics = json.loads((root / "reports/pretrain/metrics.json").read_text())
+        assert metrics["effective_batch"] == 128
+        assert (metrics["resumed_from_epoch"] >= 1) == (name == "two")
+    assert len(curves["one"]) == len(curves["two"]) == 4
     for a, b in zip(curves["one"], curves["two"], strict=True):
         assert abs(a - b) / a < 0.03, curves  # same math, same effective batch; only the sample order differs
     assert curves["two"][-1] < 0.75 * curves["two"][0]

@@ -87,3 +87,12 @@ def all_reduce_mean(value: torch.Tensor, rt: Runtime) -> torch.Tensor:
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
         value /= rt.world_size
     return value
+
+
+def agree(value: int, rt: Runtime) -> bool:
+    """Whether every rank holds the same integer (always true in one process)."""
+    if not rt.distributed:
+        return True
+    t = torch.tensor([value, -value], device=rt.device if rt.device.type == "cuda" else None)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)  # max of v and of -v: equal iff min == max
+    return int(t[0]) == -int(t[1])

@@ -42,7 +42,7 @@ from mae_ops.models.checkpoint import encoder_state_dict
 from mae_ops.models.mae import MaskedAutoencoderViT, create_mae
 from mae_ops.plots import learning_curve, reconstruction_grid
 from mae_ops.reporting import write_history
-from mae_ops.training import Checkpointer, cosine_schedule, fingerprint
+from mae_ops.training import Checkpointer, ResumeError, cosine_schedule, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +173,11 @@ def _train(cfg: Config, rt: runtime.Runtime, resume: bool) -> dict:
         history = list(ckpt["args"].get("history", []))
         if rt.is_main:
             log.info("resumed from %s at epoch %d/%d", checkpointer.path, start_epoch, p.epochs)
+    if not runtime.agree(start_epoch, rt):
+        raise ResumeError(
+            f"the ranks found different checkpoints in {checkpointer.path.parent}: with several nodes, "
+            "pretrain.checkpoint_dir must be on a disk every node sees"
+        )
 
     train_model: torch.nn.Module = model
     if rt.distributed:

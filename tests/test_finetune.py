@@ -240,3 +240,11 @@ def test_resume_refuses_a_checkpoint_of_other_params(run_root: Path) -> None:
     finetune.run(ft_config(run_root, "finetune.save_every=1"))
     with pytest.raises(ResumeError, match="different run"):
         finetune.run(ft_config(run_root, "finetune.save_every=1", "finetune.drop_path=0.2"), resume=True)
+
+
+def test_hpo_worker_refuses_a_disabled_search(tmp_path: Path) -> None:
+    proc = subprocess.run([str(BIN / "mae-ops"), "hpo-worker", "--params", str(REPO / "params.yaml"),
+                           "--set", "hpo.enabled=false"], cwd=tmp_path, env=subprocess_env(),
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 2 and "hpo.enabled: true" in proc.stderr
+    assert not (tmp_path / "optuna").exists()

@@ -25,8 +25,7 @@ from optuna.trial import TrialState
 from mae_ops import hpo
 from mae_ops.data import PreparedData
 from mae_ops.stages import finetune
-
-from .conftest import ft_config, subprocess_env
+from tests.conftest import ft_config, subprocess_env
 
 
 @pytest.fixture(scope="module")

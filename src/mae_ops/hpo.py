@@ -33,7 +33,7 @@ from optuna.trial import TrialState
 
 from mae_ops import runtime
 from mae_ops.atomic import write_json, write_text
-from mae_ops.config import Config, FinetuneConfig, HpoConfig, SearchDim, semantic_params, validate
+from mae_ops.config import Config, FinetuneConfig, HpoConfig, InputError, SearchDim, semantic_params, validate
 from mae_ops.data import PreparedData
 from mae_ops.plots import save_figure
 from mae_ops.training import fingerprint
@@ -173,6 +173,8 @@ def work(cfg: Config, worker: int | None = None) -> list[int]:
     ones. Every machine needs the same data/prepared (the study name carries its
     hash) and, for ``finetune.init: pretrain``, the same models/pretrain.
     Returns the numbers of the trials this worker ran."""
+    if not cfg.hpo.enabled or cfg.finetune.mode != "finetune":
+        raise InputError("nothing to search: the study runs with hpo.enabled: true and finetune.mode: finetune")
     if worker is None:  # distinct sampler seeds on distinct machines and processes
         worker = zlib.crc32(f"{socket.gethostname()}:{os.getpid()}".encode()) % 100_000
     rt = runtime.setup(cfg.finetune.device, cfg.finetune.amp)

@@ -70,6 +70,7 @@ def setup(device: str = "auto", amp: str = "auto") -> Runtime:
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv once
     rt = Runtime(dev, resolve_amp(amp, dev), rank, local_rank, world_size)
     if rt.is_main:
         log.info("device %s, precision %s, world size %d", dev, rt.amp_dtype or "fp32", world_size)

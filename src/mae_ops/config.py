@@ -141,7 +141,17 @@ class PretrainConfig(_Section):
     seed: int = Field(0, ge=0)
     save_every: int = Field(5, ge=1, description="checkpoint every N epochs (and at the end)")
     auto_resume: bool = Field(True, description="continue a matching interrupted run")
-    num_workers: int = Field(0, ge=0)
+    num_workers: int | Literal["auto"] = Field(
+        "auto", description="host loader processes when the data is not on the device; auto: 0 on CPU, up to 8 on CUDA"
+    )
+
+    @field_validator("num_workers")
+    @classmethod
+    def _non_negative(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 0:
+            raise ValueError("must be 'auto' or an integer >= 0")
+        return v
+
     out_dir: str = "models/pretrain"
     checkpoint_dir: str = "checkpoints/pretrain"
     reports_dir: str = "reports/pretrain"

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -79,6 +80,17 @@ def augment(
     x = normalize(x, mean, std)
     noise = torch.rand(x.shape[0], num_patches, device=x.device, generator=generator)
     return x, noise
+
+
+def _loader_workers(p: PretrainConfig, rt: runtime.Runtime) -> int:
+    """'auto': the main process reads on a CPU run (workers would compete for its
+    cores); on CUDA, processes that read and pin the next batches while the GPU works."""
+    if p.num_workers != "auto":
+        return int(p.num_workers)
+    if rt.device.type != "cuda":
+        return 0
+    per_rank = (os.cpu_count() or 1) // max(1, torch.cuda.device_count() if rt.distributed else 1)
+    return max(1, min(8, per_rank - 1))
 
 
 def _epoch_generator(seed: int, epoch: int, rank: int, device: torch.device) -> torch.Generator:
@@ -154,7 +166,7 @@ def _train(cfg: Config, rt: runtime.Runtime, resume: bool) -> dict:
     if fast and DeviceBatches.fits(data, ids, rt.device):
         loader = DeviceBatches(data, ids, p.batch_size, rt.device, **shard)
     else:
-        loader = batch_loader(data, ids, p.batch_size, num_workers=p.num_workers, **shard)
+        loader = batch_loader(data, ids, p.batch_size, num_workers=_loader_workers(p, rt), **shard)
     batches = len(loader)
     updates_per_epoch = -(-batches // p.accum_iter)
     optimizer = build_optimizer(model, lr, p.weight_decay, fused=fast)

@@ -219,7 +219,10 @@ def _train(cfg: Config, rt: runtime.Runtime, resume: bool) -> dict:
     num_patches = model.patch_embed.num_patches
     model.train()
     t_start = time.perf_counter()
-    epochs_bar = tqdm(range(start_epoch, p.epochs), desc="pretrain", unit="epoch", disable=not rt.is_main)
+    # only rank 0 shows a bar; on rank 0 pass no `disable`, which would override TQDM_DISABLE
+    epochs_bar = tqdm(
+        range(start_epoch, p.epochs), desc="pretrain", unit="epoch", **({} if rt.is_main else {"disable": True})
+    )
     for epoch in epochs_bar:
         set_epoch(loader, epoch)
         gen = _epoch_generator(p.seed, epoch, rt.rank, rt.device)

@@ -193,7 +193,10 @@ def _train(cfg: Config, rt: runtime.Runtime, resume: bool) -> dict:
 
     train_model: torch.nn.Module = model
     if rt.distributed:
-        train_model = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+        # gradients live in the all-reduce buckets: no copy in and out of them per step
+        train_model = DistributedDataParallel(
+            model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None, gradient_as_bucket_view=True
+        )
     if fast:
         train_model = compile_model(train_model, p.compile_mode)
 

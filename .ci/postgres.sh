@@ -1,8 +1,18 @@
 #!/usr/bin/env bash
 # Debian's PostgreSQL on 127.0.0.1 for the distributed-HPO test: install it if
 # missing, start the packaged cluster, create a role and a database, and print
-# the SQLAlchemy URL. Needs root (or sudo); CI machines are fresh Debian boxes.
+# the SQLAlchemy URL. As root (or with sudo) it uses Debian's packaged cluster;
+# otherwise it runs a private throwaway cluster as the current user.
 set -euo pipefail
+if [ "$(id -u)" != 0 ] && ! { command -v sudo >/dev/null && sudo -n true 2>/dev/null; }; then
+  bindir=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
+  dir=$(mktemp -d) port=55432
+  "$bindir/initdb" -D "$dir/data" -A trust -U mae_ops >&2
+  "$bindir/pg_ctl" -w -D "$dir/data" -l "$dir/log" -o "-c listen_addresses=127.0.0.1 -p $port -k $dir" start >&2
+  "$bindir/createdb" -h 127.0.0.1 -p "$port" -U mae_ops mae_ops_test >&2
+  echo "postgresql+psycopg://mae_ops@127.0.0.1:$port/mae_ops_test"
+  exit 0
+fi
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 as_postgres() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else sudo -u postgres "$@"; fi; }
 

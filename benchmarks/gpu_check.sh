@@ -4,7 +4,8 @@
 #      the two loss curves must agree to bf16 rounding;
 #   2. the throughput benchmark, ViT-B/16 and ViT-L/16 at batch 256, 224 px,
 #      reference / plain / fast, one JSON;
-#   3. if time is left, the fast path with compile_mode max-autotune.
+#   3. a profile of the fast ViT-B step;
+#   4. if time is left, the fast path with compile_mode max-autotune.
 # Results land in $OUT (or reports/benchmarks when run by hand).
 set -uo pipefail
 OUT=${OUT:-reports/benchmarks}
@@ -42,7 +43,10 @@ PY
 python3 benchmarks/pretrain_throughput.py --preset mae_vit_base_patch16 --preset mae_vit_large_patch16 \
     --batch-size 256 --steps 30 --peak-tflops 790 --out "$OUT/pretrain_throughput-cuda.json" | grep '^{"preset"'
 
-# 3. optional: matmul autotuning (slow to compile), fast mode only
+# 3. where the fast ViT-B step spends its time (top operators, table + JSON)
+python3 benchmarks/profile_step.py --preset mae_vit_base_patch16 --mode fast --out "$OUT" 2>&1 | head -30
+
+# 4. optional: matmul autotuning (slow to compile), fast mode only
 timeout 200 python3 benchmarks/pretrain_throughput.py --preset mae_vit_base_patch16 --preset mae_vit_large_patch16 \
     --modes fast --compile-mode max-autotune --batch-size 256 --steps 30 --peak-tflops 790 \
     --out "$OUT/pretrain_throughput-cuda-max-autotune.json" | grep '^{"preset"'

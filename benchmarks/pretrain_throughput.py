@@ -120,61 +120,86 @@ def flops_per_step(model: MaskedAutoencoderViT, x: torch.Tensor, mask_ratio: flo
     return counter.get_total_flops()
 
 
-def bench_mode(args, preset: str, mode: str, data: PreparedData, device: torch.device) -> dict:
-    spec = MODES[mode]
-    amp = spec["amp"] if device.type == "cuda" else None
-    p = PretrainConfig(batch_size=args.batch_size, mask_ratio=args.mask_ratio, crop_scale=(0.2, 1.0), hflip=True)
-    torch.manual_seed(0)
-    model = create_mae(preset, data.img_size, data.channels, norm_pix_loss=True).to(device)
-    for module in model.modules():
-        if hasattr(module, "fused_attn"):
-            module.fused_attn = spec["sdpa"]
-    optimizer = build_optimizer(model, 1e-4, 0.05, fused=spec["fast"])
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    step_model = compile_model(model, args.compile_mode) if spec["fast"] else model
-    ids = data.indices("train")
-    shard = {"shuffle": True, "seed": 0, "drop_last": True}
-    on_device = spec["fast"] and DeviceBatches.fits(data, ids, device)
-    if on_device:
-        loader = DeviceBatches(data, ids, args.batch_size, device, **shard)
-    else:
-        loader = batch_loader(data, ids, args.batch_size, num_workers=args.num_workers, **shard)
-    batches = _batches(loader, device)
-    mean, std = (torch.tensor(v, device=device) for v in (data.mean, data.std))
-    gen = torch.Generator(device=device).manual_seed(0)
-    num_patches = model.patch_embed.num_patches
-    autocast = torch.autocast(device.type, dtype=amp, enabled=amp is not None)
-    ready = augment(next(batches), p, data.img_size, mean, std, num_patches, gen)
+class StepBench:
+    """One mode's model, optimizer, batches and training step, built from the stage's own pieces."""
 
-    def train_step(x: torch.Tensor, noise: torch.Tensor) -> None:
-        with autocast:
-            loss, _, _ = step_model(x, args.mask_ratio, noise)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        if spec["sync_per_step"]:
+    def __init__(self, data: PreparedData, preset: str, mode: str, batch_size: int, device: torch.device,
+                 compile_mode: str = "default", num_workers: int = 0, mask_ratio: float = 0.75) -> None:  # fmt: skip
+        self.spec, self.device, self.mask_ratio, self.data = MODES[mode], device, mask_ratio, data
+        self.amp = self.spec["amp"] if device.type == "cuda" else None
+        self.p = PretrainConfig(batch_size=batch_size, mask_ratio=mask_ratio, crop_scale=(0.2, 1.0), hflip=True)
+        torch.manual_seed(0)
+        self.model = create_mae(preset, data.img_size, data.channels, norm_pix_loss=True).to(device)
+        for module in self.model.modules():
+            if hasattr(module, "fused_attn"):
+                module.fused_attn = self.spec["sdpa"]
+        self.optimizer = build_optimizer(self.model, 1e-4, 0.05, fused=self.spec["fast"])
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp == torch.float16)
+        self.step_model = compile_model(self.model, compile_mode) if self.spec["fast"] else self.model
+        ids = data.indices("train")
+        shard = {"shuffle": True, "seed": 0, "drop_last": True}
+        self.on_device = self.spec["fast"] and DeviceBatches.fits(data, ids, device)
+        if self.on_device:
+            loader = DeviceBatches(data, ids, batch_size, device, **shard)
+        else:
+            loader = batch_loader(data, ids, batch_size, num_workers=num_workers, **shard)
+        self.batches = _batches(loader, device)
+        self.mean, self.std = (torch.tensor(v, device=device) for v in (data.mean, data.std))
+        self.gen = torch.Generator(device=device).manual_seed(0)
+        self.ready = self.next_input()  # one augmented batch, for the step alone
+
+    @classmethod
+    def create(cls, preset: str, mode: str, batch_size: int, device: str = "auto", compile_mode: str = "default"):
+        """On synthetic images of the preset's usual size (kept alive with the bench)."""
+        paper = preset_config(preset)["patch_size"] >= 14
+        tmp = tempfile.TemporaryDirectory()
+        data = synthetic_prepared(Path(tmp.name), 4 * batch_size, 3 if paper else 1, 224 if paper else 28)
+        bench = cls(data, preset, mode, batch_size, resolve_device(device), compile_mode)
+        bench._tmp = tmp
+        return bench
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None)
+
+    def sync(self) -> None:
+        _sync(self.device)
+
+    def next_input(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next batch, cropped, flipped and normalised on the device, with its masking noise."""
+        num_patches = self.model.patch_embed.num_patches
+        return augment(next(self.batches), self.p, self.data.img_size, self.mean, self.std, num_patches, self.gen)
+
+    def train_step(self, x: torch.Tensor, noise: torch.Tensor) -> None:
+        with self.autocast():
+            loss, _, _ = self.step_model(x, self.mask_ratio, noise)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.spec["sync_per_step"]:
             loss.item()  # the reference logs the loss of every step
 
-    def input_only() -> None:
-        augment(next(batches), p, data.img_size, mean, std, num_patches, gen)
+    def end_to_end(self) -> None:
+        self.train_step(*self.next_input())
 
-    def end_to_end() -> None:
-        train_step(*augment(next(batches), p, data.img_size, mean, std, num_patches, gen))
 
+def bench_mode(args, preset: str, mode: str, data: PreparedData, device: torch.device) -> dict:
+    bench = StepBench(data, preset, mode, args.batch_size, device, args.compile_mode, args.num_workers,
+                      args.mask_ratio)  # fmt: skip
+    amp, spec = bench.amp, bench.spec
     result: dict = {"mode": mode, "precision": str(amp).removeprefix("torch.") if amp else "fp32",
                     "compile": spec["fast"] and args.compile_mode, "fused_adamw": spec["fast"],
-                    "attention": "sdpa" if spec["sdpa"] else "explicit", "data_on_device": on_device}  # fmt: skip
-    flops = flops_per_step(model, ready[0], args.mask_ratio)
+                    "attention": "sdpa" if spec["sdpa"] else "explicit", "data_on_device": bench.on_device}  # fmt: skip
+    flops = flops_per_step(bench.model, bench.ready[0], args.mask_ratio)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    step_s = _time(lambda: train_step(*ready), device, args.steps, args.warmup)
-    input_s = _time(input_only, device, args.steps, 2)
+    step_s = _time(lambda: bench.train_step(*bench.ready), device, args.steps, args.warmup)
+    input_s = _time(bench.next_input, device, args.steps, 2)
     with warnings.catch_warnings(record=True) as caught:
         if device.type == "cuda":  # count the host-device syncs the stage's loop makes
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
-        e2e_s = _time(end_to_end, device, args.steps, 2)
+        e2e_s = _time(bench.end_to_end, device, args.steps, 2)
         if device.type == "cuda":
             torch.cuda.set_sync_debug_mode("default")
     syncs = sum("synchroniz" in str(w.message) for w in caught)
@@ -194,8 +219,8 @@ def bench_mode(args, preset: str, mode: str, data: PreparedData, device: torch.d
 
         def encoder_step(ratio: float) -> Callable[[], None]:
             def fn() -> None:
-                with autocast:
-                    latent, _, _ = model.forward_encoder(ready[0], ratio)
+                with bench.autocast():
+                    latent, _, _ = bench.model.forward_encoder(bench.ready[0], ratio)
                 latent.float().mean().backward()
 
             return fn

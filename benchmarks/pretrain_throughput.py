@@ -43,11 +43,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mae_ops.atomic import write_json
 from mae_ops.config import PretrainConfig
-from mae_ops.data import DeviceBatches, PreparedData, batch_loader
+from mae_ops.data import DeviceBatches, PreparedData, set_epoch
 from mae_ops.models.mae import MaskedAutoencoderViT, create_mae
 from mae_ops.models.presets import preset_config
 from mae_ops.runtime import resolve_device
-from mae_ops.stages.pretrain import augment, build_optimizer, compile_model
+from mae_ops.stages.pretrain import augment, build_optimizer, compile_model, make_loader
 
 MODES = {
     "reference": {"amp": torch.float16, "fast": False, "sdpa": False, "sync_per_step": True},
@@ -92,7 +92,7 @@ def _batches(loader, device: torch.device) -> Iterator[torch.Tensor]:
     """uint8 batches on the device, cycling over epochs."""
     epoch = 0
     while True:
-        loader.sampler.sampler.set_epoch(epoch)
+        set_epoch(loader, epoch)
         for imgs, _ in loader:
             yield imgs.to(device, non_blocking=True)
         epoch += 1
@@ -104,20 +104,11 @@ def _peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB, process max RSS
 
 
-def flops_per_step(model: MaskedAutoencoderViT, x: torch.Tensor, mask_ratio: float) -> int:
-    """Forward + backward FLOPs of one step, counted on the eager model with explicit
-    attention (every matmul visible to the counter), so every mode is charged the same."""
-    attention = [m for m in model.modules() if hasattr(m, "fused_attn")]
-    fused = [m.fused_attn for m in attention]
-    for m in attention:
-        m.fused_attn = False
-    with FlopCounterMode(display=False) as counter:
-        loss, _, _ = model(x, mask_ratio)
-        loss.backward()
-    model.zero_grad(set_to_none=True)
-    for m, f in zip(attention, fused, strict=True):
-        m.fused_attn = f
-    return counter.get_total_flops()
+def set_fused_attention(model: MaskedAutoencoderViT, on: bool) -> None:
+    """SDPA (on) or explicit softmax(q k^T) v (off) in every timm attention block."""
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = on
 
 
 class StepBench:
@@ -130,19 +121,13 @@ class StepBench:
         self.p = PretrainConfig(batch_size=batch_size, mask_ratio=mask_ratio, crop_scale=(0.2, 1.0), hflip=True)
         torch.manual_seed(0)
         self.model = create_mae(preset, data.img_size, data.channels, norm_pix_loss=True).to(device)
-        for module in self.model.modules():
-            if hasattr(module, "fused_attn"):
-                module.fused_attn = self.spec["sdpa"]
+        set_fused_attention(self.model, self.spec["sdpa"])
         self.optimizer = build_optimizer(self.model, 1e-4, 0.05, fused=self.spec["fast"])
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp == torch.float16)
         self.step_model = compile_model(self.model, compile_mode) if self.spec["fast"] else self.model
-        ids = data.indices("train")
-        shard = {"shuffle": True, "seed": 0, "drop_last": True}
-        self.on_device = self.spec["fast"] and DeviceBatches.fits(data, ids, device)
-        if self.on_device:
-            loader = DeviceBatches(data, ids, batch_size, device, **shard)
-        else:
-            loader = batch_loader(data, ids, batch_size, num_workers=num_workers, **shard)
+        loader = make_loader(data, data.indices("train"), batch_size, device, self.spec["fast"], num_workers,
+                             shuffle=True, seed=0, drop_last=True)  # fmt: skip
+        self.on_device = isinstance(loader, DeviceBatches)
         self.batches = _batches(loader, device)
         self.mean, self.std = (torch.tensor(v, device=device) for v in (data.mean, data.std))
         self.gen = torch.Generator(device=device).manual_seed(0)
@@ -157,6 +142,17 @@ class StepBench:
         bench = cls(data, preset, mode, batch_size, resolve_device(device), compile_mode)
         bench._tmp = tmp
         return bench
+
+    def flops_per_step(self) -> int:
+        """Forward + backward FLOPs of one step, counted on the eager model with explicit
+        attention (every matmul visible to the counter), so every mode is charged the same."""
+        set_fused_attention(self.model, False)
+        with FlopCounterMode(display=False) as counter:
+            loss, _, _ = self.model(self.ready[0], self.mask_ratio)
+            loss.backward()
+        self.model.zero_grad(set_to_none=True)
+        set_fused_attention(self.model, self.spec["sdpa"])
+        return counter.get_total_flops()
 
     def autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None)
@@ -190,7 +186,7 @@ def bench_mode(args, preset: str, mode: str, data: PreparedData, device: torch.d
     result: dict = {"mode": mode, "precision": str(amp).removeprefix("torch.") if amp else "fp32",
                     "compile": spec["fast"] and args.compile_mode, "fused_adamw": spec["fast"],
                     "attention": "sdpa" if spec["sdpa"] else "explicit", "data_on_device": bench.on_device}  # fmt: skip
-    flops = flops_per_step(bench.model, bench.ready[0], args.mask_ratio)
+    flops = bench.flops_per_step()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     step_s = _time(lambda: bench.train_step(*bench.ready), device, args.steps, args.warmup)

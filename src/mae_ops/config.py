@@ -145,16 +145,16 @@ class PretrainConfig(_Section):
         "auto", description="host loader processes when the data is not on the device; auto: 0 on CPU, up to 8 on CUDA"
     )
 
+    out_dir: str = "models/pretrain"
+    checkpoint_dir: str = "checkpoints/pretrain"
+    reports_dir: str = "reports/pretrain"
+
     @field_validator("num_workers")
     @classmethod
     def _non_negative(cls, v: int | str) -> int | str:
         if isinstance(v, int) and v < 0:
             raise ValueError("must be 'auto' or an integer >= 0")
         return v
-
-    out_dir: str = "models/pretrain"
-    checkpoint_dir: str = "checkpoints/pretrain"
-    reports_dir: str = "reports/pretrain"
 
 
 class FinetuneConfig(_Section):

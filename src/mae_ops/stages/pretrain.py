@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from timm.optim import param_groups_weight_decay
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from mae_ops import runtime
@@ -80,6 +81,17 @@ def augment(
     x = normalize(x, mean, std)
     noise = torch.rand(x.shape[0], num_patches, device=x.device, generator=generator)
     return x, noise
+
+
+def make_loader(
+    data: PreparedData, ids: np.ndarray, batch_size: int, device: torch.device, fast: bool, num_workers: int,
+    **shard,
+) -> DataLoader | DeviceBatches:  # fmt: skip
+    """The fast path serves batches from the device when the images fit there;
+    otherwise (and on the plain path) they stream from the host memmap."""
+    if fast and DeviceBatches.fits(data, ids, device):
+        return DeviceBatches(data, ids, batch_size, device, **shard)
+    return batch_loader(data, ids, batch_size, num_workers=num_workers, **shard)
 
 
 def _loader_workers(p: PretrainConfig, rt: runtime.Runtime) -> int:
@@ -162,11 +174,8 @@ def _train(cfg: Config, rt: runtime.Runtime, resume: bool) -> dict:
     lr = p.base_lr * eff_batch / 256
     drop_last = len(ids) >= p.batch_size * rt.world_size
     fast = use_fast_path(p, rt.device)
-    shard = {"shuffle": True, "seed": p.seed, "drop_last": drop_last, "rank": rt.rank, "world_size": rt.world_size}
-    if fast and DeviceBatches.fits(data, ids, rt.device):
-        loader = DeviceBatches(data, ids, p.batch_size, rt.device, **shard)
-    else:
-        loader = batch_loader(data, ids, p.batch_size, num_workers=_loader_workers(p, rt), **shard)
+    loader = make_loader(data, ids, p.batch_size, rt.device, fast, _loader_workers(p, rt), shuffle=True, seed=p.seed,
+                         drop_last=drop_last, rank=rt.rank, world_size=rt.world_size)  # fmt: skip
     batches = len(loader)
     updates_per_epoch = -(-batches // p.accum_iter)
     optimizer = build_optimizer(model, lr, p.weight_decay, fused=fast)

@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import json
 import os
 import platform
 import resource
+import subprocess
 import tempfile
 import time
 import warnings
@@ -54,6 +56,29 @@ MODES = {
     "plain": {"amp": torch.bfloat16, "fast": False, "sdpa": True, "sync_per_step": False},
     "fast": {"amp": torch.bfloat16, "fast": True, "sdpa": True, "sync_per_step": False},
 }
+
+
+def code_version() -> dict:
+    """Which code produced the numbers: the git commit where there is one, and always
+    a hash of the package's sources and this script (a copied tree has no .git)."""
+    root = Path(__file__).resolve().parent.parent
+    sources = [*sorted((root / "src" / "mae_ops").rglob("*.py")), Path(__file__).resolve()]
+    digest = hashlib.sha256()
+    for path in sources:
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True, timeout=10).stdout.strip()  # fmt: skip
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "src", "benchmarks"], cwd=root,
+                                    capture_output=True, text=True, check=True, timeout=10).stdout.strip())  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
+    return {"git_commit": commit, "git_dirty": dirty, "sources_sha256": digest.hexdigest()[:16]}
+
+
+def _sig(x: float, digits: int = 4) -> float:
+    """Rounded to significant digits: a micro model on a CPU and ViT-L on a GPU differ by 10^5."""
+    return float(f"{x:.{digits}g}")
 
 
 def _sync(device: torch.device) -> None:
@@ -202,9 +227,9 @@ def bench_mode(args, preset: str, mode: str, data: PreparedData, device: torch.d
     result.update({
         "images_per_s": round(args.batch_size / step_s, 1),
         "step_ms": round(step_s * 1e3, 2),
-        "gflop_per_image": round(flops / args.batch_size / 1e9, 3),
-        "achieved_tflops": round(flops / step_s / 1e12, 3),
-        "mfu": round(flops / step_s / 1e12 / args.peak_tflops, 4) if args.peak_tflops else None,
+        "gflop_per_image": _sig(flops / args.batch_size / 1e9),
+        "achieved_tflops": _sig(flops / step_s / 1e12),
+        "mfu": _sig(flops / step_s / 1e12 / args.peak_tflops) if args.peak_tflops else None,
         "input_images_per_s": round(args.batch_size / input_s, 1),
         "input_over_step": round(step_s / input_s, 2),  # > 1: the input pipeline outruns the step
         "end_to_end_images_per_s": round(args.batch_size / e2e_s, 1),
@@ -288,7 +313,7 @@ def main() -> None:
     else:
         device_name = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     report = {
-        "device": str(device), "device_name": device_name, "torch": torch.__version__,
+        "device": str(device), "device_name": device_name, "torch": torch.__version__, "code": code_version(),
         "batch_size": args.batch_size, "mask_ratio": args.mask_ratio, "compile_mode": args.compile_mode,
         "steps": args.steps, "peak_tflops": args.peak_tflops, "runs": runs,
     }  # fmt: skip

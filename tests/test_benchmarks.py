@@ -1,0 +1,97 @@
+"""The benchmark scripts run end to end and report consistent numbers (CPU, micro
+preset). Device time is scarce: a broken benchmark should fail here, not on a GPU."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from mae_ops.models.mae import create_mae
+from tests.conftest import REPO, subprocess_env
+
+PRESET, BATCH = "mae_vit_micro_patch4", 16
+
+
+def run_script(name: str, *args: str) -> None:
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / name), *args], timeout=600,
+                          capture_output=True, text=True, env=subprocess_env())  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def step_gflop_per_image() -> float:
+    """Forward + backward FLOPs of one micro MAE step, counted here independently."""
+    torch.manual_seed(0)
+    model = create_mae(PRESET, 28, 1, norm_pix_loss=True)
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = False
+    with FlopCounterMode(display=False) as counter:
+        loss, _, _ = model(torch.randn(BATCH, 1, 28, 28), 0.75)
+        loss.backward()
+    return counter.get_total_flops() / BATCH / 1e9
+
+
+@pytest.fixture(scope="module")
+def throughput_report(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("bench") / "throughput.json"
+    run_script("pretrain_throughput.py", "--preset", PRESET, "--batch-size", str(BATCH), "--steps", "2",
+               "--warmup", "1", "--num-workers", "0", "--peak-tflops", "0.5", "--out", str(out))  # fmt: skip
+    return json.loads(out.read_text())
+
+
+def test_throughput_report_has_every_mode_with_its_recipe(throughput_report: dict) -> None:
+    (run,) = throughput_report["runs"]
+    assert run["preset"] == PRESET and throughput_report["batch_size"] == BATCH
+    modes = {r["mode"]: r for r in run["results"]}
+    assert list(modes) == ["reference", "plain", "fast"]
+    assert [modes[m]["attention"] for m in modes] == ["explicit", "sdpa", "sdpa"]
+    assert [modes[m]["fused_adamw"] for m in modes] == [False, False, True]
+    assert modes["fast"]["compile"] == "default" and not modes["plain"]["compile"]
+    assert modes["fast"]["data_on_device"] and not modes["plain"]["data_on_device"]
+    assert all(r["precision"] == "fp32" for r in modes.values())  # a CPU runs every mode in fp32
+    assert all(r["host_syncs_per_step"] is None for r in modes.values())  # counted on CUDA only
+    assert modes["plain"]["encoder_speedup_from_masking"] > 0
+
+
+def test_throughput_numbers_are_consistent(throughput_report: dict) -> None:
+    (run,) = throughput_report["runs"]
+    modes = {r["mode"]: r for r in run["results"]}
+    expected_gflop = step_gflop_per_image()
+    for r in modes.values():
+        # every mode is charged the same FLOPs: those of the eager step with explicit attention
+        assert r["gflop_per_image"] == pytest.approx(expected_gflop, rel=1e-3)
+        assert r["images_per_s"] > 0 and r["input_images_per_s"] > 0 and r["end_to_end_images_per_s"] > 0
+        assert r["achieved_tflops"] == pytest.approx(r["images_per_s"] * r["gflop_per_image"] / 1e3, rel=0.01)
+        assert r["mfu"] == pytest.approx(r["achieved_tflops"] / 0.5, rel=0.01)
+        assert r["step_ms"] == pytest.approx(BATCH / r["images_per_s"] * 1e3, rel=0.01)
+        assert r["input_over_step"] == pytest.approx(r["input_images_per_s"] / r["images_per_s"], rel=0.02)
+        assert r["peak_memory_gib"] > 0
+    speed = {m: r["images_per_s"] for m, r in modes.items()}
+    assert run["speedup_fast_over_reference"] == pytest.approx(speed["fast"] / speed["reference"], abs=2e-3)
+    assert run["speedup_fast_over_plain"] == pytest.approx(speed["fast"] / speed["plain"], abs=2e-3)
+
+
+def test_throughput_report_names_the_code_it_measured(throughput_report: dict) -> None:
+    code = throughput_report["code"]
+    assert len(code["sources_sha256"]) == 16 and int(code["sources_sha256"], 16) >= 0
+    if (REPO / ".git").exists():
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
+        assert code["git_commit"] == head.stdout.strip()
+        assert isinstance(code["git_dirty"], bool)
+
+
+def test_profile_names_the_step_s_operators(tmp_path: Path) -> None:
+    run_script("profile_step.py", "--preset", PRESET, "--mode", "plain", "--batch-size", str(BATCH),
+               "--steps", "2", "--device", "cpu", "--out", str(tmp_path))  # fmt: skip
+    profile = json.loads((tmp_path / f"profile-{PRESET}-plain-cpu.json").read_text())
+    assert (tmp_path / f"profile-{PRESET}-plain-cpu.txt").read_text().strip()
+    ops = [row["op"] for row in profile["top"]]
+    assert any(op in ("aten::mm", "aten::addmm", "aten::bmm") for op in ops), ops  # matmuls dominate a ViT step
+    shares = [row["share"] for row in profile["top"]]
+    assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1.0001

@@ -43,6 +43,16 @@ PY
 python3 benchmarks/pretrain_throughput.py --preset mae_vit_base_patch16 --preset mae_vit_large_patch16 \
     --batch-size 256 --steps 30 --peak-tflops 790 --out "$OUT/pretrain_throughput-cuda.json" | grep '^{"preset"'
 
+python3 - "$OUT/pretrain_throughput-cuda.json" <<'PY'
+import json, sys
+report = json.load(open(sys.argv[1]))
+issue_reference = {"mae_vit_base_patch16": 3340, "mae_vit_large_patch16": 2030}  # official code, H200
+for run in report["runs"]:
+    speed = {r["mode"]: r["images_per_s"] for r in run["results"]}
+    print(f"{run['preset']}: {speed} img/s; fast/reference {run['speedup_fast_over_reference']}x "
+          f"(goal 2x); fast / the issue's H200 figure {speed.get('fast', 0) / issue_reference[run['preset']]:.2f}x")
+PY
+
 # 3. where the fast ViT-B step spends its time (top operators, table + JSON)
 python3 benchmarks/profile_step.py --preset mae_vit_base_patch16 --mode fast --out "$OUT" 2>&1 | head -30
 

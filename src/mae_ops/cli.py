@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, TypeVar
 
@@ -44,12 +45,18 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
-def _config(params: Path, overrides: list[str] | None) -> Config:
+@contextmanager
+def _exit_on(*errors: type[Exception]) -> Iterator[None]:
+    """These errors are the user's to fix: one line on stderr and exit code 2, no traceback."""
     try:
-        return load_params(params, overrides or [])
-    except ParamsError as exc:
+        yield
+    except errors as exc:
         _fail(str(exc))
-        raise  # unreachable, keeps type checkers calm
+
+
+def _config(params: Path, overrides: list[str] | None) -> Config:
+    with _exit_on(ParamsError):
+        return load_params(params, overrides or [])
 
 
 def _run_stage(params: Path, overrides: list[str] | None, stage: Callable[[Config], T]) -> tuple[Config, T]:
@@ -59,11 +66,8 @@ def _run_stage(params: Path, overrides: list[str] | None, stage: Callable[[Confi
 
     cfg = _config(params, overrides)
     _setup_logging()
-    try:
+    with _exit_on(InputError, ResumeError, FileNotFoundError, PermissionError):
         return cfg, stage(cfg)
-    except (InputError, ResumeError, FileNotFoundError, PermissionError) as exc:
-        _fail(str(exc))
-        raise  # unreachable
 
 
 @app.command()
@@ -146,10 +150,8 @@ def export(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None
     """Export the fine-tuned model to ONNX, gated on parity with PyTorch -> models/export/."""
     from mae_ops.stages import export as stage
 
-    try:
+    with _exit_on(stage.ParityError):
         cfg, parity = _run_stage(params, set_, stage.run)
-    except stage.ParityError as exc:
-        _fail(str(exc))
     line = f"parity: max |diff| {parity['max_abs_diff']:.2e}, top-1 agreement {parity['top1_agreement']:.2%}"
     if "int8_top1" in parity:
         line += f"; int8 top-1 {parity['int8_top1']:.2%} (fp32 {parity['onnx_top1']:.2%})"
@@ -167,17 +169,13 @@ def predict(
     threads: Annotated[int | None, typer.Option(min=1)] = None,
 ) -> None:
     """Top-k labels for images with onnxruntime alone (no torch needed). Exit 1 if any image failed."""
-    import json
-
     from mae_ops.serving import expand_paths, open_session, predict_files
 
     if not model.exists():
         _fail(f"model not found: {model}")
-    try:
+    with _exit_on(ValueError):
         session = open_session(model, device, threads)
         records = predict_files(session, expand_paths(list(paths)), top_k)
-    except ValueError as exc:
-        _fail(str(exc))
     if not records:
         _fail("no image files found")
     if as_json:
@@ -232,10 +230,8 @@ def pipeline(
     _config(Path("params.yaml"), set_)  # bad overrides stop here, before any flow starts
     configure_prefect()
     flow = _load_flow("pipeline", "pipeline")
-    try:
+    with _exit_on(StageFailed, ParamsError, RuntimeError, ValueError):
         results = flow(repo=".", stages=stages, overrides=set_, force=force, lock_wait_s=lock_wait)
-    except (StageFailed, ParamsError, RuntimeError, ValueError) as exc:
-        _fail(str(exc))
     ran = [r.stage for r in results if r.ran]
     typer.echo(f"pipeline done: {len(ran)} stage(s) ran ({', '.join(ran) or 'none'}), "
                f"{len(results) - len(ran)} up to date")  # fmt: skip
@@ -298,10 +294,8 @@ def registry_show(
     from mae_ops import registry as reg
 
     root = _registry_dir(params)
-    try:
+    with _exit_on(reg.RegistryError):
         record = reg.production(root) if version == "production" else reg.get_version(root, version)
-    except reg.RegistryError as exc:
-        _fail(str(exc))
     typer.echo(json.dumps(record, indent=2))
 
 
@@ -310,10 +304,8 @@ def registry_promote(version: str, params: ParamsOpt = Path("params.yaml")) -> N
     """Put a version in production by hand."""
     from mae_ops import registry as reg
 
-    try:
+    with _exit_on(reg.RegistryError):
         pointer = reg.promote(_registry_dir(params), version, "promoted by hand")
-    except reg.RegistryError as exc:
-        _fail(str(exc))
     typer.echo(f"production: {pointer['version']} (was {pointer['previous']})")
 
 
@@ -322,10 +314,8 @@ def registry_rollback(params: ParamsOpt = Path("params.yaml")) -> None:
     """Back to the previous production version."""
     from mae_ops import registry as reg
 
-    try:
+    with _exit_on(reg.RegistryError):
         pointer = reg.rollback(_registry_dir(params))
-    except reg.RegistryError as exc:
-        _fail(str(exc))
     typer.echo(f"production: {pointer['version']}")
 
 

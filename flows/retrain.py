@@ -10,7 +10,6 @@ a cron schedule.
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 from pathlib import Path
 
@@ -20,15 +19,12 @@ from prefect.cache_policies import NO_CACHE
 
 from mae_ops import registry
 from mae_ops.config import load_params
-from mae_ops.orchestration import dvc_executable, tool_env
+from mae_ops.orchestration import dvc_executable, load_module_file, tool_env
 from mae_ops.stages.prepare import source_fingerprint
 
 
 def _pipeline_flow():
-    spec = importlib.util.spec_from_file_location("mae_ops_pipeline_flow", Path(__file__).with_name("pipeline.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.pipeline
+    return load_module_file(Path(__file__).with_name("pipeline.py"), "mae_ops_pipeline_flow").pipeline
 
 
 @task(cache_policy=NO_CACHE)

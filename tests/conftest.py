@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from mae_ops.config import Config, load_params
+from mae_ops.orchestration import load_module_file
 from mae_ops.stages import export, finetune, prepare, pretrain
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,13 +55,8 @@ def mnist_root(tmp_path: Path, prepared_mnist: Path) -> Path:
 
 
 def load_flow_module(name: str):
-    """flows/<name>.py of this repository, loaded from its file (flows/ is not a package)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"flows_{name}", REPO / "flows" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """flows/<name>.py of this repository, loaded from its file."""
+    return load_module_file(REPO / "flows" / f"{name}.py", f"flows_{name}")
 
 
 def subprocess_env() -> dict[str, str]:

@@ -13,9 +13,14 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from mae_ops.models.mae import create_mae
+from mae_ops.orchestration import load_module_file
 from tests.conftest import REPO, subprocess_env
 
 PRESET, BATCH = "mae_vit_micro_patch4", 16
+
+
+def bench_module():
+    return load_module_file(REPO / "benchmarks" / "pretrain_throughput.py", "bench_pretrain_throughput")
 
 
 def run_script(name: str, *args: str) -> None:
@@ -28,9 +33,7 @@ def step_gflop_per_image() -> float:
     """Forward + backward FLOPs of one micro MAE step, counted here independently."""
     torch.manual_seed(0)
     model = create_mae(PRESET, 28, 1, norm_pix_loss=True)
-    for module in model.modules():
-        if hasattr(module, "fused_attn"):
-            module.fused_attn = False
+    bench_module().set_fused_attention(model, False)
     with FlopCounterMode(display=False) as counter:
         loss, _, _ = model(torch.randn(BATCH, 1, 28, 28), 0.75)
         loss.backward()

@@ -5,6 +5,7 @@ overrides into params.yaml, and the run summary."""
 from __future__ import annotations
 
 import fcntl
+import importlib.util
 import json
 import os
 import subprocess
@@ -14,6 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import yaml
 
@@ -36,6 +38,16 @@ def configure_prefect() -> None:
     """Set Prefect defaults unless the user set them (call before importing prefect)."""
     for key, value in PREFECT_DEFAULTS.items():
         os.environ.setdefault(key, value)
+
+
+def load_module_file(path: Path, name: str) -> ModuleType:
+    """A module from its file: flows/ (and benchmarks/) are folders of scripts, not packages."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path} as a module")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 class StageFailed(RuntimeError):

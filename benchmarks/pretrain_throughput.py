@@ -48,7 +48,8 @@ from mae_ops.config import PretrainConfig
 from mae_ops.data import DeviceBatches, PreparedData, set_epoch
 from mae_ops.models.mae import MaskedAutoencoderViT, create_mae
 from mae_ops.models.presets import preset_config
-from mae_ops.runtime import resolve_device
+from mae_ops.reporting import git_revision
+from mae_ops.runtime import resolve_device, use_fast_cuda_kernels
 from mae_ops.stages.pretrain import augment, build_optimizer, compile_model, make_loader
 
 MODES = {
@@ -66,13 +67,11 @@ def code_version() -> dict:
     digest = hashlib.sha256()
     for path in sources:
         digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                                check=True, timeout=10).stdout.strip()  # fmt: skip
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "src", "benchmarks"], cwd=root,
-                                    capture_output=True, text=True, check=True, timeout=10).stdout.strip())  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        commit, dirty = None, None
+    commit, dirty = git_revision(root), None
+    if commit:
+        status = subprocess.run(["git", "status", "--porcelain", "--", "src", "benchmarks"], cwd=root,
+                                capture_output=True, text=True, timeout=10)  # fmt: skip
+        dirty = bool(status.stdout.strip()) if status.returncode == 0 else None
     return {"git_commit": commit, "git_dirty": dirty, "sources_sha256": digest.hexdigest()[:16]}
 
 
@@ -111,6 +110,11 @@ def synthetic_prepared(root: Path, n: int, channels: int, size: int) -> Prepared
     stats = {"mean": [0.5] * channels, "std": [0.25] * channels}
     write_json(root / "manifest.json", {"classes": ["x"], "content_hash": "synthetic", **stats})
     return PreparedData(root)
+
+
+def preset_image(preset: str) -> tuple[int, int]:
+    """(side, channels) a preset usually sees: the paper's 224 px RGB, or the CPU presets' 28 px digits."""
+    return (224, 3) if preset_config(preset)["patch_size"] >= 14 else (28, 1)
 
 
 def _batches(loader, device: torch.device) -> Iterator[torch.Tensor]:
@@ -161,9 +165,9 @@ class StepBench:
     @classmethod
     def create(cls, preset: str, mode: str, batch_size: int, device: str = "auto", compile_mode: str = "default"):
         """On synthetic images of the preset's usual size (kept alive with the bench)."""
-        paper = preset_config(preset)["patch_size"] >= 14
+        img_size, in_chans = preset_image(preset)
         tmp = tempfile.TemporaryDirectory()
-        data = synthetic_prepared(Path(tmp.name), 4 * batch_size, 3 if paper else 1, 224 if paper else 28)
+        data = synthetic_prepared(Path(tmp.name), 4 * batch_size, in_chans, img_size)
         bench = cls(data, preset, mode, batch_size, resolve_device(device), compile_mode)
         bench._tmp = tmp
         return bench
@@ -282,14 +286,12 @@ def main() -> None:
 
     device = resolve_device(args.device)
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        use_fast_cuda_kernels()  # as the stage's runtime.setup does
     modes = [m.strip() for m in args.modes.split(",")]
     runs = []
     for preset in args.preset or ["mae_vit_tiny_patch4"]:
-        paper = preset_config(preset)["patch_size"] >= 14
-        img_size = args.img_size or (224 if paper else 28)
-        in_chans = args.in_chans or (3 if paper else 1)
+        usual_size, usual_chans = preset_image(preset)
+        img_size, in_chans = args.img_size or usual_size, args.in_chans or usual_chans
         with tempfile.TemporaryDirectory() as tmp:
             if args.data:
                 data = PreparedData(args.data)

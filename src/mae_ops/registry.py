@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from mae_ops.atomic import atomic_dir, write_json
+from mae_ops.reporting import git_revision
 from mae_ops.serving import open_session, run_logits
 
 ARTIFACTS = ("models/export/model.onnx", "models/export/model.int8.onnx", "models/export/encoder.onnx",
@@ -63,11 +63,6 @@ def history(registry: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
 
 
-def _git_revision(repo: Path) -> str:
-    proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True)
-    return proc.stdout.strip() if proc.returncode == 0 else "unknown"
-
-
 def register(repo: Path, registry: Path) -> dict[str, Any]:
     """Copy the current run's exported models, metrics and params into a new version."""
     if not (repo / "models/export/model.onnx").exists():
@@ -84,7 +79,7 @@ def register(repo: Path, registry: Path) -> dict[str, Any]:
         "test_top1": metrics["finetune"]["top1"],
         "data_source_hash": manifest["source_hash"],
         "data_content_hash": manifest["content_hash"],
-        "git_revision": _git_revision(repo),
+        "git_revision": git_revision(repo) or "unknown",
         "files": [],
     }
     with atomic_dir(_versions_dir(registry) / version) as tmp:

@@ -1,9 +1,11 @@
-"""Small writers for the per-epoch tables DVC plots read."""
+"""Small writers for the per-epoch tables DVC plots read, and the git revision
+that registered models and benchmark results record."""
 
 from __future__ import annotations
 
 import csv
 import io
+import subprocess
 from pathlib import Path
 
 from mae_ops.atomic import write_text
@@ -19,3 +21,12 @@ def write_history(history: list[dict], dest: str | Path) -> None:
     writer.writeheader()
     writer.writerows(history)
     write_text(dest, buf.getvalue())
+
+
+def git_revision(repo: Path) -> str | None:
+    """The commit checked out in ``repo``; None outside a git work tree or without git."""
+    try:
+        proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return proc.stdout.strip() if proc.returncode == 0 else None

@@ -57,6 +57,13 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16
 
 
+def use_fast_cuda_kernels() -> None:
+    """TF32 for fp32 matmuls and convolutions; cuDNN picks the fastest conv once (fixed shapes)."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+
+
 def setup(device: str = "auto", amp: str = "auto") -> Runtime:
     """Single process, or one rank of a torchrun launch (env:// rendezvous)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -68,9 +75,7 @@ def setup(device: str = "auto", amp: str = "auto") -> Runtime:
             torch.cuda.set_device(dev)
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
     if dev.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv once
+        use_fast_cuda_kernels()
     rt = Runtime(dev, resolve_amp(amp, dev), rank, local_rank, world_size)
     if rt.is_main:
         log.info("device %s, precision %s, world size %d", dev, rt.amp_dtype or "fp32", world_size)

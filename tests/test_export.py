@@ -136,6 +136,19 @@ def test_predict_on_a_folder_with_a_corrupt_file(exported: Path, tmp_path: Path)
         assert top[0]["label"] == str(expected[i])
 
 
+def test_predict_with_a_truncated_model_is_one_clear_error(exported: Path, tmp_path: Path) -> None:
+    images, _ = _test_arrays(exported)
+    Image.fromarray(images[0, 0]).save(tmp_path / "one.png")
+    model = tmp_path / "half.onnx"
+    whole = (exported / "models/export/model.onnx").read_bytes()
+    model.write_bytes(whole[: len(whole) // 2])  # e.g. an interrupted copy to the serving host
+    proc = subprocess.run([str(BIN / "mae-ops"), "predict", str(model), str(tmp_path)],
+                          capture_output=True, text=True, env=subprocess_env(), timeout=120)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert f"cannot load {model} as an ONNX model" in proc.stderr
+
+
 def test_predict_path_does_not_import_torch(exported: Path, tmp_path: Path) -> None:
     images, _ = _test_arrays(exported)
     Image.fromarray(images[0, 0]).save(tmp_path / "one.png")

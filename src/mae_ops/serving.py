@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, InvalidGraph, InvalidProtobuf, NoSuchFile
 
 from mae_ops.images import ImageReadError, is_image_file, load_image
 
@@ -43,7 +44,11 @@ def open_session(path: str | Path, device: str = "auto", threads: int | None = N
     opts.log_severity_level = 3  # errors only
     want_gpu = device == "cuda" or (device == "auto" and _gpu_present())
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if want_gpu else ["CPUExecutionProvider"]
-    session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    try:
+        session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    except (Fail, InvalidArgument, InvalidGraph, InvalidProtobuf, NoSuchFile) as exc:
+        # onnxruntime's own exception types are not ValueError/OSError; give callers one they can catch
+        raise ValueError(f"cannot load {path} as an ONNX model: {str(exc).splitlines()[0]}") from None
     log.info("onnxruntime %s on %s, %d threads", Path(path).name, session.get_providers()[0],
              opts.intra_op_num_threads)  # fmt: skip
     return session

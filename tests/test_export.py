@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import yaml
 from PIL import Image
 
 from mae_ops.serving import ModelInfo, open_session, run_logits
@@ -112,6 +113,20 @@ def test_gate_refuses_a_broken_model_and_keeps_the_old_file(exported: Path, monk
     assert not list((exported / "models/export").glob(".export-*"))  # no temp files left
     monkeypatch.undo()
     export.run(export_config(exported))  # restore the passing report for other tests
+
+
+def test_export_command_logs_stay_readable(exported: Path, tmp_path: Path) -> None:
+    cfg = export_config(exported, f"export.out_dir={tmp_path}/export", f"export.reports_dir={tmp_path}/reports")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    proc = subprocess.run([str(BIN / "mae-ops"), "export", "-p", str(tmp_path / "params.yaml")],
+                          capture_output=True, text=True, env=subprocess_env(), timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "parity: max |diff|" in proc.stdout and "int8 top-1" in proc.stdout
+    assert "INFO mae_ops.stages.export: exported model.onnx" in proc.stderr
+    # the exporter's optimiser and the quantiser log hundreds of INFO lines per export; only warnings pass
+    chatty = [line for line in proc.stderr.splitlines() if " INFO " in line and " mae_ops." not in line]
+    assert not chatty, chatty[:5]
+    assert (tmp_path / "export/model.int8.onnx").exists()
 
 
 def test_predict_on_a_folder_with_a_corrupt_file(exported: Path, tmp_path: Path) -> None:

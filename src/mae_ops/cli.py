@@ -35,9 +35,12 @@ SetOpt = Annotated[
 
 
 def _setup_logging() -> None:
+    # Our own INFO, others' warnings: the ONNX exporter's optimiser and onnxruntime's
+    # quantiser log a line per weight at INFO (hundreds per export), which buried the stages' logs.
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
+    logging.getLogger("mae_ops").setLevel(logging.INFO)
 
 
 def _fail(message: str) -> None:

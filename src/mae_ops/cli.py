@@ -7,7 +7,6 @@ invalid params exit with code 2 before anything is written.
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -17,6 +16,7 @@ from typing import Annotated, TypeVar
 import typer
 
 from mae_ops.config import Config, ParamsError, load_params
+from mae_ops.reporting import setup_logging
 
 T = TypeVar("T")
 
@@ -32,15 +32,6 @@ ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params file")]
 SetOpt = Annotated[
     list[str] | None, typer.Option("--set", "-s", help="override a param: section.key=value (repeatable)")
 ]
-
-
-def _setup_logging() -> None:
-    # Our own INFO, others' warnings: the ONNX exporter's optimiser and onnxruntime's
-    # quantiser log a line per weight at INFO (hundreds per export), which buried the stages' logs.
-    logging.basicConfig(
-        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
-    )
-    logging.getLogger("mae_ops").setLevel(logging.INFO)
 
 
 def _fail(message: str) -> None:
@@ -68,7 +59,7 @@ def _run_stage(params: Path, overrides: list[str] | None, stage: Callable[[Confi
     from mae_ops.training import ResumeError
 
     cfg = _config(params, overrides)
-    _setup_logging()
+    setup_logging()
     with _exit_on(InputError, ResumeError, FileNotFoundError, PermissionError):
         return cfg, stage(cfg)
 

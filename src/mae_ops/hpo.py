@@ -36,6 +36,7 @@ from mae_ops.atomic import write_json, write_text
 from mae_ops.config import Config, FinetuneConfig, HpoConfig, InputError, SearchDim, semantic_params, validate
 from mae_ops.data import PreparedData
 from mae_ops.plots import save_figure
+from mae_ops.reporting import setup_logging
 from mae_ops.training import fingerprint
 
 log = logging.getLogger(__name__)
@@ -190,7 +191,7 @@ def work(cfg: Config, worker: int | None = None) -> list[int]:
 
 def _local_worker(cfg_json: dict, rank: int) -> None:
     """A local worker process (``hpo.workers``): its share of the CPU threads."""
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker{rank} %(message)s", datefmt="%H:%M:%S")
+    setup_logging(f"%(asctime)s worker{rank} %(message)s")
     cfg = validate(cfg_json)
     torch.set_num_threads(max(1, torch.get_num_threads() // cfg.hpo.workers))
     work(cfg, worker=rank)

@@ -1,14 +1,24 @@
-"""Small writers for the per-epoch tables DVC plots read, and the git revision
-that registered models and benchmark results record."""
+"""What a run reports: the per-epoch tables DVC plots read, the git revision
+that registered models and benchmark results record, and the log setup."""
 
 from __future__ import annotations
 
 import csv
 import io
+import logging
 import subprocess
 from pathlib import Path
 
 from mae_ops.atomic import write_text
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup_logging(fmt: str = LOG_FORMAT) -> None:
+    """Our own INFO, others' warnings: the ONNX exporter's optimiser and onnxruntime's
+    quantiser log a line per weight at INFO (hundreds per export), which buried the stages' logs."""
+    logging.basicConfig(level=logging.WARNING, format=fmt, datefmt="%H:%M:%S")
+    logging.getLogger("mae_ops").setLevel(logging.INFO)
 
 
 def write_history(history: list[dict], dest: str | Path) -> None:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from mae_ops.config import Config, load_params
 from mae_ops.orchestration import load_module_file
@@ -52,6 +53,12 @@ def mnist_root(tmp_path: Path, prepared_mnist: Path) -> Path:
     """A fresh run folder whose data/prepared is a copy of the session's digits."""
     shutil.copytree(prepared_mnist, tmp_path / "data" / "prepared")
     return tmp_path
+
+
+def write_params(cfg: Config, path: Path) -> Path:
+    """``cfg`` as a params file, for commands run in a subprocess."""
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    return path
 
 
 def load_flow_module(name: str):

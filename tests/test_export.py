@@ -11,12 +11,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-import yaml
 from PIL import Image
 
 from mae_ops.serving import ModelInfo, open_session, run_logits
 from mae_ops.stages import export
-from tests.conftest import BIN, export_config, subprocess_env
+from tests.conftest import BIN, export_config, subprocess_env, write_params
 
 
 def _test_arrays(root: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -117,8 +116,8 @@ def test_gate_refuses_a_broken_model_and_keeps_the_old_file(exported: Path, monk
 
 def test_export_command_logs_stay_readable(exported: Path, tmp_path: Path) -> None:
     cfg = export_config(exported, f"export.out_dir={tmp_path}/export", f"export.reports_dir={tmp_path}/reports")
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    proc = subprocess.run([str(BIN / "mae-ops"), "export", "-p", str(tmp_path / "params.yaml")],
+    params = write_params(cfg, tmp_path / "params.yaml")
+    proc = subprocess.run([str(BIN / "mae-ops"), "export", "-p", str(params)],
                           capture_output=True, text=True, env=subprocess_env(), timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "parity: max |diff|" in proc.stdout and "int8 top-1" in proc.stdout

@@ -25,7 +25,7 @@ from optuna.trial import TrialState
 from mae_ops import hpo
 from mae_ops.data import PreparedData
 from mae_ops.stages import finetune
-from tests.conftest import ft_config, subprocess_env
+from tests.conftest import ft_config, subprocess_env, write_params
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +43,7 @@ def test_workers_on_two_machines_share_one_postgres_study(run_root: Path, postgr
         run_root, "hpo.enabled=true", "hpo.n_trials=4", "hpo.pruner=none", "hpo.epochs=2",
         f"hpo.storage={postgres_url}", f"hpo.study_name=test-{uuid.uuid4().hex[:8]}",
     )  # fmt: skip
-    params = run_root / "params.yaml"
-    params.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    params = write_params(cfg, run_root / "params.yaml")
     env = {**subprocess_env(), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "mae_ops.cli", "hpo-worker", "--params", str(params)]
     workers = [

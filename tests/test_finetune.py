@@ -128,7 +128,10 @@ def test_test_split_is_never_read_while_training_and_tuning(run_root: Path, tmp_
 
 def _study(cfg: Config) -> optuna.Study:
     data = PreparedData(cfg.data.out_dir)
-    return optuna.load_study(study_name=hpo.study_name(cfg, data.manifest["content_hash"]), storage=cfg.hpo.storage)
+    # hpo.storage, not the bare URL: it retries while a running search is still creating the
+    # schema (opening a half-made SQLite file raced the stage's own schema set-up)
+    name = hpo.study_name(cfg, data.manifest["content_hash"])
+    return optuna.load_study(study_name=name, storage=hpo.storage(cfg.hpo))
 
 
 def test_pruner_stops_trials_in_a_hopeless_region(run_root: Path) -> None:

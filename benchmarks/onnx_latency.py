@@ -9,6 +9,7 @@ prints one JSON object and writes reports/export/benchmark.json.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
 import time
@@ -83,6 +84,8 @@ def main() -> None:
         r["batch1_speedup_vs_torch"] = round(base / r["batch1_p50_ms"], 2)
     report = {
         "model": meta["preset"],
+        "model_sha256": hashlib.sha256(args.model.read_bytes()).hexdigest(),  # the run summary shows only its own
+        "measured": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "input": [int(s) for s in pixels.shape[1:]],
         "threads": {"torch_intra_op": torch.get_num_threads(), "onnxruntime_intra_op": args.threads},
         "cpu": platform.processor() or platform.machine(),

@@ -1,7 +1,8 @@
 """Prefect flow: the DVC stages in order, one task per stage.
 
 DVC decides what is up to date (Prefect's own task cache is off); every stage's
-output streams into the flow's log; a failed stage fails the flow naming it;
+output streams into the flow's log; a failed stage fails the flow naming it
+(a stage's own one-line error is not retried: it would fail the same way);
 the run ends with a markdown summary artifact. Run it with `mae-ops pipeline`.
 """
 
@@ -13,10 +14,27 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from mae_ops.orchestration import STAGES, StageResult, pipeline_lock, run_dvc_stage, run_summary, write_overrides
+from mae_ops.config import InputError
+from mae_ops.orchestration import (
+    STAGES,
+    StageResult,
+    pipeline_lock,
+    plan_overrides,
+    preflight,
+    run_dvc_stage,
+    run_summary,
+    write_overrides,
+)
 
 
-@task(task_run_name="{stage}", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=10)
+def _worth_a_retry(task, task_run, state) -> bool:
+    """Retry what may be transient (a killed process, a flaky file system), not a
+    stage that said in one line what the user has to fix."""
+    return not getattr(state.data, "user_error", False)
+
+
+@task(task_run_name="{stage}", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=10,
+      retry_condition_fn=_worth_a_retry)  # fmt: skip
 def dvc_stage(stage: str, repo: str, force: bool = False) -> StageResult:
     logger = get_run_logger()
     result = run_dvc_stage(stage, Path(repo), logger.info, force=force)
@@ -37,9 +55,11 @@ def pipeline(
     wanted = list(stages or STAGES)
     unknown = sorted(set(wanted) - set(STAGES))
     if unknown:
-        raise ValueError(f"unknown stages {unknown}; stages are {list(STAGES)}")
+        raise InputError(f"unknown stages {unknown}; stages are {list(STAGES)}")
     with pipeline_lock(root, lock_wait_s):
-        write_overrides(root, overrides or [])
+        cfg, _ = plan_overrides(root, overrides or [])
+        preflight(root, cfg, wanted, overrides or [], force)  # before params.yaml or any output changes
+        write_overrides(root, overrides or [], get_run_logger().info)
         results = [dvc_stage(stage, str(root), force) for stage in STAGES if stage in wanted]
     create_markdown_artifact(run_summary(root, results), key="mae-ops-run-summary",
                              description="data, pre-training, search, test accuracy, export")  # fmt: skip

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -61,6 +62,32 @@ def write_params(cfg: Config, path: Path) -> Path:
     return path
 
 
+def git_dvc_repo(root: Path) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for cmd in (["git", "init", "-q"], [str(BIN / "dvc"), "init", "-q"]):
+        subprocess.run(cmd, cwd=root, check=True, env=subprocess_env())
+    return root
+
+
+def tiny_project(root: Path, **sections: dict) -> Path:
+    """A real pipeline project (git + DVC + dvc.yaml + flows + src) with a micro model;
+    ``sections`` update params.yaml's sections."""
+    git_dvc_repo(root)
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    for folder in ("src", "flows"):
+        shutil.copytree(REPO / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["model"]["preset"] = "mae_vit_micro_patch4"
+    params["pretrain"].update(epochs=1, batch_size=256, warmup_epochs=0)
+    params["finetune"].update(epochs=1, batch_size=32, linprobe_epochs=2)
+    params["hpo"].update(n_trials=2, epochs=1, startup_trials=1, warmup_epochs=0)
+    params["export"].update(quantize=False, max_abs_diff=1e-3)
+    for name, values in sections.items():
+        params[name].update(values)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return root
+
+
 def load_flow_module(name: str):
     """flows/<name>.py of this repository, loaded from its file."""
     return load_module_file(REPO / "flows" / f"{name}.py", f"flows_{name}")
@@ -84,7 +111,8 @@ def ft_config(root: Path, *extra: str) -> Config:
         root, *FT,
         f"finetune.out_dir={root}/models/finetune", f"finetune.checkpoint_dir={root}/checkpoints/finetune",
         f"finetune.reports_dir={root}/reports/finetune", f"hpo.storage=sqlite:///{root}/optuna/study.db",
-        f"hpo.reports_dir={root}/reports/hpo", f"evaluate.baselines_dir={root}/models/baselines",
+        f"hpo.reports_dir={root}/reports/hpo",
+        f"hpo.trial_dir={root}/checkpoints/finetune/hpo", f"evaluate.baselines_dir={root}/models/baselines",
         f"evaluate.baselines_reports_dir={root}/reports/baselines", f"evaluate.reports_dir={root}/reports/eval",
         f"evaluate.metrics_file={root}/reports/metrics.json", *extra,
     )  # fmt: skip

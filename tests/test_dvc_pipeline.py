@@ -56,3 +56,42 @@ def test_dvc_repro_runs_then_skips(tmp_path: Path) -> None:
     third = _run([str(BIN / "dvc"), "repro"], repo)
     assert "Running stage 'evaluate'" in third
     assert all(f"Running stage '{s}'" not in third for s in ("prepare", "pretrain", "finetune", "baselines"))
+
+
+def _imported_modules(module: str) -> set[str]:
+    """The mae_ops source files a module imports, directly or through others (read with ast)."""
+    import ast
+
+    src = REPO / "src"
+
+    def path_of(name: str) -> Path | None:
+        for candidate in (src / (name.replace(".", "/") + ".py"), src / name.replace(".", "/") / "__init__.py"):
+            if candidate.exists():
+                return candidate
+        return None
+
+    seen: set[Path] = set()
+    todo = [path_of(module)]
+    while todo:
+        path = todo.pop()
+        if path is None or path in seen:
+            continue
+        seen.add(path)
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                # `from pkg import module` needs the module; `from pkg import name` the package's own file
+                names = [f"{node.module}.{a.name}" if path_of(f"{node.module}.{a.name}") else node.module
+                         for a in node.names]  # fmt: skip
+            todo += [path_of(n) for n in names if n.startswith("mae_ops")]
+    return {str(p.relative_to(REPO)) for p in seen if p.stat().st_size > 0}  # empty __init__ files hold no code
+
+
+def test_every_stage_lists_every_module_it_imports_as_a_dep() -> None:
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        deps = {d for d in stage["deps"] if str(d).startswith("src/")}
+        missing = _imported_modules(f"mae_ops.stages.{name}") - deps
+        assert not missing, f"stage {name} imports {sorted(missing)} but dvc.yaml does not list them as deps"

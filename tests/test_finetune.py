@@ -15,7 +15,7 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from mae_ops import hpo, runtime
+from mae_ops import finetuning, hpo, runtime
 from mae_ops.config import Config
 from mae_ops.data import PreparedData
 from mae_ops.models.classifier import build_classifier, load_encoder
@@ -31,7 +31,7 @@ def _cpu() -> runtime.Runtime:
 def test_our_encoder_lands_in_the_classifier(run_root: Path) -> None:
     cfg = ft_config(run_root)
     data = PreparedData(cfg.data.out_dir, hide_test=True)
-    model, args = finetune.make_classifier(cfg, cfg.finetune, data, "pretrain")
+    model, args = finetuning.make_classifier(cfg, cfg.finetune, data, "pretrain")
     mae = torch.load(run_root / "models/pretrain/mae.pth", weights_only=True)["model"]
     state = model.state_dict()
     for key in (
@@ -45,7 +45,7 @@ def test_our_encoder_lands_in_the_classifier(run_root: Path) -> None:
     assert args["mode"] == "finetune" and args["classes"] == [str(i) for i in range(10)]
     # the head starts near zero, fc_norm replaces the final norm for average pooling
     assert model.head.weight.abs().max() < 1e-3 and model.global_pool == "avg"
-    scratch, _ = finetune.make_classifier(cfg, cfg.finetune, data, "scratch")
+    scratch, _ = finetuning.make_classifier(cfg, cfg.finetune, data, "scratch")
     assert not torch.equal(scratch.state_dict()["blocks.1.attn.qkv.weight"], mae["blocks.1.attn.qkv.weight"])
 
 
@@ -67,7 +67,7 @@ def test_official_checkpoint_at_another_resolution(tmp_path: Path) -> None:
 def test_layer_decay_groups_get_the_right_lr_scales(run_root: Path) -> None:
     cfg = ft_config(run_root, "finetune.layer_decay=0.5")
     model = build_classifier("mae_vit_micro_patch4", 28, 1, 10)
-    optimizer = finetune.finetune_optimizer(model, cfg.finetune, lr=1e-3, fused=False)
+    optimizer = finetuning.finetune_optimizer(model, cfg.finetune, lr=1e-3, fused=False)
     depth = len(model.blocks)
     scale_of = {}
     for group in optimizer.param_groups:
@@ -94,7 +94,7 @@ def test_layer_decay_groups_get_the_right_lr_scales(run_root: Path) -> None:
 def test_linprobe_freezes_the_encoder(run_root: Path) -> None:
     cfg = ft_config(run_root)
     data = PreparedData(cfg.data.out_dir, hide_test=True)
-    result = finetune.train_linprobe(cfg, cfg.finetune, data, _cpu())
+    result = finetuning.train_linprobe(cfg, cfg.finetune, data, _cpu())
     mae = torch.load(run_root / "models/pretrain/mae.pth", weights_only=True)["model"]
     assert torch.equal(result.model.blocks[0].attn.qkv.weight, mae["blocks.0.attn.qkv.weight"])
     bn = result.model.head[0]

@@ -4,42 +4,22 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from mae_ops.config import ParamsError
+from mae_ops.errors import BusyError
 from mae_ops.orchestration import StageFailed, pipeline_lock, run_dvc_stage, run_summary, write_overrides
-from tests.conftest import BIN, REPO, load_flow_module, subprocess_env
-
-
-def _git_dvc_repo(root: Path) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    for cmd in (["git", "init", "-q"], [str(BIN / "dvc"), "init", "-q"]):
-        subprocess.run(cmd, cwd=root, check=True, env=subprocess_env())
-    return root
-
-
-def _tiny_project(root: Path) -> Path:
-    _git_dvc_repo(root)
-    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
-    for folder in ("src", "flows"):
-        shutil.copytree(REPO / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["model"]["preset"] = "mae_vit_micro_patch4"
-    params["pretrain"].update(epochs=1, batch_size=256, warmup_epochs=0)
-    params["finetune"].update(epochs=1, batch_size=32, linprobe_epochs=2)
-    params["hpo"].update(n_trials=2, epochs=1, startup_trials=1, warmup_epochs=0)
-    params["export"].update(quantize=False, max_abs_diff=1e-3)
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
-    return root
+from tests.conftest import REPO, git_dvc_repo, load_flow_module, tiny_project
 
 
 def test_flow_runs_every_stage_then_skips_them(tmp_path: Path) -> None:
     from prefect.testing.utilities import prefect_test_harness
 
-    repo = _tiny_project(tmp_path / "project")
+    repo = tiny_project(tmp_path / "project")
     pipeline = load_flow_module("pipeline").pipeline
     with prefect_test_harness(server_startup_timeout=120):
         first = pipeline(repo=str(repo), overrides=["pretrain.seed=3"])
@@ -63,7 +43,7 @@ def test_flow_runs_every_stage_then_skips_them(tmp_path: Path) -> None:
 
 
 def test_a_failing_stage_is_named(tmp_path: Path) -> None:
-    repo = _git_dvc_repo(tmp_path / "repo")
+    repo = git_dvc_repo(tmp_path / "repo")
     (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"broken": {"cmd": "echo boom-output && exit 3"}}}))
     lines: list[str] = []
     with pytest.raises(StageFailed, match="stage 'broken' failed") as err:
@@ -72,13 +52,17 @@ def test_a_failing_stage_is_named(tmp_path: Path) -> None:
 
 
 def test_overlapping_runs_do_not_race(tmp_path: Path) -> None:
-    with (
-        pipeline_lock(tmp_path),
-        pytest.raises(RuntimeError, match="another pipeline run holds"),
-        pipeline_lock(tmp_path, wait_s=1.0),
-    ):
-        pass
-    with pipeline_lock(tmp_path):  # released after the first run
+    holder = "from pathlib import Path; import sys, time; from mae_ops.orchestration import pipeline_lock\n"
+    holder += "with pipeline_lock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(30)"
+    proc = subprocess.Popen([sys.executable, "-c", holder, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+        with pytest.raises(BusyError, match="another pipeline run"), pipeline_lock(tmp_path, wait_s=1.0):
+            pass
+    finally:
+        proc.kill()
+        proc.wait()
+    with pipeline_lock(tmp_path), pipeline_lock(tmp_path):  # free again once the holder died; re-entrant
         pass
 
 
@@ -87,5 +71,14 @@ def test_overrides_are_validated_and_written(tmp_path: Path) -> None:
     with pytest.raises(ParamsError, match=r"pretrain\.mask_ratio"):
         write_overrides(tmp_path, ["pretrain.mask_ratio=3"])
     assert (tmp_path / "params.yaml").read_text() == (REPO / "params.yaml").read_text()
-    write_overrides(tmp_path, ["pretrain.epochs=7"])
-    assert yaml.safe_load((tmp_path / "params.yaml").read_text())["pretrain"]["epochs"] == 7
+    changes = write_overrides(tmp_path, ["pretrain.epochs=7", "pretrain.crop_scale=[0.5, 1.0]"])
+    assert changes == ["pretrain.epochs: 40 -> 7", "pretrain.crop_scale: [0.35, 1.0] -> [0.5, 1.0]"]
+    written = (tmp_path / "params.yaml").read_text()
+    params = yaml.safe_load(written)
+    assert params["pretrain"]["epochs"] == 7 and params["pretrain"]["crop_scale"] == [0.5, 1.0]
+    # the user's file keeps its comments and layout: only the two values differ
+    before, after = (REPO / "params.yaml").read_text().splitlines(), written.splitlines()
+    assert len(before) == len(after)
+    assert [i for i, (a, b) in enumerate(zip(before, after, strict=True)) if a != b] == [
+        i for i, line in enumerate(before) if line.lstrip().startswith(("epochs: 40", "crop_scale:"))
+    ]

@@ -38,12 +38,23 @@ def postgres_url() -> str:
     return url
 
 
-def test_workers_on_two_machines_share_one_postgres_study(run_root: Path, postgres_url: str) -> None:
+def test_workers_on_two_machines_share_one_postgres_study(
+    run_root: Path, postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sqlalchemy.engine import make_url
+
+    # as the README says: the password comes from PGPASSWORD, never from params.yaml (which refuses it)
+    url = make_url(postgres_url)
+    if url.password:
+        monkeypatch.setenv("PGPASSWORD", str(url.password))
+    bare = url._replace(password=None).render_as_string(hide_password=False)
     cfg = ft_config(
         run_root, "hpo.enabled=true", "hpo.n_trials=4", "hpo.pruner=none", "hpo.epochs=2",
-        f"hpo.storage={postgres_url}", f"hpo.study_name=test-{uuid.uuid4().hex[:8]}",
+        f"hpo.storage={bare}", f"hpo.study_name=test-{uuid.uuid4().hex[:8]}",
     )  # fmt: skip
     params = write_params(cfg, run_root / "params.yaml")
+    if url.password:
+        assert f":{url.password}@" not in params.read_text()
     env = {**subprocess_env(), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "mae_ops.cli", "hpo-worker", "--params", str(params)]
     workers = [
@@ -72,7 +83,11 @@ def test_workers_on_two_machines_share_one_postgres_study(run_root: Path, postgr
     assert len({t.user_attrs["worker"] for t in trials if t.state == TrialState.COMPLETE}) == 2
     assert len({tuple(sorted(t.params.items())) for t in trials}) == len(trials)  # distinct proposals
 
-    # the pipeline's fine-tuning stage finds the study full and retrains from its best trial
+    # the pipeline's fine-tuning stage finds the study full and retrains from its best trial; its
+    # password comes from MAE_OPS_STORAGE_PASSWORD (any database), the workers' from PGPASSWORD
+    monkeypatch.delenv("PGPASSWORD", raising=False)
+    if url.password:
+        monkeypatch.setenv("MAE_OPS_STORAGE_PASSWORD", str(url.password))
     finetune.run(cfg)
     assert len(study.get_trials(deepcopy=False)) == len(trials)
     best = yaml.safe_load((run_root / "reports/hpo/best_params.json").read_text())

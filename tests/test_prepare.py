@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mae_ops.data import SPLITS
 from mae_ops.stages import prepare
-from mae_ops.stages.prepare import SPLITS, DataSourceError
+from mae_ops.stages.prepare import DataSourceError
 from tests.conftest import tiny_config
 
 
@@ -165,10 +166,16 @@ def test_bad_sources_fail_clearly_and_keep_the_old_output(tmp_path: Path, prepar
     _save(_colour(1), flat / "a.png")
     with pytest.raises(DataSourceError, match="no class sub-folders"):
         prepare.run(tiny_config(tmp_path / "run", f"data.source={flat}"))
+    one_class = tmp_path / "one_class"
+    _save(_colour(1), one_class / "cat" / "a.png")
+    _save(_colour(2), one_class / "cat" / "b.png")
+    with pytest.raises(DataSourceError, match="has one class"):  # would score 100% on everything
+        prepare.run(tiny_config(tmp_path / "run", f"data.source={one_class}"))
     junk = tmp_path / "junk"
-    (junk / "c").mkdir(parents=True)
-    (junk / "c" / "bad.png").write_text("nope")
+    for c in ("c", "d"):
+        (junk / c).mkdir(parents=True)
+        (junk / c / "bad.png").write_text("nope")
     with pytest.raises(DataSourceError, match="no readable images"):
         prepare.run(tiny_config(tmp_path / "run", f"data.source={junk}"))
     assert (out / "manifest.json").read_text() == before
-    assert sorted(p.name for p in out.parent.iterdir()) == ["prepared"]  # no temp folders left behind
+    assert sorted(p.name for p in out.parent.iterdir() if not p.name.endswith(".lock")) == ["prepared"]  # no temps

@@ -95,7 +95,9 @@ def test_checkpoint_of_another_run_is_not_resumed(mnist_root: Path) -> None:
 
 
 def test_missing_prepared_data_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="mae-ops prepare"):
+    from mae_ops.errors import UserError
+
+    with pytest.raises(UserError, match="mae-ops prepare"):
         pretrain.run(tiny_config(tmp_path))
 
 

@@ -1,21 +1,25 @@
 """`mae-ops` command line: one sub-command per pipeline stage.
 
 Every command takes ``--params PATH`` and repeated ``--set section.key=value``;
-invalid params exit with code 2 before anything is written.
+invalid params exit with code 2 before anything is written. The user's mistakes
+(a ``UserError``: bad params, a missing folder, a busy output, a full disk) are
+one line on stderr and exit code 2; anything else is a bug and keeps its
+traceback (exit code 1). ``mae-ops --debug ...`` shows the traceback of both.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, TypeVar
 
 import typer
 
-from mae_ops.config import Config, ParamsError, load_params
+from mae_ops.config import Config, InputError, load_params, redact
+from mae_ops.errors import UserError
 from mae_ops.reporting import setup_logging
 
 T = TypeVar("T")
@@ -34,34 +38,30 @@ SetOpt = Annotated[
 ]
 
 
+_DEBUG = {"on": False}
+ERROR_FILE_ENV = "MAE_OPS_ERROR_FILE"  # set by the pipeline for each stage it runs (orchestration.py)
+
+
+@app.callback()
+def _options(
+    debug: Annotated[bool, typer.Option("--debug", help="show the traceback of every error")] = False,
+) -> None:
+    _DEBUG["on"] = debug or os.environ.get("MAE_OPS_DEBUG", "") not in ("", "0")
+
+
 def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code=2)
-
-
-@contextmanager
-def _exit_on(*errors: type[Exception]) -> Iterator[None]:
-    """These errors are the user's to fix: one line on stderr and exit code 2, no traceback."""
-    try:
-        yield
-    except errors as exc:
-        _fail(str(exc))
+    raise InputError(message)
 
 
 def _config(params: Path, overrides: list[str] | None) -> Config:
-    with _exit_on(ParamsError):
-        return load_params(params, overrides or [])
+    return load_params(params, overrides or [])
 
 
 def _run_stage(params: Path, overrides: list[str] | None, stage: Callable[[Config], T]) -> tuple[Config, T]:
-    """Validate params, run one stage; input problems become one line on stderr and exit code 2."""
-    from mae_ops.config import InputError
-    from mae_ops.training import ResumeError
-
+    """Validate params, run one stage (a UserError becomes one line and exit code 2 in main)."""
     cfg = _config(params, overrides)
     setup_logging()
-    with _exit_on(InputError, ResumeError, FileNotFoundError, PermissionError):
-        return cfg, stage(cfg)
+    return cfg, stage(cfg)
 
 
 @app.command()
@@ -144,8 +144,7 @@ def export(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None
     """Export the fine-tuned model to ONNX, gated on parity with PyTorch -> models/export/."""
     from mae_ops.stages import export as stage
 
-    with _exit_on(stage.ParityError):
-        cfg, parity = _run_stage(params, set_, stage.run)
+    cfg, parity = _run_stage(params, set_, stage.run)
     line = f"parity: max |diff| {parity['max_abs_diff']:.2e}, top-1 agreement {parity['top1_agreement']:.2%}"
     if "int8_top1" in parity:
         line += f"; int8 top-1 {parity['int8_top1']:.2%} (fp32 {parity['onnx_top1']:.2%})"
@@ -167,9 +166,8 @@ def predict(
 
     if not model.exists():
         _fail(f"model not found: {model}")
-    with _exit_on(ValueError):
-        session = open_session(model, device, threads)
-        records = predict_files(session, expand_paths(list(paths)), top_k)
+    session = open_session(model, device, threads)
+    records = predict_files(session, expand_paths(list(paths)), top_k)
     if not records:
         _fail("no image files found")
     if as_json:
@@ -218,13 +216,20 @@ def pipeline(
     lock_wait: Annotated[float, typer.Option(help="seconds to wait for another run to finish")] = 0.0,
 ) -> None:
     """Run the pipeline as a Prefect flow over the DVC stages: only what changed runs.
-    --set overrides are written into params.yaml (and so recorded in dvc.lock)."""
-    from mae_ops.orchestration import StageFailed, configure_prefect
+    --set overrides are written into params.yaml, comments kept (and so recorded in dvc.lock)."""
+    from mae_ops.orchestration import STAGES, configure_prefect, pipeline_lock, plan_overrides, preflight
 
-    _config(Path("params.yaml"), set_)  # bad overrides stop here, before any flow starts
+    root = Path.cwd()
+    cfg, _ = plan_overrides(root, set_ or [])  # bad overrides stop here, before any flow starts
+    unknown = sorted(set(stages or []) - set(STAGES))
+    if unknown:
+        _fail(f"unknown stages {unknown}; stages are {list(STAGES)}")
     configure_prefect()
     flow = _load_flow("pipeline", "pipeline")
-    with _exit_on(StageFailed, ParamsError, RuntimeError, ValueError):
+    setup_logging()
+    # the lock and the checks come before Prefect starts: a refused run is one line, not a flow traceback
+    with pipeline_lock(root, lock_wait):
+        preflight(root, cfg, list(stages or STAGES), set_ or [], force)
         results = flow(repo=".", stages=stages, overrides=set_, force=force, lock_wait_s=lock_wait)
     ran = [r.stage for r in results if r.ran]
     typer.echo(f"pipeline done: {len(ran)} stage(s) ran ({', '.join(ran) or 'none'}), "
@@ -237,9 +242,11 @@ def retrain(
     force: Annotated[bool, typer.Option(help="retrain even if the data did not change")] = False,
 ) -> None:
     """One retraining run now: pipeline if the data changed, then champion/challenger promotion."""
+    from mae_ops import registry as reg
     from mae_ops.orchestration import configure_prefect
 
-    _config(params, None)
+    cfg = _config(params, None)
+    reg.production(Path(cfg.retrain.registry_dir))  # a corrupt pointer is one line here, not a flow traceback
     configure_prefect()
     result = _load_flow("retrain", "retrain")(repo=".", force=force)
     typer.echo(json.dumps(result, default=str))
@@ -253,9 +260,28 @@ def serve(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
 
     cfg = _config(params, set_)
     configure_prefect()
+    _require_prefect_server()
     flow = _load_flow("retrain", "retrain")
     flow.serve(name=cfg.retrain.deployment, cron=cfg.retrain.schedule,
                parameters={"repo": str(Path.cwd())}, description="scheduled MAE retraining")  # fmt: skip
+
+
+def _require_prefect_server() -> None:
+    """A schedule fires only through a Prefect server: without one, `serve` would
+    wait for ever on a temporary API that schedules nothing."""
+    import urllib.request
+
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        _fail("mae-ops serve needs a Prefect server to fire its schedule: start one with `prefect server "
+              "start --host 127.0.0.1` and export PREFECT_API_URL=http://127.0.0.1:4200/api")  # fmt: skip
+    try:
+        urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=10).close()
+    except OSError as exc:
+        _fail(f"the Prefect server at PREFECT_API_URL={redact(url)} does not answer ({exc}); start it with "
+              "`prefect server start --host 127.0.0.1`")  # fmt: skip
 
 
 registry_app = typer.Typer(help="The model registry: versions, production pointer, history.", no_args_is_help=True)
@@ -272,8 +298,12 @@ def registry_list(params: ParamsOpt = Path("params.yaml")) -> None:
     from mae_ops import registry as reg
 
     root = _registry_dir(params)
+    versions = reg.list_versions(root)
+    if not versions:
+        typer.echo(f"no model versions registered in {root} (`mae-ops retrain` registers them)", err=True)
+        return
     prod = (reg.production(root) or {}).get("version")
-    for v in reg.list_versions(root):
+    for v in versions:
         mark = "*" if v["version"] == prod else " "
         typer.echo(
             f"{mark} {v['version']}  test top-1 {v['test_top1']:.2%}  {v['created']}  git {v['git_revision'][:8]}"
@@ -288,8 +318,9 @@ def registry_show(
     from mae_ops import registry as reg
 
     root = _registry_dir(params)
-    with _exit_on(reg.RegistryError):
-        record = reg.production(root) if version == "production" else reg.get_version(root, version)
+    record = reg.production(root) if version == "production" else reg.get_version(root, version)
+    if record is None:
+        raise reg.RegistryError(f"no production model in {root}: `mae-ops retrain` or `mae-ops registry promote`")
     typer.echo(json.dumps(record, indent=2))
 
 
@@ -298,8 +329,7 @@ def registry_promote(version: str, params: ParamsOpt = Path("params.yaml")) -> N
     """Put a version in production by hand."""
     from mae_ops import registry as reg
 
-    with _exit_on(reg.RegistryError):
-        pointer = reg.promote(_registry_dir(params), version, "promoted by hand")
+    pointer = reg.promote(_registry_dir(params), version, "promoted by hand")
     typer.echo(f"production: {pointer['version']} (was {pointer['previous']})")
 
 
@@ -308,8 +338,7 @@ def registry_rollback(params: ParamsOpt = Path("params.yaml")) -> None:
     """Back to the previous production version."""
     from mae_ops import registry as reg
 
-    with _exit_on(reg.RegistryError):
-        pointer = reg.rollback(_registry_dir(params))
+    pointer = reg.rollback(_registry_dir(params))
     typer.echo(f"production: {pointer['version']}")
 
 
@@ -323,7 +352,17 @@ def check_params(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -
 
 
 def main() -> None:
-    app(prog_name="mae-ops")
+    try:
+        app(prog_name="mae-ops")
+    except UserError as exc:
+        if _DEBUG["on"]:
+            raise
+        message = redact(str(exc))
+        error_file = os.environ.get(ERROR_FILE_ENV)
+        if error_file:  # the pipeline shows this line as the stage's failure
+            Path(error_file).write_text(message + "\n")
+        typer.echo(f"error: {message}", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

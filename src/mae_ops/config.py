@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -24,18 +25,28 @@ from pydantic import (
     model_validator,
 )
 
+from mae_ops.errors import UserError
 from mae_ops.models.presets import PRESETS, preset_config
 
 DEFAULT_PARAMS = Path("params.yaml")
 
 
-class ParamsError(ValueError):
+class ParamsError(UserError, ValueError):
     """Invalid params: the message names every bad key and what is allowed."""
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """Valid params, but what they point at cannot be used (missing folder,
     models trained on other data, an empty split, ...)."""
+
+
+_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:)(?P<secret>[^@\s]+)(?P<at>@)")
+STORAGE_PASSWORD_ENV = "MAE_OPS_STORAGE_PASSWORD"
+
+
+def redact(text: str) -> str:
+    """Hide the password of every URL in ``text`` (``scheme://user:***@host``)."""
+    return _URL_PASSWORD.sub(r"\g<head>***\g<at>", text)
 
 
 def _check_device(v: str) -> str:
@@ -237,8 +248,22 @@ class HpoConfig(_Section):
     startup_trials: int = Field(3, ge=0, description="trials run in full before pruning starts")
     warmup_epochs: int = Field(4, ge=0, description="epochs a trial runs before it may be pruned")
     retrain: bool = Field(True, description="retrain with the best params for finetune.epochs (else keep the trial)")
+    trial_dir: str = Field(
+        "checkpoints/finetune/hpo", description="trial models when retrain is false: a disk every worker shares"
+    )
     space: dict[str, SearchDim] = Field(default_factory=_default_space)
     reports_dir: str = "reports/hpo"
+
+    @field_validator("storage")
+    @classmethod
+    def _no_password(cls, v: str) -> str:
+        if redact(v) != v:
+            raise ValueError(
+                "holds a password, which would be written to params.yaml, dvc.lock, the registry and the "
+                "flow's records: leave it out of the URL and set PGPASSWORD or ~/.pgpass (PostgreSQL), "
+                f"or {STORAGE_PASSWORD_ENV}"
+            )
+        return v
 
     @field_validator("space")
     @classmethod
@@ -309,6 +334,14 @@ class Config(_Section):
                 f"data.img_size ({self.data.img_size}) must be divisible by the patch size "
                 f"({patch}) of model.preset {self.model.preset!r}"
             )
+        patches = (self.data.img_size // patch) ** 2
+        visible = int(patches * (1 - self.pretrain.mask_ratio))  # as the MAE keeps them
+        if visible < 1:
+            raise ValueError(
+                f"pretrain.mask_ratio ({self.pretrain.mask_ratio:g}) leaves {visible} of {patches} patches visible "
+                f"at data.img_size {self.data.img_size} with patch {patch}: the encoder would see nothing; "
+                f"use at most {1 - 1 / patches:.4f}"
+            )
         return self
 
     def section_hash(self, *sections: str) -> str:
@@ -332,7 +365,7 @@ def _format_errors(err: ValidationError) -> str:
             continue
         got = e.get("input")
         shown = "" if isinstance(got, dict) else f" (got {got!r})"
-        lines.append(f"  {key}: {msg}{shown}")
+        lines.append(redact(f"  {key}: {msg}{shown}"))
     return "invalid params:\n" + "\n".join(lines)
 
 

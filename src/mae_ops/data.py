@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 
-from mae_ops.stages.prepare import SPLITS
+from mae_ops.errors import UserError
+
+SPLITS = {"train": 0, "val": 1, "test": 2, "unlabeled": 3}  # codes in split.npy
 
 
 class PreparedData:
@@ -25,7 +27,7 @@ class PreparedData:
         self.hide_test = hide_test
         manifest = self.root / "manifest.json"
         if not manifest.exists():
-            raise FileNotFoundError(f"{manifest} not found: run `mae-ops prepare` first")
+            raise UserError(f"{manifest} not found: run `mae-ops prepare` first")
         self.manifest = json.loads(manifest.read_text())
         self.images = np.load(self.root / "images.npy", mmap_mode="r")  # (N, C, S, S) uint8
         self.labels = np.load(self.root / "labels.npy")

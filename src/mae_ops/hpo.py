@@ -33,8 +33,20 @@ from optuna.trial import TrialState
 
 from mae_ops import runtime
 from mae_ops.atomic import write_json, write_text
-from mae_ops.config import Config, FinetuneConfig, HpoConfig, InputError, SearchDim, semantic_params, validate
+from mae_ops.config import (
+    STORAGE_PASSWORD_ENV,
+    Config,
+    FinetuneConfig,
+    HpoConfig,
+    InputError,
+    SearchDim,
+    redact,
+    semantic_params,
+    validate,
+)
 from mae_ops.data import PreparedData
+from mae_ops.finetuning import TrainResult, save_result, train_finetune
+from mae_ops.models.classifier import load_classifier
 from mae_ops.plots import save_figure
 from mae_ops.reporting import setup_logging
 from mae_ops.training import fingerprint
@@ -50,6 +62,11 @@ def storage(hc: HpoConfig, attempts: int = 5) -> RDBStorage:
     """The study's RDB storage. Passwords need not sit in params.yaml: PostgreSQL
     URLs without one use PGPASSWORD or ~/.pgpass, as every libpq client does."""
     url = hc.storage
+    password = os.environ.get(STORAGE_PASSWORD_ENV)
+    if password and not url.startswith("sqlite"):  # kept out of params.yaml: the environment supplies it
+        from sqlalchemy.engine import make_url
+
+        url = make_url(url).set(password=password).render_as_string(hide_password=False)
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}}  # workers wait for the file lock
@@ -68,16 +85,10 @@ def storage(hc: HpoConfig, attempts: int = 5) -> RDBStorage:
         except SQLAlchemyError as exc:
             # workers starting together on an empty database race to create its tables
             if attempt == attempts:
-                raise RuntimeError(f"cannot open the Optuna storage {_redact(url)}: {exc}") from exc
+                raise InputError(redact(f"cannot open the Optuna storage {url}: {exc}")) from exc
             log.info("storage not ready (%s), retrying", type(exc).__name__)
             time.sleep(attempt)
     raise AssertionError("unreachable")
-
-
-def _redact(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    return make_url(url).render_as_string(hide_password=True)
 
 
 def pruner(hc: HpoConfig) -> optuna.pruners.BasePruner:
@@ -100,13 +111,50 @@ def study_name(cfg: Config, data_hash: str) -> str:
 
 def create_study(cfg: Config, data_hash: str, worker: int = 0) -> optuna.Study:
     """Create (or load) the study. Each worker seeds its sampler differently, or
-    workers would propose the same random start-up trials."""
+    workers would propose the same random start-up trials; so does a resumed
+    search (by the number of trials already there), or it would replay trial 0's params."""
     hc = cfg.hpo
-    sampler = optuna.samplers.TPESampler(seed=hc.seed + worker, n_startup_trials=max(2, hc.startup_trials))
-    return optuna.create_study(
+    study = optuna.create_study(
         storage=storage(hc), study_name=study_name(cfg, data_hash), direction="maximize", load_if_exists=True,
-        sampler=sampler, pruner=pruner(hc),
+        pruner=pruner(hc),
     )  # fmt: skip
+    done = len(study.get_trials(deepcopy=False))
+    study.sampler = optuna.samplers.TPESampler(seed=hc.seed + worker + 7919 * done,
+                                               n_startup_trials=max(2, hc.startup_trials))  # fmt: skip
+    return study
+
+
+def _this_host_pid() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def fail_dead_trials(study: optuna.Study) -> list[int]:
+    """Trials left RUNNING by a worker on this machine that is gone (killed before its
+    first heartbeat, or within the heartbeat's grace period) are failed now and their
+    params queued once more; trials of workers on other machines are left to the heartbeat."""
+    host = socket.gethostname()
+    failed = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker_host, _, pid = str(t.user_attrs.get("worker", "")).rpartition(":")
+        if worker_host != host or not pid.isdigit() or _alive(int(pid)):
+            continue
+        study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+        if "retry_of" not in t.user_attrs:
+            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+        failed.append(t.number)
+    if failed:
+        log.info("trials %s were left running by a worker that died: failed and queued again", failed)
+    return failed
 
 
 def suggest(trial: optuna.Trial, space: dict[str, SearchDim]) -> dict[str, Any]:
@@ -119,14 +167,15 @@ def suggest(trial: optuna.Trial, space: dict[str, SearchDim]) -> dict[str, Any]:
     return params
 
 
-def _trial_model_path(cfg: Config, number: int) -> Path:
-    return Path(cfg.finetune.checkpoint_dir) / "hpo" / f"trial-{number}.pth"
+def _trial_model_path(cfg: Config, study: str, number: int) -> Path:
+    """Where a trial keeps its model with ``hpo.retrain: false``: ``hpo.trial_dir``
+    (a disk every worker and the main machine see, when workers run elsewhere)."""
+    return Path(cfg.hpo.trial_dir) / study / f"trial-{number}.pth"
 
 
 def objective_for(cfg: Config, data: PreparedData, rt: runtime.Runtime):
-    from mae_ops.stages.finetune import save_result, train_finetune
-
     def objective(trial: optuna.Trial) -> float:
+        trial.set_user_attr("worker", _this_host_pid())  # first: a dead worker's trial is recognised by it
         params = suggest(trial, cfg.hpo.space)
         ft = FinetuneConfig.model_validate({**cfg.finetune.model_dump(), **params})
 
@@ -138,9 +187,10 @@ def objective_for(cfg: Config, data: PreparedData, rt: runtime.Runtime):
         result = train_finetune(cfg, ft, data, rt, init=ft.init, epochs=cfg.hpo.epochs, eval_every=1,
                                 report=report, desc=f"trial {trial.number}")  # fmt: skip
         if not cfg.hpo.retrain:
-            save_result(result, _trial_model_path(cfg, trial.number))
+            path = _trial_model_path(cfg, trial.study.study_name, trial.number)
+            save_result(result, path)
+            trial.set_user_attr("model_path", str(path.resolve()))
         trial.set_user_attr("train_time_s", round(result.train_time_s, 2))
-        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         return result.val_top1
 
     return objective
@@ -183,7 +233,7 @@ def work(cfg: Config, worker: int | None = None) -> list[int]:
         data = PreparedData(cfg.data.out_dir, hide_test=True)
         study = create_study(cfg, data.manifest["content_hash"], worker)
         log.info("worker %s joins study %r (%d finished trials) in %s", worker, study.study_name,
-                 len(study.get_trials(deepcopy=False, states=FINISHED)), _redact(cfg.hpo.storage))  # fmt: skip
+                 len(study.get_trials(deepcopy=False, states=FINISHED)), redact(cfg.hpo.storage))  # fmt: skip
         return optimize(cfg, data, rt, study)
     finally:
         runtime.teardown()
@@ -199,6 +249,7 @@ def _local_worker(cfg_json: dict, rank: int) -> None:
 
 def run_study(cfg: Config, data: PreparedData, rt: runtime.Runtime) -> optuna.Study:
     study = create_study(cfg, data.manifest["content_hash"])
+    fail_dead_trials(study)
     before = len(study.get_trials(deepcopy=False, states=FINISHED))
     if before:
         log.info("study %r resumes with %d finished trials", study.study_name, before)
@@ -215,17 +266,34 @@ def run_study(cfg: Config, data: PreparedData, rt: runtime.Runtime) -> optuna.St
     else:
         optimize(cfg, data, rt, study)
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        raise RuntimeError("no HPO trial completed: see the log for why they failed or were pruned")
+        raise InputError("no HPO trial completed: see the log for why they failed or were pruned")
     return study
 
 
-def best_trial_model(cfg: Config, study: optuna.Study):
-    """The best trial's own model (``hpo.retrain: false``)."""
-    from mae_ops.models.classifier import load_classifier
-    from mae_ops.stages.finetune import TrainResult
-
-    model, args = load_classifier(_trial_model_path(cfg, study.best_trial.number))
+def best_trial_model(cfg: Config, study: optuna.Study) -> TrainResult | None:
+    """The best trial's own model (``hpo.retrain: false``), or None when this machine
+    cannot read it (a worker elsewhere kept it on its own disk): then the caller retrains."""
+    best = study.best_trial
+    path = Path(best.user_attrs.get("model_path") or _trial_model_path(cfg, study.study_name, best.number))
+    if not path.exists():
+        log.warning("best trial %d's model %s (worker %s) is not readable here: retraining with its params; "
+                    "put hpo.trial_dir on a disk every worker shares to keep trial models",
+                    best.number, path, best.user_attrs.get("worker", "?"))  # fmt: skip
+        return None
+    model, args = load_classifier(path)
     return TrainResult(model, args, [{"epoch": cfg.hpo.epochs, "val_top1": study.best_value}], study.best_value)
+
+
+def write_disabled_report(hc: HpoConfig, why: str) -> None:
+    """reports/hpo when no search ran: a note (the folder is a DVC output), and no
+    stale plots of an earlier search."""
+    out = Path(hc.reports_dir)
+    if out.exists():
+        for old in out.iterdir():
+            if old.is_file():
+                old.unlink()
+    write_text(out / "README.md", f"# No hyper-parameter search in this run\n\n{why}; the fine-tuning "
+               "params were used as given in params.yaml.\n")  # fmt: skip
 
 
 def write_reports(study: optuna.Study, hc: HpoConfig) -> dict[str, Any]:

@@ -4,8 +4,8 @@ overrides into params.yaml, and the run summary."""
 
 from __future__ import annotations
 
-import fcntl
 import importlib.util
+import io
 import json
 import os
 import subprocess
@@ -16,14 +16,21 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import yaml
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
-from mae_ops.atomic import write_text
-from mae_ops.config import apply_overrides, validate
+from mae_ops.atomic import file_lock, free_bytes, write_text
+from mae_ops.config import Config, apply_overrides, redact, validate
+from mae_ops.errors import UserError
+from mae_ops.reporting import file_sha256
+from mae_ops.sources import check_sources
 
 STAGES = ("prepare", "pretrain", "finetune", "baselines", "evaluate", "export")
 LOCK_FILE = ".dvc/tmp/mae-ops-pipeline.lock"
+ERROR_FILE_ENV = "MAE_OPS_ERROR_FILE"  # where a stage command writes its one-line user error
 
 # quiet, reliable Prefect on a fresh machine: its temporary local API, no telemetry
 PREFECT_DEFAULTS = {
@@ -50,8 +57,13 @@ def load_module_file(path: Path, name: str) -> ModuleType:
     return module
 
 
-class StageFailed(RuntimeError):
-    """A DVC stage exited non-zero; the message names the stage and ends with its output."""
+class StageFailed(UserError, RuntimeError):
+    """A DVC stage exited non-zero; the message names the stage and ends with its
+    output, or is the stage's own one-line error (``user_error``: not worth a retry)."""
+
+    def __init__(self, message: str, user_error: bool = False) -> None:
+        super().__init__(message)
+        self.user_error = user_error
 
 
 @dataclass
@@ -61,11 +73,15 @@ class StageResult:
     seconds: float
 
 
-def tool_env() -> dict[str, str]:
-    """Environment in which `dvc` finds this environment's `mae-ops`, without progress bars."""
+def tool_env(error_file: Path | None = None) -> dict[str, str]:
+    """Environment in which `dvc` finds this environment's `mae-ops`, without progress
+    bars; a stage command that stops on a user error writes its one line to ``error_file``."""
     bin_dir = str(Path(sys.executable).parent)
     # the stages log one line per epoch; progress bars only garble a captured log
-    return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "TQDM_DISABLE": "1"}
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "TQDM_DISABLE": "1"}
+    if error_file is not None:
+        env[ERROR_FILE_ENV] = str(error_file)
+    return env
 
 
 def dvc_executable() -> str:
@@ -73,69 +89,127 @@ def dvc_executable() -> str:
     return str(local) if local.exists() else "dvc"
 
 
+def stage_status(repo: Path, stage: str) -> list:
+    """What DVC says is out of date in one stage (its own deps, params and outs;
+    an empty list when it is up to date), asked through DVC's API."""
+    from dvc.repo import Repo
+
+    dvc_file = (repo / "dvc.yaml").resolve()  # DVC resolves a bare stage name against the cwd, not the repo
+    with Repo(str(repo.resolve())) as dvc_repo:
+        status = dvc_repo.status(targets=[f"{dvc_file}:{stage}"])
+    return [change for changes in status.values() for change in changes]
+
+
 def run_dvc_stage(stage: str, repo: Path, log: Callable[[str], None], force: bool = False) -> StageResult:
-    """`dvc repro --single-item STAGE`: DVC decides whether it is up to date."""
+    """`dvc repro --single-item STAGE`: DVC decides whether it is up to date (asked
+    before), and afterwards must find the stage up to date (outputs in its cache),
+    or the run failed even if DVC exited 0 (e.g. a full disk during the cache copy)."""
     cmd = [dvc_executable(), "repro", "--single-item", stage, *(["--force"] if force else [])]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=repo, env=tool_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, bufsize=1)  # fmt: skip
+    ran = force or bool(stage_status(repo, stage))
+    error_file = repo / ".dvc" / "tmp" / f"mae-ops-{stage}-{os.getpid()}.error"
+    error_file.parent.mkdir(parents=True, exist_ok=True)
+    error_file.unlink(missing_ok=True)
+    proc = subprocess.Popen(cmd, cwd=repo, env=tool_env(error_file), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, bufsize=1)  # fmt: skip
     tail: list[str] = []
     assert proc.stdout is not None
     for raw in proc.stdout:
-        line = raw.rstrip()
+        line = redact(raw.rstrip())
         if line:
             log(line)
             tail = [*tail[-39:], line]
     code = proc.wait()
+    user_error = error_file.read_text().strip() if error_file.exists() else ""
+    error_file.unlink(missing_ok=True)
     if code != 0:
+        if user_error:  # the stage said what is wrong in one line: that is the message
+            raise StageFailed(f"stage '{stage}': {user_error}", user_error=True)
         raise StageFailed(f"stage '{stage}' failed (dvc exit code {code}):\n" + "\n".join(tail[-15:]))
-    ran = not any("didn't change, skipping" in line for line in tail)
+    left = stage_status(repo, stage)
+    if left:
+        raise StageFailed(
+            f"stage '{stage}' ran but DVC could not record it ({redact(str(left))[:300]}); "
+            f"{'the disk is full: ' if free_bytes(repo / '.dvc') < (1 << 20) else ''}"
+            "free some space and run the pipeline again"
+        )
     return StageResult(stage, ran, time.perf_counter() - t0)
 
 
 @contextmanager
 def pipeline_lock(repo: Path, wait_s: float = 0.0) -> Iterator[None]:
     """One pipeline run per repository at a time: a second waits up to ``wait_s``,
-    then fails with a clear message instead of racing on the same outputs."""
-    path = repo / LOCK_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    fh.seek(0)
-                    holder = fh.read().strip() or "another process"
-                    raise RuntimeError(
-                        f"another pipeline run holds {path} ({holder}); wait for it to finish "
-                        "or pass a longer lock wait"
-                    ) from None
-                time.sleep(1.0)
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
-        fh.flush()
-        try:
-            yield
-        finally:
-            fh.seek(0)
-            fh.truncate()
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    then fails with a clear message instead of racing on the same outputs.
+    Re-entrant in one process (the CLI takes it before the flow starts)."""
+    with file_lock(repo / LOCK_FILE, "another pipeline run of this project", wait_s):
+        yield
 
 
-def write_overrides(repo: Path, overrides: list[str]) -> None:
-    """Validate ``section.key=value`` overrides and write them into params.yaml,
-    so DVC sees them and dvc.lock records the exact params of the run."""
-    if not overrides:
-        return
+def plan_overrides(repo: Path, overrides: list[str]) -> tuple[Config, list[str]]:
+    """The params a run would use (params.yaml + ``overrides``), validated, and the
+    changes as ``key: old -> new`` lines; nothing is written."""
     path = repo / "params.yaml"
-    raw = yaml.safe_load(path.read_text()) or {} if path.exists() else {}
+    raw = (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
     updated = apply_overrides(raw, overrides)
-    validate(updated)  # raises ParamsError naming the bad key
-    write_text(path, yaml.safe_dump(updated, sort_keys=False))
+    cfg = validate(updated)  # raises ParamsError naming the bad key
+    changes = []
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        old, new = _lookup(raw, key), _lookup(updated, key)
+        if old != new:
+            changes.append(f"{key}: {old!r} -> {new!r}")
+    return cfg, changes
+
+
+def _lookup(tree: dict, key: str) -> Any:
+    node: Any = tree
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def preflight(repo: Path, cfg: Config, stages: list[str], overrides: list[str], force: bool) -> None:
+    """Check what can be checked before DVC removes or rewrites anything: the data
+    sources, when `prepare` is going to run."""
+    if "prepare" not in stages:
+        return
+    touches_data = any(item.strip().startswith("data.") for item in overrides)
+    if force or touches_data or stage_status(repo, "prepare"):
+        check_sources(cfg.data)
+
+
+def write_overrides(repo: Path, overrides: list[str], log: Callable[[str], None] | None = None) -> list[str]:
+    """Write validated ``section.key=value`` overrides into params.yaml, keeping its
+    comments and layout (round-trip YAML), so DVC sees them and dvc.lock records the
+    exact params of the run; returns (and logs) the keys that changed."""
+    if not overrides:
+        return []
+    _, changes = plan_overrides(repo, overrides)
+    path = repo / "params.yaml"
+    rt = YAML()
+    rt.preserve_quotes = True
+    rt.width = 4096
+    rt.representer.add_representer(type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null"))
+    doc = (rt.load(path.read_text()) if path.exists() else None) or CommentedMap()
+    updated = apply_overrides(json.loads(json.dumps(doc)), overrides)
+    for item in overrides:
+        parts = item.partition("=")[0].strip().split(".")
+        node = doc
+        for part in parts[:-1]:
+            if part not in node:
+                node[part] = CommentedMap()
+            node = node[part]
+        value = _lookup(updated, ".".join(parts))
+        if isinstance(value, list):
+            value = CommentedSeq(value)
+            value.fa.set_flow_style()
+        node[parts[-1]] = value
+    buf = io.StringIO()
+    rt.dump(doc, buf)
+    write_text(path, buf.getvalue())
+    if log is not None and changes:
+        log("params.yaml now has " + "; ".join(changes) + " (kept for later runs; dvc.lock records them)")
+    return changes
 
 
 def _read_json(path: Path) -> dict:
@@ -152,7 +226,8 @@ def run_summary(repo: Path, results: list[StageResult]) -> str:
     hpo = _read_json(repo / "reports/hpo/best_params.json")
     metrics = _read_json(repo / "reports/metrics.json")
     parity = _read_json(repo / "reports/export/parity.json")
-    bench = _read_json(repo / "reports/export/benchmark.json").get("results", {})
+    bench_report = _read_json(repo / "reports/export/benchmark.json")
+    bench = bench_report.get("results", {})
     lines = ["# mae-ops pipeline run", "", "| stage | ran | seconds |", "| --- | --- | --- |"]
     lines += [f"| {r.stage} | {'yes' if r.ran else 'skipped (up to date)'} | {r.seconds:.1f} |" for r in results]
     if manifest:
@@ -174,10 +249,15 @@ def run_summary(repo: Path, results: list[StageResult]) -> str:
         lines += ["", f"**Export**: parity max |diff| {parity['max_abs_diff']:.1e}, top-1 agreement "
                   f"{parity['top1_agreement']:.2%}" + (f", int8 top-1 {parity['int8_top1']:.2%}"
                                                        if "int8_top1" in parity else "") + "."]  # fmt: skip
-    if bench:
-        lines += [
-            "**Latency (batch 1, p50)**: " + ", ".join(f"{k} {v['batch1_p50_ms']:.2f} ms" for k, v in bench.items())
-        ]
+    model = repo / "models/finetune/model.pth"
+    this_model = file_sha256(model) if model.exists() else None
+    if bench and this_model and bench_report.get("model_sha256") == this_model:
+        lines += [f"**Latency (batch 1, p50, {bench_report.get('cpu', '?')}, measured "
+                  f"{bench_report.get('measured', '?')})**: "
+                  + ", ".join(f"{k} {v['batch1_p50_ms']:.2f} ms" for k, v in bench.items())]  # fmt: skip
+    elif bench:
+        lines += ["**Latency**: not measured for this run's model (reports/export/benchmark.json belongs to "
+                  "another model); run `python benchmarks/onnx_latency.py` to measure it."]  # fmt: skip
     pictures = ["reports/pretrain/reconstruction.png", "reports/pretrain/loss.png",
                 "reports/finetune/learning_curve.png", "reports/hpo/optimization_history.png",
                 "reports/eval/confusion_matrix.png"]  # fmt: skip

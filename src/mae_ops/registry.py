@@ -4,39 +4,62 @@ registry/
   versions/v0001/     model.onnx (+ int8, encoder), metrics.json, params.yaml, dvc.lock, info.json
   production.json     the pointer to the production version, replaced atomically (temp file + rename)
   history.jsonl       every registration, promotion, refusal and rollback, appended
+  .lock               held while a version is numbered and written or the pointer moves,
+                      so two retraining runs never take the same version number
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mae_ops.atomic import atomic_dir, write_json
+from mae_ops.atomic import file_lock, write_json
+from mae_ops.errors import UserError
 from mae_ops.reporting import git_revision
 from mae_ops.serving import open_session, run_logits
+
+log = logging.getLogger(__name__)
 
 ARTIFACTS = ("models/export/model.onnx", "models/export/model.int8.onnx", "models/export/encoder.onnx",
              "reports/metrics.json", "reports/export/parity.json", "params.yaml", "dvc.lock")  # fmt: skip
 
 
-class RegistryError(RuntimeError):
-    pass
+class RegistryError(UserError, RuntimeError):
+    """The registry cannot do what was asked; the message names the file or version."""
 
 
 def _versions_dir(registry: Path) -> Path:
     return registry / "versions"
 
 
+def _lock(registry: Path):
+    return file_lock(registry / ".lock", f"the model registry {registry}", wait_s=600.0)
+
+
+def _read(path: Path, repair: str) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RegistryError(f"{path} is corrupt ({exc}): {repair}") from None
+
+
 def list_versions(registry: Path) -> list[dict[str, Any]]:
     root = _versions_dir(registry)
     if not root.exists():
         return []
-    return [json.loads((d / "info.json").read_text()) for d in sorted(root.iterdir()) if (d / "info.json").exists()]
+    return [
+        _read(d / "info.json", "restore it or remove that version folder")
+        for d in sorted(root.iterdir())
+        if not d.name.startswith(".") and (d / "info.json").exists()
+    ]  # fmt: skip; .vNNNN.new-*: being written
 
 
 def get_version(registry: Path, version: str) -> dict[str, Any]:
@@ -44,12 +67,17 @@ def get_version(registry: Path, version: str) -> dict[str, Any]:
     if not info.exists():
         have = [v["version"] for v in list_versions(registry)]
         raise RegistryError(f"no version {version!r} in {registry}; have {have}")
-    return json.loads(info.read_text())
+    return _read(info, "restore it or remove that version folder")
 
 
 def production(registry: Path) -> dict[str, Any] | None:
     pointer = registry / "production.json"
-    return json.loads(pointer.read_text()) if pointer.exists() else None
+    if not pointer.exists():
+        return None
+    record = _read(pointer, "repair it with `mae-ops registry promote VERSION` (see `mae-ops registry list`)")
+    if not isinstance(record, dict) or "version" not in record:
+        raise RegistryError(f"{pointer} is corrupt (no version): repair it with `mae-ops registry promote VERSION`")
+    return record
 
 
 def _log(registry: Path, event: dict[str, Any]) -> None:
@@ -64,13 +92,19 @@ def history(registry: Path) -> list[dict[str, Any]]:
 
 
 def register(repo: Path, registry: Path) -> dict[str, Any]:
-    """Copy the current run's exported models, metrics and params into a new version."""
+    """Copy the current run's exported models, metrics and params into a new version
+    (numbered under the registry's lock: concurrent runs get distinct versions)."""
     if not (repo / "models/export/model.onnx").exists():
         raise RegistryError(f"{repo}/models/export/model.onnx not found: run the pipeline first")
-    existing = [v["version"] for v in list_versions(registry)]
-    version = f"v{len(existing) + 1:04d}"
-    while version in existing:  # never reuse a name
-        version = f"v{int(version[1:]) + 1:04d}"
+    with _lock(registry):
+        return _register(repo, registry)
+
+
+def _register(repo: Path, registry: Path) -> dict[str, Any]:
+    taken = [int(d.name[1:]) for d in _versions_dir(registry).glob("v*") if d.name[1:].isdigit()]
+    version = f"v{max(taken, default=0) + 1:04d}"  # never reuse a name, even of a removed version
+    if (_versions_dir(registry) / version).exists():
+        raise RegistryError(f"{_versions_dir(registry) / version} exists already; nothing was overwritten")
     manifest = json.loads((repo / "data/prepared/manifest.json").read_text())
     metrics = json.loads((repo / "reports/metrics.json").read_text())
     info = {
@@ -82,13 +116,18 @@ def register(repo: Path, registry: Path) -> dict[str, Any]:
         "git_revision": git_revision(repo) or "unknown",
         "files": [],
     }
-    with atomic_dir(_versions_dir(registry) / version) as tmp:
+    _versions_dir(registry).mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{version}.new-", dir=_versions_dir(registry)))
+    try:
         for rel in ARTIFACTS:
             src = repo / rel
             if src.exists():
                 shutil.copy2(src, tmp / src.name)
                 info["files"].append(src.name)
         write_json(tmp / "info.json", info)
+        os.rename(tmp, _versions_dir(registry) / version)  # a new name: nothing is replaced
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     _log(registry, {"event": "registered", "version": version, "test_top1": info["test_top1"]})
     return info
 
@@ -105,10 +144,19 @@ def accuracy_on_test_split(model: Path, data_dir: Path) -> float:
 
 def promote(registry: Path, version: str, reason: str, previous: str | None = "current") -> dict[str, Any]:
     """Point production at ``version``; ``previous`` is what a rollback returns to
-    (by default the version in production until now)."""
+    (by default the version in production until now). Repairs a corrupt pointer."""
+    with _lock(registry):
+        return _promote(registry, version, reason, previous)
+
+
+def _promote(registry: Path, version: str, reason: str, previous: str | None) -> dict[str, Any]:
     info = get_version(registry, version)
     if previous == "current":
-        current = production(registry)
+        try:
+            current = production(registry)
+        except RegistryError as exc:  # promoting is how a corrupt pointer gets repaired
+            log.warning("replacing a corrupt production pointer: %s", exc)
+            current = None
         previous = current["version"] if current else None
     pointer = {"version": version, "since": time.strftime("%Y-%m-%dT%H:%M:%S"), "reason": reason,
                "previous": previous, "info": info}  # fmt: skip
@@ -120,17 +168,22 @@ def promote(registry: Path, version: str, reason: str, previous: str | None = "c
 def challenge(registry: Path, challenger: str, data_dir: Path, tolerance: float = 0.0) -> dict[str, Any]:
     """Promote ``challenger`` if its test top-1 is at least the champion's minus
     ``tolerance``, both measured now on the same current test split."""
+    with _lock(registry):  # the champion cannot change between measuring it and deciding
+        return _challenge(registry, challenger, data_dir, tolerance)
+
+
+def _challenge(registry: Path, challenger: str, data_dir: Path, tolerance: float) -> dict[str, Any]:
     champion = production(registry)
     chal_acc = accuracy_on_test_split(_versions_dir(registry) / challenger / "model.onnx", data_dir)
     if champion is None:
-        promote(registry, challenger, f"first production model (test top-1 {chal_acc:.4f})")
+        _promote(registry, challenger, f"first production model (test top-1 {chal_acc:.4f})", None)
         return {"promoted": True, "challenger": challenger, "challenger_top1": chal_acc, "champion": None}
     champ_acc = accuracy_on_test_split(_versions_dir(registry) / champion["version"] / "model.onnx", data_dir)
     decision = {"challenger": challenger, "challenger_top1": chal_acc, "champion": champion["version"],
                 "champion_top1": champ_acc, "tolerance": tolerance,
                 "promoted": chal_acc >= champ_acc - tolerance}  # fmt: skip
     if decision["promoted"]:
-        promote(registry, challenger, f"test top-1 {chal_acc:.4f} vs champion {champ_acc:.4f}")
+        _promote(registry, challenger, f"test top-1 {chal_acc:.4f} vs champion {champ_acc:.4f}", "current")
     else:
         _log(registry, {"event": "kept champion", **decision})
     return decision
@@ -138,6 +191,11 @@ def challenge(registry: Path, challenger: str, data_dir: Path, tolerance: float 
 
 def rollback(registry: Path) -> dict[str, Any]:
     """Back to the production version before the current one."""
+    with _lock(registry):
+        return _rollback(registry)
+
+
+def _rollback(registry: Path) -> dict[str, Any]:
     current = production(registry)
     if current is None or not current.get("previous"):
         raise RegistryError("nothing to roll back to: no earlier production version")
@@ -145,4 +203,4 @@ def rollback(registry: Path) -> dict[str, Any]:
     # the target's own predecessor, so that repeated rollbacks walk back in time
     earlier = [e for e in history(registry) if e["event"] == "promoted" and e["version"] == target]
     before_target = earlier[-1]["previous"] if earlier else None
-    return promote(registry, target, f"rollback from {current['version']}", previous=before_target)
+    return _promote(registry, target, f"rollback from {current['version']}", before_target)

@@ -4,6 +4,7 @@ that registered models and benchmark results record, and the log setup."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import logging
 import subprocess
@@ -31,6 +32,15 @@ def write_history(history: list[dict], dest: str | Path) -> None:
     writer.writeheader()
     writer.writerows(history)
     write_text(dest, buf.getvalue())
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file, read in 1 MiB chunks (never the whole file in memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def git_revision(repo: Path) -> str | None:

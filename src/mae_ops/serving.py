@@ -19,9 +19,14 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, InvalidGraph, InvalidProtobuf, NoSuchFile
 
+from mae_ops.errors import UserError
 from mae_ops.images import ImageReadError, is_image_file, load_image
 
 log = logging.getLogger(__name__)
+
+
+class ModelError(UserError, ValueError):
+    """The file is not a model `mae-ops predict` can serve; the message says why."""
 
 
 def _gpu_present() -> bool:
@@ -48,7 +53,7 @@ def open_session(path: str | Path, device: str = "auto", threads: int | None = N
         session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
     except (Fail, InvalidArgument, InvalidGraph, InvalidProtobuf, NoSuchFile) as exc:
         # onnxruntime's own exception types are not ValueError/OSError; give callers one they can catch
-        raise ValueError(f"cannot load {path} as an ONNX model: {str(exc).splitlines()[0]}") from None
+        raise ModelError(f"cannot load {path} as an ONNX model: {str(exc).splitlines()[0]}") from None
     log.info("onnxruntime %s on %s, %d threads", Path(path).name, session.get_providers()[0],
              opts.intra_op_num_threads)  # fmt: skip
     return session
@@ -65,9 +70,29 @@ class ModelInfo:
     def from_session(cls, session: ort.InferenceSession) -> ModelInfo:
         meta = dict(session.get_modelmeta().custom_metadata_map)
         try:
-            return cls(json.loads(meta["classes"]), int(meta["img_size"]), int(meta["channels"]), meta)
+            info = cls(json.loads(meta["classes"]), int(meta["img_size"]), int(meta["channels"]), meta)
         except KeyError as exc:
-            raise ValueError(f"not an mae-ops model: metadata {exc} is missing") from None
+            raise ModelError(f"not an mae-ops model: metadata {exc} is missing") from None
+        except ValueError as exc:
+            raise ModelError(f"not an mae-ops model: unreadable metadata ({exc})") from None
+        info.check_graph(session)
+        return info
+
+    def check_graph(self, session: ort.InferenceSession) -> None:
+        """The graph must take what the metadata promises: pixels (batch, C, S, S) -> logits (batch, classes)."""
+        inputs = {i.name: i.shape for i in session.get_inputs()}
+        outputs = {o.name: o.shape for o in session.get_outputs()}
+        want_in = [self.channels, self.img_size, self.img_size]
+        shape = inputs.get("pixels")
+        logits = outputs.get("logits")
+        problem = None
+        fixed = [s if isinstance(s, int) else w for s, w in zip((shape or [None] * 4)[1:], want_in, strict=False)]
+        if shape is None or len(shape) != 4 or fixed != want_in:
+            problem = f"input 'pixels' of shape (batch, {', '.join(map(str, want_in))}), the graph takes {inputs}"
+        elif not logits or (isinstance(logits[-1], int) and logits[-1] != len(self.classes)):
+            problem = f"output 'logits' with {len(self.classes)} classes, the graph gives {outputs}"
+        if problem:
+            raise ModelError(f"the graph does not match its mae-ops metadata: expected {problem}")
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -79,7 +104,11 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 def run_logits(session: ort.InferenceSession, pixels: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """(N, C, S, S) float32 in [0, 1] -> (N, classes) logits."""
     name = session.get_inputs()[0].name
-    out = [session.run(["logits"], {name: pixels[i : i + batch_size]})[0] for i in range(0, len(pixels), batch_size)]
+    try:
+        out = [session.run(["logits"], {name: pixels[i : i + batch_size]})[0]
+               for i in range(0, len(pixels), batch_size)]  # fmt: skip
+    except (Fail, InvalidArgument) as exc:
+        raise ModelError(f"the model cannot run on these inputs: {str(exc).splitlines()[0][:200]}") from None
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
 
 

@@ -13,12 +13,15 @@ import torch
 from timm.scheduler import CosineLRScheduler
 
 from mae_ops.atomic import save_with
+from mae_ops.errors import UserError
+from mae_ops.models.checkpoint import CheckpointError, read_checkpoint
 
 log = logging.getLogger(__name__)
 
 
-class ResumeError(RuntimeError):
-    """--resume was asked for but no checkpoint of this very run exists."""
+class ResumeError(UserError, RuntimeError):
+    """--resume was asked for but no checkpoint of this very run exists, or the
+    checkpoint is unreadable."""
 
 
 def fingerprint(payload: Any) -> str:
@@ -38,7 +41,10 @@ class Checkpointer:
             if required:
                 raise ResumeError(f"--resume: no checkpoint at {self.path}")
             return None
-        ckpt = torch.load(self.path, map_location="cpu", weights_only=True)
+        try:
+            ckpt = read_checkpoint(self.path)
+        except CheckpointError as exc:  # never silently start over on top of it
+            raise ResumeError(f"cannot resume: {exc}") from exc
         if ckpt.get("args", {}).get("fingerprint") != self.run_id:
             if required:
                 raise ResumeError(

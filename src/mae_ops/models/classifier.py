@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
-from mae_ops.models.checkpoint import encoder_state_dict, load_state_dict
+from mae_ops.models.checkpoint import CheckpointError, encoder_state_dict, load_state_dict, read_checkpoint
 from mae_ops.models.presets import preset_config
 
 
@@ -47,7 +47,7 @@ def load_encoder(model: VisionTransformer, source: str | Path | dict[str, torch.
     own = model.state_dict()
     wrong_shape = [k for k, v in enc.items() if k in own and own[k].shape != v.shape]
     if wrong_shape:
-        raise ValueError(
+        raise CheckpointError(
             f"encoder weights do not fit the classifier: shapes differ for {wrong_shape[:5]} "
             "(is model.preset the one the checkpoint was trained with?)"
         )
@@ -55,7 +55,7 @@ def load_encoder(model: VisionTransformer, source: str | Path | dict[str, torch.
     allowed_missing = ("head.", "fc_norm.")
     bad = [k for k in missing if not k.startswith(allowed_missing)]
     if unexpected or bad:
-        raise ValueError(
+        raise CheckpointError(
             f"encoder weights do not fit the classifier: missing {bad[:5]}, unexpected {unexpected[:5]} "
             "(is model.preset the one the checkpoint was trained with?)"
         )
@@ -68,7 +68,7 @@ def classifier_checkpoint(model: nn.Module, args: dict[str, Any]) -> dict:
 
 
 def load_classifier(path: str | Path, map_location: str = "cpu") -> tuple[VisionTransformer, dict[str, Any]]:
-    ckpt = torch.load(Path(path), map_location=map_location, weights_only=True)
+    ckpt = read_checkpoint(path)
     a = ckpt["args"]
     model = build_classifier(
         a["preset"], a["img_size"], a["in_chans"], len(a["classes"]),

@@ -11,13 +11,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
-
 from mae_ops import runtime
 from mae_ops.atomic import write_json
-from mae_ops.config import Config, FinetuneConfig
+from mae_ops.config import Config, FinetuneConfig, InputError
 from mae_ops.data import PreparedData
-from mae_ops.stages.finetune import save_result, train_finetune, train_linprobe
+from mae_ops.finetuning import save_result, train_finetune, train_linprobe
+from mae_ops.models.checkpoint import read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +25,8 @@ def final_finetune_params(cfg: Config) -> FinetuneConfig:
     """The params the final fine-tuned model was trained with (tuned ones included)."""
     path = Path(cfg.finetune.out_dir) / "model.pth"
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: run `mae-ops finetune` first")
-    args = torch.load(path, map_location="cpu", weights_only=True)["args"]
+        raise InputError(f"{path} not found: run `mae-ops finetune` first")
+    args = read_checkpoint(path)["args"]
     return FinetuneConfig.model_validate(args["finetune"])
 
 

@@ -22,10 +22,10 @@ from sklearn.metrics import ConfusionMatrixDisplay, precision_recall_fscore_supp
 from mae_ops.atomic import write_json, write_text
 from mae_ops.config import Config, InputError
 from mae_ops.data import PreparedData
+from mae_ops.finetuning import predict_proba
 from mae_ops.models.classifier import load_classifier
 from mae_ops.plots import save_figure
 from mae_ops.runtime import resolve_device
-from mae_ops.stages.finetune import predict_proba
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def model_paths(cfg: Config) -> dict[str, Path]:
     for name, path in paths.items():
         if not path.exists():
             stage = "finetune" if name == "finetune" else "baselines"
-            raise FileNotFoundError(f"{path} not found: run `mae-ops {stage}` first")
+            raise InputError(f"{path} not found: run `mae-ops {stage}` first")
     return paths
 
 

@@ -12,7 +12,6 @@ passes, so a failed export leaves the previous models untouched.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import tempfile
@@ -30,15 +29,17 @@ from mae_ops import __version__
 from mae_ops.atomic import write_json
 from mae_ops.config import Config, InputError
 from mae_ops.data import PreparedData
+from mae_ops.errors import UserError
 from mae_ops.models.checkpoint import encoder_state_dict, load_state_dict
 from mae_ops.models.classifier import load_classifier
 from mae_ops.models.presets import preset_config
+from mae_ops.reporting import file_sha256
 from mae_ops.serving import open_session, run_logits
 
 log = logging.getLogger(__name__)
 
 
-class ParityError(RuntimeError):
+class ParityError(UserError, RuntimeError):
     """The exported model does not compute what the PyTorch model computes."""
 
 
@@ -90,10 +91,6 @@ def to_onnx(module: nn.Module, example: torch.Tensor, dest: Path, outputs: list[
     onnx.checker.check_model(str(dest), full_check=True)
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _test_pixels(data: PreparedData) -> tuple[np.ndarray, np.ndarray]:
     ids = data.indices("test")
     if len(ids) == 0:
@@ -106,7 +103,7 @@ def run(cfg: Config) -> dict:
     torch.set_num_threads(ex.threads)
     model_path = Path(cfg.finetune.out_dir) / "model.pth"
     if not model_path.exists():
-        raise FileNotFoundError(f"{model_path} not found: run `mae-ops finetune` first")
+        raise InputError(f"{model_path} not found: run `mae-ops finetune` first")
     model, args = load_classifier(model_path)
     data = PreparedData(cfg.data.out_dir)
     pixels, labels = _test_pixels(data)
@@ -114,7 +111,7 @@ def run(cfg: Config) -> dict:
     metadata = {
         "classes": json.dumps(args["classes"]), "img_size": str(args["img_size"]), "channels": str(args["in_chans"]),
         "mean": json.dumps(args["mean"]), "std": json.dumps(args["std"]), "input": "pixels: float32 NCHW in [0, 1]",
-        "model_sha256": _sha256(model_path), "params_hash": cfg.section_hash("model", "finetune", "hpo"),
+        "model_sha256": file_sha256(model_path), "params_hash": cfg.section_hash("model", "finetune", "hpo"),
         "data_hash": args.get("data_hash", ""), "mae_ops_version": __version__, "preset": args["preset"],
     }  # fmt: skip
 

@@ -1,291 +1,38 @@
 """Stage `finetune`: pre-trained encoder + few labels -> models/finetune/.
 
-The MAE fine-tuning recipe, each part switchable in params: AdamW (0.9, 0.999),
-layer-wise lr decay (timm's parameter groups), drop path, Mixup/CutMix with
-label smoothing (timm), random affine / RandAugment / random erasing,
-per-step cosine schedule with warm-up, bf16 autocast on GPU. Trains on the
-labelled training subset, validates on the validation split and never reads
-the test split. With ``hpo.enabled`` an Optuna study picks the knobs first.
+The training itself is in mae_ops/finetuning.py (shared with the search and the
+baselines); with ``hpo.enabled`` an Optuna study (mae_ops/hpo.py) picks the
+knobs first.
 
 Outputs:
   models/finetune/model.pth       {'model', 'args'} (see models/classifier.py)
   reports/finetune/metrics.json   validation accuracy, time, what was tuned
   reports/finetune/history.csv, learning_curve.png
-  reports/hpo/...                 when the search runs (see mae_ops/hpo.py)
+  reports/hpo/...                 the search's reports (a note when the search is off)
 """
 
 from __future__ import annotations
 
 import logging
-import random
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-import torch.nn as nn
-from PIL import Image
-from timm.data import Mixup, rand_augment_transform
-from timm.data.random_erasing import RandomErasing
-from timm.loss import SoftTargetCrossEntropy
-from timm.optim import param_groups_layer_decay
-from tqdm.auto import tqdm
-
-from mae_ops import runtime
-from mae_ops.atomic import save_with, write_json
+from mae_ops import hpo, runtime
+from mae_ops.atomic import write_json
 from mae_ops.config import Config, FinetuneConfig, semantic_params
-from mae_ops.data import PreparedData, batch_loader, normalize, random_affine, set_epoch
-from mae_ops.models.classifier import build_classifier, classifier_checkpoint, load_encoder
+from mae_ops.data import PreparedData
+from mae_ops.finetuning import save_result, train_finetune, train_linprobe
 from mae_ops.plots import learning_curve
 from mae_ops.reporting import write_history
-from mae_ops.training import Checkpointer, cosine_schedule, fingerprint
+from mae_ops.training import Checkpointer, fingerprint
 
 log = logging.getLogger(__name__)
-
-ReportFn = Callable[[int, float], None]  # (epoch, val top-1) -> may raise optuna.TrialPruned
-
-
-@dataclass
-class TrainResult:
-    model: nn.Module
-    args: dict[str, Any]
-    history: list[dict] = field(default_factory=list)
-    val_top1: float = 0.0
-    train_time_s: float = 0.0
-
-
-# ------------------------------------------------------------------- helpers
-def encoder_source(cfg: Config, init: str) -> Path | None:
-    """Where the encoder weights come from: None for a from-scratch baseline."""
-    if init == "scratch":
-        return None
-    path = Path(cfg.pretrain.out_dir) / "encoder.pth" if init == "pretrain" else Path(init)
-    if not path.exists():
-        hint = "run `mae-ops pretrain` first" if init == "pretrain" else "init must be pretrain, scratch or a file"
-        raise FileNotFoundError(f"encoder checkpoint {path} not found: {hint}")
-    return path
-
-
-def make_classifier(
-    cfg: Config, ft: FinetuneConfig, data: PreparedData, init: str, linprobe: bool = False
-) -> tuple[nn.Module, dict[str, Any]]:
-    model = build_classifier(
-        cfg.model.preset, data.img_size, data.channels, len(data.classes),
-        global_pool=ft.global_pool, drop_path=0.0 if linprobe else ft.drop_path, linprobe=linprobe,
-    )  # fmt: skip
-    source = encoder_source(cfg, init)
-    if source is not None:
-        load_encoder(model, source)
-    args = {
-        "preset": cfg.model.preset, "img_size": data.img_size, "in_chans": data.channels,
-        "classes": data.classes, "mean": data.mean, "std": data.std, "global_pool": ft.global_pool,
-        "mode": "linprobe" if linprobe else "finetune", "init": init,
-        "finetune": ft.model_dump(mode="json"), "data_hash": data.manifest["content_hash"],
-    }  # fmt: skip
-    return model, args
-
-
-@torch.no_grad()
-def predict_proba(
-    model: nn.Module, data: PreparedData, ids: np.ndarray, device: torch.device, batch_size: int = 256
-) -> np.ndarray:
-    """Class probabilities (len(ids), classes) on un-augmented images."""
-    model.eval()
-    out = []
-    for start in range(0, len(ids), batch_size):
-        rows = ids[start : start + batch_size]
-        x = torch.from_numpy(np.ascontiguousarray(data.images[rows])).to(device)
-        out.append(torch.softmax(model(normalize(x, data.mean, data.std)).float(), dim=-1).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, len(data.classes)), dtype=np.float32)
-
-
-def accuracy(model: nn.Module, data: PreparedData, ids: np.ndarray, device: torch.device) -> float:
-    if len(ids) == 0:
-        return float("nan")
-    probs = predict_proba(model, data, ids, device)
-    return float((probs.argmax(1) == data.labels[ids]).mean())
-
-
-def _randaugment_batch(imgs: torch.Tensor, transform: Callable) -> torch.Tensor:
-    """timm RandAugment works on PIL images: apply it per image on the CPU."""
-    out = []
-    for img in imgs.numpy():
-        pil = Image.fromarray(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0))
-        arr = np.asarray(transform(pil), dtype=np.uint8)
-        out.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
-    return torch.from_numpy(np.stack(out))
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)  # timm's Mixup draws from numpy
-    torch.manual_seed(seed)
-
-
-# ------------------------------------------------------------------ training
-def finetune_optimizer(model: nn.Module, ft: FinetuneConfig, lr: float, fused: bool) -> torch.optim.AdamW:
-    """AdamW over timm's layer-decay groups: each group's ``lr_scale`` is
-    layer_decay ** (depth + 1 - layer), no weight decay on norms, biases, tokens."""
-    groups = param_groups_layer_decay(
-        model, ft.weight_decay, no_weight_decay_list=model.no_weight_decay(), layer_decay=ft.layer_decay
-    )
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=fused or None)
-
-
-def train_finetune(
-    cfg: Config,
-    ft: FinetuneConfig,
-    data: PreparedData,
-    rt: runtime.Runtime,
-    *,
-    init: str,
-    epochs: int,
-    eval_every: int | None = None,
-    report: ReportFn | None = None,
-    checkpointer: Checkpointer | None = None,
-    desc: str = "finetune",
-) -> TrainResult:
-    """Fine-tune the whole network on the labelled training subset."""
-    _seed_everything(ft.seed)
-    model, args = make_classifier(cfg, ft, data, init)
-    model.to(rt.device)
-    train_ids = data.indices("train", labelled_only=True)
-    val_ids = data.indices("val")
-    batch = min(ft.batch_size, len(train_ids))
-    loader = batch_loader(data, train_ids, batch, shuffle=True, seed=ft.seed, drop_last=True)
-    updates_per_epoch = len(loader)
-
-    lr = ft.base_lr * batch / 256
-    optimizer = finetune_optimizer(model, ft, lr, fused=rt.device.type == "cuda")
-    scheduler = cosine_schedule(optimizer, epochs, updates_per_epoch, ft.warmup_epochs, ft.min_lr)
-    mixup = None
-    if ft.mixup > 0 or ft.cutmix > 0:
-        mixup = Mixup(mixup_alpha=ft.mixup, cutmix_alpha=ft.cutmix, label_smoothing=ft.label_smoothing,
-                      num_classes=len(data.classes))  # fmt: skip
-    criterion = SoftTargetCrossEntropy() if mixup else nn.CrossEntropyLoss(label_smoothing=ft.label_smoothing)
-    randaug = None
-    if ft.randaug:
-        fill = tuple(round(255 * m) for m in data.mean)
-        randaug = rand_augment_transform(ft.randaug, {"img_mean": fill if len(fill) == 3 else fill[0]})
-    eraser = RandomErasing(ft.random_erase, mode="pixel", device=str(rt.device)) if ft.random_erase > 0 else None
-
-    start_epoch, history = 0, []
-    if checkpointer is not None:
-        ckpt = checkpointer.load()
-        if ckpt is not None:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            start_epoch, history = int(ckpt["epoch"]) + 1, list(ckpt["args"]["history"])
-            log.info("resumed %s from %s at epoch %d/%d", desc, checkpointer.path, start_epoch, epochs)
-
-    eval_every = eval_every or ft.eval_every
-    val_top1 = history[-1]["val_top1"] if history else float("nan")
-    t0 = time.perf_counter()
-    bar = tqdm(range(start_epoch, epochs), desc=desc, unit="epoch", leave=False)
-    for epoch in bar:
-        _seed_everything(ft.seed * 1009 + epoch)
-        set_epoch(loader, epoch)
-        gen = torch.Generator(device=rt.device).manual_seed(ft.seed * 1_000_003 + epoch)
-        model.train()
-        loss_sum = torch.zeros((), device=rt.device)
-        for step, (imgs, labels) in enumerate(loader):
-            if randaug is not None:
-                imgs = _randaugment_batch(imgs, randaug)
-            x = imgs.to(rt.device, non_blocking=True).float().div_(255.0)
-            x = random_affine(x, ft.translate, ft.rotate, ft.scale, ft.hflip, generator=gen)
-            x = normalize(x, data.mean, data.std)
-            if eraser is not None:
-                x = eraser(x)
-            y = labels.to(rt.device, non_blocking=True)
-            if mixup is not None:
-                x, y = mixup(x, y)
-            scheduler.step_update(epoch * updates_per_epoch + step)
-            with rt.autocast():
-                loss = criterion(model(x), y)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach()
-        train_loss = float(loss_sum / updates_per_epoch)
-        if not np.isfinite(train_loss):
-            raise FloatingPointError(f"fine-tuning loss is {train_loss} at epoch {epoch + 1}: lower finetune.base_lr")
-        last = epoch + 1 == epochs
-        if (epoch + 1) % eval_every == 0 or last:
-            val_top1 = accuracy(model, data, val_ids, rt.device)
-            if report is not None:
-                report(epoch + 1, val_top1)
-        history.append({"epoch": epoch + 1, "train_loss": round(train_loss, 5), "val_top1": round(val_top1, 5),
-                        "lr": float(f"{optimizer.param_groups[-1]['lr']:.6g}")})  # fmt: skip
-        bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{val_top1:.3f}")
-        if checkpointer is not None and ((epoch + 1) % ft.save_every == 0 or last):
-            checkpointer.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                               "epoch": epoch, "args": {"history": history}})  # fmt: skip
-    model.eval()
-    return TrainResult(model, args, history, val_top1, time.perf_counter() - t0)
-
-
-@torch.no_grad()
-def _features(model: nn.Module, data: PreparedData, ids: np.ndarray, device: torch.device) -> torch.Tensor:
-    model.eval()
-    feats = []
-    for start in range(0, len(ids), 256):
-        x = torch.from_numpy(np.ascontiguousarray(data.images[ids[start : start + 256]])).to(device)
-        feats.append(model.forward_head(model.forward_features(normalize(x, data.mean, data.std)), pre_logits=True))
-    return torch.cat(feats)
-
-
-def train_linprobe(
-    cfg: Config, ft: FinetuneConfig, data: PreparedData, rt: runtime.Runtime, *, init: str = "pretrain"
-) -> TrainResult:
-    """Frozen encoder, BatchNorm (no affine) + linear head: how linearly separable
-    the pre-trained features are. Features are computed once (no augmentation)."""
-    _seed_everything(ft.seed)
-    model, args = make_classifier(cfg, ft, data, init, linprobe=True)
-    model.to(rt.device)
-    t0 = time.perf_counter()
-    train_ids, val_ids = data.indices("train", labelled_only=True), data.indices("val")
-    feats = _features(model, data, train_ids, rt.device)
-    labels = torch.from_numpy(data.labels[train_ids]).to(rt.device)
-    head = model.head
-    optimizer = torch.optim.AdamW(head.parameters(), lr=ft.linprobe_lr, weight_decay=0.0)
-    batch = min(256, len(train_ids))
-    steps = -(-len(train_ids) // batch)
-    scheduler = cosine_schedule(optimizer, ft.linprobe_epochs, steps, min(5, ft.linprobe_epochs / 10), 0.0)
-    gen = torch.Generator(device=rt.device).manual_seed(ft.seed)
-    history = []
-    for epoch in range(ft.linprobe_epochs):
-        head.train()
-        order = torch.randperm(len(train_ids), device=rt.device, generator=gen)
-        total = 0.0
-        for step in range(steps):
-            idx = order[step * batch : (step + 1) * batch]
-            if len(idx) < 2:  # BatchNorm needs two samples
-                continue
-            scheduler.step_update(epoch * steps + step)
-            loss = nn.functional.cross_entropy(head(feats[idx]), labels[idx])
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            total += float(loss.detach())
-        history.append({"epoch": epoch + 1, "train_loss": round(total / steps, 5)})
-    model.eval()
-    val_top1 = accuracy(model, data, val_ids, rt.device)
-    history[-1]["val_top1"] = round(val_top1, 5)
-    return TrainResult(model, args, history, val_top1, time.perf_counter() - t0)
 
 
 # ----------------------------------------------------------------------- run
 def run_fingerprint(cfg: Config, ft: FinetuneConfig, data: PreparedData, init: str, epochs: int) -> str:
     return fingerprint({"model": cfg.model.preset, "ft": semantic_params(ft), "init": init, "epochs": epochs,
                         "data": data.manifest["content_hash"]})  # fmt: skip
-
-
-def save_result(result: TrainResult, dest: Path) -> None:
-    ckpt = classifier_checkpoint(result.model, {**result.args, "val_top1": result.val_top1})
-    save_with(dest, lambda tmp: torch.save(ckpt, tmp))
 
 
 def run(cfg: Config, resume: bool = False) -> dict:
@@ -296,16 +43,18 @@ def run(cfg: Config, resume: bool = False) -> dict:
     hpo_summary: dict[str, Any] = {}
     kept = None
     if cfg.hpo.enabled and ft.mode == "finetune":
-        from mae_ops import hpo
-
         study = hpo.run_study(cfg, data, rt)
         tuned = dict(study.best_params)
         hpo_summary = hpo.write_reports(study, cfg.hpo)
         ft = FinetuneConfig.model_validate({**ft.model_dump(), **tuned})
         if not cfg.hpo.retrain:
             kept = hpo.best_trial_model(cfg, study)
-    elif cfg.hpo.enabled:
-        log.info("hpo is for finetune.mode=finetune; linear probing runs with the params as given")
+            if kept is None:
+                hpo_summary["retrained"] = "the best trial's model is not readable here"
+    else:
+        why = "hpo.enabled is false" if not cfg.hpo.enabled else "the search is for finetune.mode: finetune"
+        log.info("no search: %s; training with the params as given", why)
+        hpo.write_disabled_report(cfg.hpo, why)
 
     if ft.mode == "linprobe":
         result = train_linprobe(cfg, ft, data, rt, init=ft.init)

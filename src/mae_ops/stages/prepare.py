@@ -11,6 +11,7 @@ Outputs (one folder, replaced atomically):
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -25,18 +26,13 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from mae_ops.atomic import atomic_dir, write_json
-from mae_ops.config import Config, DataConfig, InputError
+from mae_ops.config import Config, DataConfig
+from mae_ops.data import SPLITS
 from mae_ops.images import ImageReadError, is_image_file, load_image, peek_is_gray
+from mae_ops.reporting import file_sha256
+from mae_ops.sources import EMBEDDED_SOURCES, DataSourceError, check_sources, class_dirs, split_dirs
 
 log = logging.getLogger(__name__)
-
-SPLITS = {"train": 0, "val": 1, "test": 2, "unlabeled": 3}
-EMBEDDED_SOURCES = ("mnist-5k",)
-_SPLIT_DIR_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
-
-
-class DataSourceError(InputError):
-    """The configured data source cannot be used (missing folder, no classes, ...)."""
 
 
 @dataclass
@@ -62,10 +58,6 @@ def _walk_files(root: Path) -> Iterable[Path]:
             yield Path(dirpath) / name
 
 
-def _class_dirs(root: Path) -> list[Path]:
-    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
 def _collect(root: Path, label: int, split: int | None, out: Candidates) -> None:
     for path in _walk_files(root):
         if path.name.startswith("."):
@@ -78,24 +70,13 @@ def _collect(root: Path, label: int, split: int | None, out: Candidates) -> None
 
 def discover_labelled(source: Path) -> tuple[list[str], Candidates]:
     """ImageFolder layout, optionally under train/ [val/] test/ split folders."""
-    if not source.is_dir():
-        raise DataSourceError(f"data.source: folder not found: {source} (or use 'mnist-5k')")
-    subdirs = _class_dirs(source)
-    split_dirs = {d: _SPLIT_DIR_NAMES[d.name.lower()] for d in subdirs if d.name.lower() in _SPLIT_DIR_NAMES}
-    if split_dirs and "train" not in split_dirs.values():
-        raise DataSourceError(f"data.source: {source} has split folders but no train/ folder")
-    roots = split_dirs or {source: None}
-    classes = sorted({c.name for root in roots for c in _class_dirs(root)})
-    if not classes:
-        raise DataSourceError(
-            f"data.source: {source} has no class sub-folders; expected <class>/<image> "
-            "(unlabeled folders go in data.unlabeled_dirs)"
-        )
+    classes = check_sources(DataConfig(source=str(source)))
+    roots = split_dirs(source) or {source: None}
     out = Candidates()
     for root, split_name in roots.items():
         for path in sorted(p for p in root.iterdir() if p.is_file()):
             out.skipped.append({"path": str(path), "reason": "file outside a class folder"})
-        for class_dir in _class_dirs(root):
+        for class_dir in class_dirs(root):
             split = SPLITS[split_name] if split_name else None
             _collect(class_dir, classes.index(class_dir.name), split, out)
     return classes, out
@@ -151,9 +132,23 @@ def _resize_embedded(images: np.ndarray, size: int, channels: int) -> np.ndarray
     return np.repeat(images, channels, axis=1) if channels == 3 else images
 
 
+def _reserve(path: Path) -> None:
+    """Allocate a memory-mapped file's blocks now: a full disk is then an OSError
+    (ENOSPC) here, not a SIGBUS when a page is first written through the map."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # file systems without fallocate
+            raise
+    finally:
+        os.close(fd)
+
+
 def _decode_all(cands: Candidates, size: int, channels: int, out_path: Path) -> np.ndarray:
     """Decode in threads straight into a memory-mapped array; returns the ok-mask."""
     arr = np.lib.format.open_memmap(out_path, mode="w+", dtype=np.uint8, shape=(len(cands.paths), channels, size, size))
+    _reserve(out_path)
     ok = np.zeros(len(cands.paths), dtype=bool)
 
     def work(i: int) -> None:
@@ -222,20 +217,13 @@ def channel_stats(images: np.ndarray, idx: np.ndarray, chunk: int = 4096) -> tup
     return mean.round(6).tolist(), std.round(6).tolist()
 
 
-def _file_hash(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 # ----------------------------------------------------------------------- run
 def run(cfg: Config) -> dict:
     """Prepare the configured sources; returns the manifest."""
     d = cfg.data
     size = d.img_size
-    with atomic_dir(d.out_dir) as tmp:
+    check_sources(d)  # before anything is written or removed
+    with atomic_dir(d.out_dir, what=f"{d.out_dir} (another `mae-ops prepare` is writing it)") as tmp:
         cands = Candidates()
         if d.source in EMBEDDED_SOURCES:
             emb_images, emb_labels = _load_embedded(d.source)
@@ -295,7 +283,7 @@ def run(cfg: Config) -> dict:
         per_class["labelled"] = {classes[c]: int(n) for c, n in sorted(Counter(labels[labelled].tolist()).items())}
         content = hashlib.sha256()
         for name in ("images.npy", "labels.npy", "split.npy", "labelled.npy"):
-            content.update(_file_hash(tmp / name).encode())
+            content.update(file_sha256(tmp / name).encode())
         skipped = sorted(cands.skipped, key=lambda s: s["path"])
         manifest = {
             "source": d.source,

@@ -170,11 +170,16 @@ def _train(cfg: Config, rt: runtime.Runtime, resume: bool) -> dict:
     model = create_mae(cfg.model.preset, data.img_size, data.channels, p.norm_pix_loss).to(rt.device)
     run_id = run_fingerprint(cfg, data.manifest["content_hash"])
 
-    eff_batch = p.batch_size * p.accum_iter * rt.world_size
+    # a batch larger than the data is the data: the lr follows the batch really used
+    batch = min(p.batch_size, -(-len(ids) // rt.world_size))
+    if batch < p.batch_size and rt.is_main:
+        log.warning("pretrain.batch_size %d is more than the %d images (per process): batches of %d, "
+                    "lr scaled for them", p.batch_size, len(ids), batch)  # fmt: skip
+    eff_batch = batch * p.accum_iter * rt.world_size
     lr = p.base_lr * eff_batch / 256
-    drop_last = len(ids) >= p.batch_size * rt.world_size
+    drop_last = len(ids) >= batch * rt.world_size
     fast = use_fast_path(p, rt.device)
-    loader = make_loader(data, ids, p.batch_size, rt.device, fast, _loader_workers(p, rt), shuffle=True, seed=p.seed,
+    loader = make_loader(data, ids, batch, rt.device, fast, _loader_workers(p, rt), shuffle=True, seed=p.seed,
                          drop_last=drop_last, rank=rt.rank, world_size=rt.world_size)  # fmt: skip
     batches = len(loader)
     updates_per_epoch = -(-batches // p.accum_iter)

@@ -1,0 +1,53 @@
+"""Where the images come from: the embedded digits or the user's folders, and the
+checks that can be made before anything is decoded, written or removed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mae_ops.config import DataConfig, InputError
+
+EMBEDDED_SOURCES = ("mnist-5k",)
+SPLIT_DIR_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+
+
+class DataSourceError(InputError):
+    """The configured data source cannot be used (missing folder, no classes, ...)."""
+
+
+def class_dirs(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def split_dirs(source: Path) -> dict[Path, str]:
+    """train/ [val/] test/ folders of an ImageFolder source, by split name."""
+    return {d: SPLIT_DIR_NAMES[d.name.lower()] for d in class_dirs(source) if d.name.lower() in SPLIT_DIR_NAMES}
+
+
+def check_sources(d: DataConfig) -> list[str]:
+    """The class names of ``data.source``, or a DataSourceError naming the key:
+    folders that exist, split folders with a train/, at least two classes.
+    Cheap (lists folders, reads no image), so it runs before anything is written."""
+    for extra in d.unlabeled_dirs:
+        if not Path(extra).is_dir():
+            raise DataSourceError(f"data.unlabeled_dirs: folder not found: {extra}")
+    if d.source in EMBEDDED_SOURCES:
+        return [str(i) for i in range(10)]
+    source = Path(d.source)
+    if not source.is_dir():
+        raise DataSourceError(f"data.source: folder not found: {source} (or use {EMBEDDED_SOURCES[0]!r})")
+    splits = split_dirs(source)
+    if splits and "train" not in splits.values():
+        raise DataSourceError(f"data.source: {source} has split folders but no train/ folder")
+    classes = sorted({c.name for root in (splits or [source]) for c in class_dirs(root)})
+    if not classes:
+        raise DataSourceError(
+            f"data.source: {source} has no class sub-folders; expected <class>/<image> "
+            "(unlabeled folders go in data.unlabeled_dirs)"
+        )
+    if len(classes) < 2:
+        raise DataSourceError(
+            f"data.source: {source} has one class ({classes[0]!r}): a classifier needs at least two class "
+            "folders (images of a single kind can go in data.unlabeled_dirs for pre-training)"
+        )
+    return classes

@@ -177,3 +177,42 @@ def test_predict_path_does_not_import_torch(exported: Path, tmp_path: Path) -> N
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().endswith("NO_TORCH")
     assert "one.png" in proc.stdout
+
+
+def test_export_fuses_attention_and_keeps_the_faster_int8(exported: Path) -> None:
+    from collections import Counter
+
+    parity = json.loads((exported / "reports/export/parity.json").read_text())
+    fused = parity["fused_operators"]
+    assert fused.get("Attention", 0) >= 1 and fused.get("SkipLayerNormalization", 0) >= 1, fused
+    ops = Counter(n.op_type for n in onnx.load(str(exported / "models/export/model.onnx")).graph.node)
+    assert ops["Attention"] == fused["Attention"]  # in the published graph, not only in the report
+    int8 = parity["int8"]
+    assert int8["gate_split"] == "val" and set(int8["variants"]) == {"dynamic", "static"}
+    passing = {n: v for n, v in int8["variants"].items() if v["passed"]}
+    assert int8["chosen"] == min(passing, key=lambda n: passing[n]["batch1_p50_ms"])
+    ops8 = Counter(n.op_type for n in onnx.load(str(exported / "models/export/model.int8.onnx")).graph.node)
+    marker = "QuantizeLinear" if int8["chosen"] == "static" else "DynamicQuantizeLinear"
+    assert ops8[marker] > 0
+    bench = json.loads((exported / "reports/export/benchmark.json").read_text())
+    assert bench["model_sha256"] == hashlib.sha256((exported / "models/finetune/model.pth").read_bytes()).hexdigest()
+    assert {"torch_eager", "onnxruntime_fp32", "onnxruntime_int8_dynamic", "onnxruntime_int8_static"} <= set(
+        bench["results"]
+    )
+    assert all(r["batch1_p50_ms"] > 0 and r["batch32_images_per_s"] > 0 for r in bench["results"].values())
+
+
+def test_predict_decodes_in_processes_and_keeps_the_order(exported: Path, tmp_path: Path) -> None:
+    from mae_ops.serving import expand_paths, predict_files
+
+    images, _ = _test_arrays(exported)
+    for i in range(300):
+        Image.fromarray(images[i % len(images), 0]).save(tmp_path / f"d{i:04d}.png")
+    (tmp_path / "d0150.png").write_bytes(b"not a png")  # an error in the middle of a batch
+    files = expand_paths([tmp_path])
+    session = open_session(exported / "models/export/model.onnx", "cpu")
+    serial = list(predict_files(session, files, batch_size=64, workers=0))
+    parallel = list(predict_files(session, files, batch_size=64, workers=2))
+    assert [r["file"] for r in parallel] == [str(f) for f in files]
+    assert parallel == serial
+    assert "error" in parallel[150] and all("top" in r for i, r in enumerate(parallel) if i != 150)

@@ -161,6 +161,14 @@ def test_a_pipeline_that_fails_preflight_changes_nothing(tmp_path: Path) -> None
     assert (repo / "params.yaml").read_text() == params_before  # the failed override is not kept
     assert (repo / "data/prepared/manifest.json").read_text() == manifest_before
 
+    # a stage that stops on a user's mistake fails the run with its own line, and is not retried
+    if not torch.cuda.is_available():
+        proc = _cli(["pipeline", "pretrain", "--set", "pretrain.device=cuda"], repo)
+        assert proc.returncode == 2
+        assert "error: stage 'pretrain': device 'cuda' requested but CUDA is not available" in proc.stderr
+        assert (proc.stdout + proc.stderr).count("Running stage 'pretrain'") == 1  # no retry
+        (repo / "params.yaml").write_text(params_before)
+
     # a database password in params is refused, and appears nowhere
     secret = f"pw{uuid.uuid4().hex[:10]}"
     proc = _cli(["pipeline", "--set", f"hpo.storage=postgresql+psycopg://u:{secret}@127.0.0.1/db"], repo)

@@ -160,37 +160,50 @@ def predict(
     as_csv: Annotated[bool, typer.Option("--csv", help="print CSV")] = False,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     threads: Annotated[int | None, typer.Option(min=1)] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="images per onnxruntime call")] = 256,
+    workers: Annotated[int | None, typer.Option(min=0, help="decoding processes (default: up to 4)")] = None,
 ) -> None:
-    """Top-k labels for images with onnxruntime alone (no torch needed). Exit 1 if any image failed."""
+    """Top-k labels for images with onnxruntime alone (no torch needed), streamed as each
+    batch is done. Exit 1 if any image failed."""
+    import time
+
     from mae_ops.serving import expand_paths, open_session, predict_files
 
     if not model.exists():
         _fail(f"model not found: {model}")
     session = open_session(model, device, threads)
-    records = predict_files(session, expand_paths(list(paths)), top_k)
-    if not records:
+    files = expand_paths(list(paths))
+    if not files:
         _fail("no image files found")
-    if as_json:
-        for r in records:
-            typer.echo(json.dumps(r))
-    elif as_csv:
+    t0, failed = time.perf_counter(), 0
+    records = predict_files(session, files, top_k, batch_size, workers)
+    if as_json or as_csv:
         import csv
 
         writer = csv.writer(sys.stdout)
-        writer.writerow(["file", "label", "prob", "error"])
+        if as_csv:
+            writer.writerow(["file", "label", "prob", "error"])
         for r in records:
-            best = r.get("top", [{}])[0]
-            writer.writerow([r["file"], best.get("label", ""), best.get("prob", ""), r.get("error", "")])
+            failed += "error" in r
+            if as_json:
+                typer.echo(json.dumps(r))
+            else:
+                best = r.get("top", [{}])[0]
+                writer.writerow([r["file"], best.get("label", ""), best.get("prob", ""), r.get("error", "")])
     else:
         from rich.console import Console
         from rich.table import Table
 
         table = Table("file", *(f"#{i + 1}" for i in range(top_k)))
         for r in records:
+            failed += "error" in r
             cells = [f"{t['label']} ({t['prob']:.1%})" for t in r.get("top", [])] or [f"[red]error: {r['error']}"]
             table.add_row(r["file"], *cells)
         Console().print(table)
-    if any("error" in r for r in records):
+    seconds = time.perf_counter() - t0
+    typer.echo(f"{len(files)} images ({failed} failed) in {seconds:.2f}s: {len(files) / seconds:.0f} images/s",
+               err=True)  # fmt: skip
+    if failed:
         raise typer.Exit(code=1)
 
 

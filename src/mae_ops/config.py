@@ -287,9 +287,13 @@ class EvaluateConfig(_Section):
 
 class ExportConfig(_Section):
     opset: int = Field(18, ge=17, le=23)
-    quantize: bool = Field(True, description="also publish a dynamic-int8 model (gated on accuracy)")
-    per_channel: bool = False
-    max_int8_drop: float = Field(0.01, ge=0.0, le=1.0, description="largest allowed top-1 loss of int8")
+    fuse: bool = Field(True, description="onnxruntime's transformer fusions (attention, LayerNorm, GELU)")
+    quantize: bool = Field(True, description="also publish an int8 model (dynamic or static, gated on accuracy)")
+    per_channel: bool = Field(False, description="per-channel weights for dynamic int8 (static int8 always is)")
+    calibration_images: int = Field(256, ge=0, description="training images calibrating static int8; 0 = off")
+    max_int8_drop: float = Field(0.01, ge=0.0, le=1.0, description="largest allowed validation top-1 loss of int8")
+    benchmark_runs: int = Field(200, ge=0, description="timed batch-1 runs per model in the stage's benchmark; 0 = off")
+    seed: int = Field(0, ge=0)
     fp16: bool = Field(False, description="also publish an fp16 model for GPU serving")
     encoder: bool = Field(True, description="also export the pre-trained encoder as a feature extractor")
     max_abs_diff: float = Field(1e-4, gt=0.0, description="parity gate on logits, fp32")

@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,24 +127,67 @@ def expand_paths(paths: list[str | Path]) -> list[Path]:
     return files
 
 
-def predict_files(session: ort.InferenceSession, files: list[Path], top_k: int = 3) -> list[dict]:
-    """One record per file: top-k labels with probabilities, or the error that kept it out."""
-    info = ModelInfo.from_session(session)
-    records: list[dict] = []
-    arrays, ok = [], []
+def _decode_chunk(files: list[str], size: int, channels: int) -> list[np.ndarray | str]:
+    """A worker's share: each file as a (C, S, S) uint8 array, or the error that kept it out."""
+    out: list[np.ndarray | str] = []
     for f in files:
         try:
-            arrays.append(load_image(f, info.img_size, info.channels))
-            ok.append(len(records))
-            records.append({"file": str(f)})
+            out.append(load_image(f, size, channels))
         except ImageReadError as exc:
-            records.append({"file": str(f), "error": str(exc)})
+            out.append(str(exc))
         except OSError as exc:  # missing or unreadable path
-            records.append({"file": str(f), "error": f"cannot read: {exc.strerror or exc}"})
-    if arrays:
-        probs = softmax(run_logits(session, np.stack(arrays).astype(np.float32) / 255.0))
-        k = min(top_k, probs.shape[1])
-        for row, idx in zip(probs, ok, strict=True):
-            best = np.argsort(-row)[:k]
-            records[idx]["top"] = [{"label": info.classes[c], "prob": round(float(row[c]), 5)} for c in best]
-    return records
+            out.append(f"cannot read: {exc.strerror or exc}")
+    return out
+
+
+def _decoded(files: list[Path], info: ModelInfo, workers: int, chunk: int = 64) -> Iterator[np.ndarray | str]:
+    """Decode in ``workers`` processes (PIL holds the GIL for much of a small image), in
+    file order, with a bounded number of chunks in flight: memory does not grow with the folder."""
+    chunks = [[str(f) for f in files[i : i + chunk]] for i in range(0, len(files), chunk)]
+    if workers <= 1 or len(chunks) <= 1:
+        for c in chunks:
+            yield from _decode_chunk(c, info.img_size, info.channels)
+        return
+    ctx = multiprocessing.get_context("forkserver")
+    with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        pending: deque = deque()
+        for c in chunks:
+            pending.append(pool.submit(_decode_chunk, c, info.img_size, info.channels))
+            if len(pending) >= 2 * workers:
+                yield from pending.popleft().result()
+        while pending:
+            yield from pending.popleft().result()
+
+
+def predict_files(session: ort.InferenceSession, files: list[Path], top_k: int = 3, batch_size: int = 256,
+                  workers: int | None = None) -> Iterator[dict]:  # fmt: skip
+    """One record per file, in order, as soon as its batch is done: top-k labels with
+    probabilities, or the error that kept it out."""
+    info = ModelInfo.from_session(session)
+    workers = workers if workers is not None else min(4, os.cpu_count() or 1)
+    waiting: list[dict] = []
+    arrays: list[np.ndarray] = []
+
+    def flush() -> Iterator[dict]:
+        if arrays:
+            probs = softmax(run_logits(session, np.stack(arrays).astype(np.float32) / 255.0, batch_size))
+            k = min(top_k, probs.shape[1])
+            rows = iter(probs)
+            for record in waiting:
+                if "error" not in record:
+                    row = next(rows)
+                    record["top"] = [{"label": info.classes[c], "prob": round(float(row[c]), 5)}
+                                     for c in np.argsort(-row)[:k]]  # fmt: skip
+        yield from waiting
+        waiting.clear()
+        arrays.clear()
+
+    for f, decoded in zip(files, _decoded(files, info, workers), strict=True):
+        if isinstance(decoded, str):
+            waiting.append({"file": str(f), "error": decoded})
+        else:
+            waiting.append({"file": str(f)})
+            arrays.append(decoded)
+            if len(arrays) >= batch_size:
+                yield from flush()
+    yield from flush()

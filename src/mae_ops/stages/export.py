@@ -1,11 +1,19 @@
 """Stage `export`: the fine-tuned classifier -> models/export/ as ONNX, gated on parity.
 
+The graph is fused by onnxruntime's transformer optimizer (attention, LayerNorm,
+GELU: see mae_ops/deploy.py); int8 comes two ways, dynamic and static with
+calibration on training images, and the faster one that loses at most
+``export.max_int8_drop`` of validation top-1 is published; the stage then times
+every variant against PyTorch on this machine.
+
 Outputs:
-  models/export/model.onnx       fp32 classifier, dynamic batch, one file, metadata inside
-  models/export/model.int8.onnx  dynamic int8 quantization (``export.quantize``)
+  models/export/model.onnx       fp32 classifier (fused), dynamic batch, one file, metadata inside
+  models/export/model.int8.onnx  the chosen int8 model (``export.quantize``)
   models/export/model.fp16.onnx  optional fp16 variant for GPU serving (``export.fp16``)
   models/export/encoder.onnx     the pre-trained encoder as a feature extractor, [batch, embed_dim]
-  reports/export/parity.json     onnxruntime vs PyTorch on the whole test split
+  reports/export/parity.json     onnxruntime vs PyTorch on the whole test split, fused operators,
+                                 every int8 variant's validation top-1 and speed
+  reports/export/benchmark.json  latency (batch 1) and throughput (batch 32) of torch and every ONNX model
 Every file is written under a temporary name and renamed only after its gate
 passes, so a failed export leaves the previous models untouched.
 """
@@ -15,20 +23,33 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import torch
 import torch.nn as nn
-from onnxruntime.quantization import QuantType, quantize_dynamic
-from onnxruntime.quantization.shape_inference import quant_pre_process
 from timm.models.vision_transformer import VisionTransformer
 
 from mae_ops import __version__
 from mae_ops.atomic import write_json
-from mae_ops.config import Config, InputError
+from mae_ops.config import Config, ExportConfig, InputError
 from mae_ops.data import PreparedData
+from mae_ops.deploy import (
+    Deployable,
+    Features,
+    export_view,
+    fuse,
+    machine,
+    measure,
+    quantize_int8,
+    quantize_static_int8,
+    to_onnx,
+)
 from mae_ops.errors import UserError
 from mae_ops.models.checkpoint import encoder_state_dict, load_state_dict
 from mae_ops.models.classifier import load_classifier
@@ -41,27 +62,6 @@ log = logging.getLogger(__name__)
 
 class ParityError(UserError, RuntimeError):
     """The exported model does not compute what the PyTorch model computes."""
-
-
-class Deployable(nn.Module):
-    """pixels in [0, 1] -> (logits, probabilities); normalisation lives in the graph."""
-
-    def __init__(self, model: nn.Module, mean: list[float], std: list[float]) -> None:
-        super().__init__()
-        self.model = model
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
-
-    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.model((pixels - self.mean) / self.std)
-        return logits, logits.softmax(dim=-1)
-
-
-class Features(Deployable):
-    """pixels in [0, 1] -> pooled encoder features (batch, embed_dim)."""
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return self.model((pixels - self.mean) / self.std)
 
 
 def encoder_extractor(cfg: Config, data: PreparedData) -> VisionTransformer:
@@ -77,25 +77,64 @@ def encoder_extractor(cfg: Config, data: PreparedData) -> VisionTransformer:
     return vit.eval()
 
 
-def to_onnx(module: nn.Module, example: torch.Tensor, dest: Path, outputs: list[str], opset: int,
-            metadata: dict[str, str]) -> None:  # fmt: skip
-    """torch's dynamo exporter with a dynamic batch axis, one self-contained file, checked."""
-    batch = torch.export.Dim("batch", min=1, max=65536)
-    torch.onnx.export(
-        module, (example,), str(dest), input_names=["pixels"], output_names=outputs, opset_version=opset,
-        dynamo=True, dynamic_shapes={"pixels": {0: batch}}, external_data=False, optimize=True, verbose=False,
-    )  # fmt: skip
-    proto = onnx.load(str(dest))
-    onnx.helper.set_model_props(proto, metadata)
-    onnx.save(proto, str(dest))
-    onnx.checker.check_model(str(dest), full_check=True)
+def _batches(data: PreparedData, ids: np.ndarray, size: int = 256) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(pixels in [0, 1], labels) of ``ids`` in batches: never the whole split in memory."""
+    for start in range(0, len(ids), size):
+        rows = ids[start : start + size]
+        yield np.asarray(data.images[rows], dtype=np.float32) / 255.0, data.labels[rows]
 
 
-def _test_pixels(data: PreparedData) -> tuple[np.ndarray, np.ndarray]:
-    ids = data.indices("test")
-    if len(ids) == 0:
-        raise InputError("the test split is empty: parity needs test images")
-    return np.asarray(data.images[ids], dtype=np.float32) / 255.0, data.labels[ids]
+def _top1(session: ort.InferenceSession, data: PreparedData, ids: np.ndarray) -> float:
+    correct = sum(int((run_logits(session, x).argmax(1) == y).sum()) for x, y in _batches(data, ids))
+    return correct / max(1, len(ids))
+
+
+def _parity(deployable: nn.Module, session: ort.InferenceSession, data: PreparedData, ids: np.ndarray,
+            tolerance: float) -> dict[str, Any]:  # fmt: skip
+    """onnxruntime vs PyTorch on every image of ``ids``, batch by batch."""
+    max_diff, agree, torch_ok, onnx_ok = 0.0, 0, 0, 0
+    for x, y in _batches(data, ids):
+        with torch.no_grad():
+            ref = deployable(torch.from_numpy(x))[0].numpy()
+        got = run_logits(session, x)
+        max_diff = max(max_diff, float(np.abs(got - ref).max()))
+        agree += int((got.argmax(1) == ref.argmax(1)).sum())
+        torch_ok += int((ref.argmax(1) == y).sum())
+        onnx_ok += int((got.argmax(1) == y).sum())
+    n = len(ids)
+    parity = {"num_images": n, "max_abs_diff": max_diff, "top1_agreement": agree / n, "tolerance": tolerance,
+              "torch_top1": torch_ok / n, "onnx_top1": onnx_ok / n}  # fmt: skip
+    parity["passed"] = parity["max_abs_diff"] <= tolerance and agree == n
+    return parity
+
+
+def _calibration(data: PreparedData, count: int, seed: int) -> Iterator[np.ndarray]:
+    """A seeded sample of training images (never validation or test) for static int8's ranges."""
+    train = data.indices("train", "unlabeled")
+    pick = np.sort(np.random.default_rng(seed).choice(train, size=min(count, len(train)), replace=False))
+    return (x for x, _ in _batches(data, pick, 64))
+
+
+def _int8_variants(
+    ex: ExportConfig, fp32: Path, tmp: Path, data: PreparedData, gate_ids: np.ndarray, fp32_gate_top1: float,
+    bench: Callable[[Path], dict],
+) -> tuple[Path | None, dict[str, Any]]:  # fmt: skip
+    """Dynamic and calibrated static int8; each is scored on the gate split (validation)
+    and timed; the fastest at batch 1 that loses at most ``max_int8_drop`` is kept."""
+    made: dict[str, Path] = {}
+    quantize_int8(fp32, tmp / "int8-dynamic.onnx", ex.per_channel)
+    made["dynamic"] = tmp / "int8-dynamic.onnx"
+    if ex.calibration_images > 0:
+        quantize_static_int8(fp32, tmp / "int8-static.onnx", _calibration(data, ex.calibration_images, ex.seed))
+        made["static"] = tmp / "int8-static.onnx"
+    report: dict[str, Any] = {}
+    for name, path in made.items():
+        top1 = _top1(open_session(path, "cpu", ex.threads), data, gate_ids)
+        report[name] = {"gate_top1": top1, "drop": fp32_gate_top1 - top1, **bench(path)}
+        report[name]["passed"] = report[name]["drop"] <= ex.max_int8_drop
+    passing = [n for n in made if report[n]["passed"]]
+    best = min(passing, key=lambda n: report[n]["batch1_p50_ms"]) if passing else None
+    return (made[best] if best else None), {"chosen": best, "variants": report}
 
 
 def run(cfg: Config) -> dict:
@@ -106,36 +145,45 @@ def run(cfg: Config) -> dict:
         raise InputError(f"{model_path} not found: run `mae-ops finetune` first")
     model, args = load_classifier(model_path)
     data = PreparedData(cfg.data.out_dir)
-    pixels, labels = _test_pixels(data)
+    test_ids, val_ids = data.indices("test"), data.indices("val")
+    if len(test_ids) == 0:
+        raise InputError("the test split is empty: parity needs test images")
+    # int8 is chosen on the validation split; the test split stays the final, untouched score
+    gate_ids, gate_split = (val_ids, "val") if len(val_ids) else (test_ids, "test")
     deployable = Deployable(model, args["mean"], args["std"]).eval()
+    arch = preset_config(args["preset"])
     metadata = {
         "classes": json.dumps(args["classes"]), "img_size": str(args["img_size"]), "channels": str(args["in_chans"]),
         "mean": json.dumps(args["mean"]), "std": json.dumps(args["std"]), "input": "pixels: float32 NCHW in [0, 1]",
         "model_sha256": file_sha256(model_path), "params_hash": cfg.section_hash("model", "finetune", "hpo"),
         "data_hash": args.get("data_hash", ""), "mae_ops_version": __version__, "preset": args["preset"],
     }  # fmt: skip
+    one = np.asarray(data.images[test_ids[:1]], dtype=np.float32) / 255.0
+    batch = np.asarray(data.images[np.resize(test_ids, 32)], dtype=np.float32) / 255.0
+
+    def bench(path: Path) -> dict:
+        if ex.benchmark_runs == 0:
+            return {}
+        sess = open_session(path, "cpu", ex.threads)
+        return measure(lambda x: sess.run(["logits"], {"pixels": x}), one, batch, ex.benchmark_runs)
 
     out, reports = Path(ex.out_dir), Path(ex.reports_dir)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".export-", dir=out) as tmp_dir:
         tmp = Path(tmp_dir)
-        example = torch.from_numpy(pixels[:2])
-        to_onnx(deployable, example, tmp / "model.onnx", ["logits", "probabilities"], ex.opset, metadata)
+        example = torch.from_numpy(batch[:2])
+        view = Deployable(export_view(model), args["mean"], args["std"]).eval()  # same math, fusible attention
+        to_onnx(view, example, tmp / "model.raw.onnx", ["logits", "probabilities"], ex.opset, metadata)
+        fused: dict[str, int] = {}
+        if ex.fuse:
+            fused = fuse(tmp / "model.raw.onnx", tmp / "model.onnx", int(arch["num_heads"]), int(arch["embed_dim"]))
+        else:
+            (tmp / "model.raw.onnx").replace(tmp / "model.onnx")
 
-        # --- parity gate: the whole test split, onnxruntime vs PyTorch -----
-        with torch.no_grad():
-            ref = torch.cat([deployable(torch.from_numpy(pixels[i : i + 256]))[0] for i in range(0, len(pixels), 256)])
-        ref = ref.numpy()
-        got = run_logits(open_session(tmp / "model.onnx", "cpu", ex.threads), pixels)
-        parity = {
-            "num_images": len(pixels),
-            "max_abs_diff": float(np.abs(got - ref).max()),
-            "top1_agreement": float((got.argmax(1) == ref.argmax(1)).mean()),
-            "tolerance": ex.max_abs_diff,
-            "torch_top1": float((ref.argmax(1) == labels).mean()),
-            "onnx_top1": float((got.argmax(1) == labels).mean()),
-        }
-        parity["passed"] = parity["max_abs_diff"] <= ex.max_abs_diff and parity["top1_agreement"] == 1.0
+        # --- parity gate: the whole test split, onnxruntime vs PyTorch, in batches --------
+        parity = _parity(deployable, open_session(tmp / "model.onnx", "cpu", ex.threads), data, test_ids,
+                         ex.max_abs_diff)  # fmt: skip
+        parity["fused_operators"] = fused
         write_json(reports / "parity.json", parity)
         if not parity["passed"]:
             raise ParityError(
@@ -143,24 +191,27 @@ def run(cfg: Config) -> dict:
                 f"top-1 agreement {parity['top1_agreement']:.4f}; {out} left as it was"
             )
         published = {"model.onnx": tmp / "model.onnx"}
+        timings = {"torch_eager": measure(lambda x: _torch_logits(deployable, x), one, batch, ex.benchmark_runs)
+                   if ex.benchmark_runs else {}, "onnxruntime_fp32": bench(tmp / "model.onnx")}  # fmt: skip
 
-        # --- int8, gated on accuracy ------------------------------------------
+        # --- int8, chosen on the validation split ----------------------------------------
         if ex.quantize:
-            quant_pre_process(str(tmp / "model.onnx"), str(tmp / "model.pre.onnx"), skip_symbolic_shape=False)
-            quantize_dynamic(str(tmp / "model.pre.onnx"), str(tmp / "model.int8.onnx"), weight_type=QuantType.QInt8,
-                             per_channel=ex.per_channel)  # fmt: skip
-            _copy_metadata(tmp / "model.onnx", tmp / "model.int8.onnx")
-            q = run_logits(open_session(tmp / "model.int8.onnx", "cpu", ex.threads), pixels)
-            int8_top1 = float((q.argmax(1) == labels).mean())
-            parity.update(int8_top1=int8_top1, int8_drop=parity["onnx_top1"] - int8_top1,
-                          int8_max_drop=ex.max_int8_drop)  # fmt: skip
+            fp32_gate = _top1(open_session(tmp / "model.onnx", "cpu", ex.threads), data, gate_ids)
+            chosen, int8 = _int8_variants(ex, tmp / "model.onnx", tmp, data, gate_ids, fp32_gate, bench)
+            parity["int8"] = {"gate_split": gate_split, "fp32_gate_top1": fp32_gate, **int8}
             write_json(reports / "parity.json", parity)
-            if parity["int8_drop"] > ex.max_int8_drop:
+            if chosen is None:
                 raise ParityError(
-                    f"int8 model loses {parity['int8_drop']:.2%} top-1 (allowed {ex.max_int8_drop:.2%}); "
+                    f"no int8 model loses at most {ex.max_int8_drop:.2%} {gate_split} top-1 "
+                    f"({ {n: round(v['drop'], 4) for n, v in int8['variants'].items()} }); "
                     "set export.quantize=false or export.per_channel=true"
                 )
-            published["model.int8.onnx"] = tmp / "model.int8.onnx"
+            parity["int8_top1"] = _top1(open_session(chosen, "cpu", ex.threads), data, test_ids)
+            parity.update(int8_drop=parity["onnx_top1"] - parity["int8_top1"], int8_max_drop=ex.max_int8_drop,
+                          int8_method=int8["chosen"])  # fmt: skip
+            published["model.int8.onnx"] = chosen
+            for name, variant in int8["variants"].items():
+                timings[f"onnxruntime_int8_{name}"] = {k: v for k, v in variant.items() if k.startswith("batch")}
 
         if ex.fp16:
             from onnxruntime.transformers.float16 import convert_float_to_float16
@@ -177,7 +228,7 @@ def run(cfg: Config) -> dict:
             with torch.no_grad():
                 f_ref = extractor(example).numpy()
             sess = open_session(tmp / "encoder.onnx", "cpu", ex.threads)
-            f_got = sess.run(["features"], {"pixels": pixels[:2]})[0]
+            f_got = sess.run(["features"], {"pixels": batch[:2]})[0]
             parity["encoder_max_abs_diff"] = float(np.abs(f_got - f_ref).max())
             if parity["encoder_max_abs_diff"] > ex.max_abs_diff:
                 raise ParityError(f"encoder ONNX parity failed: {parity['encoder_max_abs_diff']:.2e}")
@@ -190,13 +241,27 @@ def run(cfg: Config) -> dict:
                 (out / stale).unlink(missing_ok=True)
     parity["files"] = {name: (out / name).stat().st_size for name in published}
     write_json(reports / "parity.json", parity)
-    log.info("exported %s: max |diff| %.2e, top-1 agreement %.4f", ", ".join(published),
-             parity["max_abs_diff"], parity["top1_agreement"])  # fmt: skip
+    if ex.benchmark_runs:
+        write_json(reports / "benchmark.json", _benchmark_report(timings, args, model_path, ex))
+    log.info("exported %s: max |diff| %.2e, top-1 agreement %.4f; fused %s", ", ".join(published),
+             parity["max_abs_diff"], parity["top1_agreement"], fused or "nothing")  # fmt: skip
     return parity
 
 
-def _copy_metadata(src: Path, dest: Path) -> None:
-    props = {p.key: p.value for p in onnx.load(str(src), load_external_data=False).metadata_props}
-    proto = onnx.load(str(dest))
-    onnx.helper.set_model_props(proto, props)
-    onnx.save(proto, str(dest))
+def _torch_logits(deployable: nn.Module, x: np.ndarray) -> torch.Tensor:
+    with torch.inference_mode():
+        return deployable(torch.from_numpy(x))[0]
+
+
+def _benchmark_report(timings: dict[str, dict], args: dict, model_path: Path, ex: ExportConfig) -> dict:
+    """The speed of this export's models, measured by the stage on this machine."""
+    base = timings["torch_eager"]
+    for t in timings.values():
+        if t:
+            t["batch1_speedup_vs_torch"] = round(base["batch1_p50_ms"] / t["batch1_p50_ms"], 2)
+            t["batch32_speedup_vs_torch"] = round(t["batch32_images_per_s"] / base["batch32_images_per_s"], 2)
+    return {"model": args["preset"], "model_sha256": file_sha256(model_path), "measured_by": "mae-ops export",
+            "measured": time.strftime("%Y-%m-%dT%H:%M:%S"), **machine(),
+            "threads": {"torch_intra_op": torch.get_num_threads(), "onnxruntime_intra_op": ex.threads},
+            "input": [int(args["in_chans"]), int(args["img_size"]), int(args["img_size"])],
+            "runs_batch1": ex.benchmark_runs, "results": timings}  # fmt: skip

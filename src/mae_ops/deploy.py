@@ -1,0 +1,192 @@
+"""Making the deployable ONNX model fast with onnxruntime's own tools, and
+measuring it: the export view of the classifier, the transformer fusions,
+calibrated static int8, and latency/throughput of every variant.
+
+onnxruntime's transformer optimizer recognises attention written as three
+projections (query, key, value), as Hugging Face's ViT has it; timm packs them
+into one ``qkv`` matrix, which the optimizer does not fuse. ``export_view``
+gives the exporter the same weights as three projections (same math), so the
+attention, LayerNorm and GELU of every block fuse into onnxruntime's kernels.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import platform
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+import torch.nn as nn
+
+log = logging.getLogger(__name__)
+
+
+class Deployable(nn.Module):
+    """pixels in [0, 1] -> (logits, probabilities); normalisation lives in the graph."""
+
+    def __init__(self, model: nn.Module, mean: list[float], std: list[float]) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model((pixels - self.mean) / self.std)
+        return logits, logits.softmax(dim=-1)
+
+
+class Features(Deployable):
+    """pixels in [0, 1] -> pooled encoder features (batch, embed_dim)."""
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return self.model((pixels - self.mean) / self.std)
+
+
+class SplitQKVAttention(nn.Module):
+    """timm's attention with its packed ``qkv`` as three projections: the pattern
+    onnxruntime fuses into one Attention kernel. Same weights, same result."""
+
+    def __init__(self, attn: nn.Module) -> None:
+        super().__init__()
+        dim = attn.qkv.in_features
+        self.num_heads = attn.num_heads
+        self.head_dim = dim // attn.num_heads
+        self.query, self.key, self.value = (nn.Linear(dim, dim) for _ in range(3))
+        for i, proj in enumerate((self.query, self.key, self.value)):
+            proj.weight.data.copy_(attn.qkv.weight.data[i * dim : (i + 1) * dim])
+            proj.bias.data.copy_(attn.qkv.bias.data[i * dim : (i + 1) * dim])
+        self.proj = attn.proj
+
+    def forward(self, x: torch.Tensor, *_: Any, **__: Any) -> torch.Tensor:
+        b, n, c = x.shape  # (B, N, C)
+        q = self.query(x).view(b, n, self.num_heads, self.head_dim).permute(0, 2, 1, 3)  # (B, H, N, D)
+        k = self.key(x).view(b, n, self.num_heads, self.head_dim).permute(0, 2, 3, 1)  # (B, H, D, N)
+        v = self.value(x).view(b, n, self.num_heads, self.head_dim).permute(0, 2, 1, 3)  # (B, H, N, D)
+        attn = (torch.matmul(q, k) / self.head_dim**0.5).softmax(dim=-1)  # (B, H, N, N)
+        out = torch.matmul(attn, v).permute(0, 2, 1, 3).reshape(b, n, c)  # (B, N, C)
+        return self.proj(out)
+
+
+def export_view(model: nn.Module) -> nn.Module:
+    """A copy of a timm ViT whose attention the ONNX optimizer can fuse."""
+    view = copy.deepcopy(model).eval()
+    for block in getattr(view, "blocks", []):
+        if hasattr(block.attn, "qkv") and block.attn.qkv.bias is not None:
+            block.attn = SplitQKVAttention(block.attn)
+    return view
+
+
+def to_onnx(module: nn.Module, example: torch.Tensor, dest: Path, outputs: list[str], opset: int,
+            metadata: dict[str, str]) -> None:  # fmt: skip
+    """torch's dynamo exporter with a dynamic batch axis, one self-contained file, checked."""
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    torch.onnx.export(
+        module, (example,), str(dest), input_names=["pixels"], output_names=outputs, opset_version=opset,
+        dynamo=True, dynamic_shapes={"pixels": {0: batch}}, external_data=False, optimize=True, verbose=False,
+    )  # fmt: skip
+    set_metadata(dest, metadata)
+    onnx.checker.check_model(str(dest), full_check=True)
+
+
+def set_metadata(path: Path, metadata: dict[str, str]) -> None:
+    proto = onnx.load(str(path))
+    onnx.helper.set_model_props(proto, metadata)
+    onnx.save(proto, str(path))
+
+
+def metadata_of(path: Path) -> dict[str, str]:
+    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+
+
+def fuse(src: Path, dest: Path, num_heads: int, hidden_size: int) -> dict[str, int]:
+    """onnxruntime's transformer optimizer (model type ``vit``): Attention, SkipLayerNorm,
+    LayerNorm and BiasGelu fusions. Returns the counts of fused operators."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    optimized = optimize_model(str(src), model_type="vit", num_heads=num_heads, hidden_size=hidden_size)
+    # shapes recorded for the unfused graph no longer hold: let later tools (the quantizer) infer them again
+    del optimized.model.graph.value_info[:]
+    optimized.save_model_to_file(str(dest))
+    set_metadata(dest, metadata_of(src))
+    return {k: int(v) for k, v in optimized.get_fused_operator_statistics().items() if v}
+
+
+class _Calibration:
+    """onnxruntime's CalibrationDataReader over a few hundred training images, in batches."""
+
+    def __init__(self, batches: Iterator[np.ndarray]) -> None:
+        self._batches = batches
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = next(self._batches, None)
+        return None if batch is None else {"pixels": batch}
+
+
+def _with_shapes(src: Path) -> Path:
+    """onnxruntime's symbolic shape inference (it knows the fused com.microsoft operators,
+    which ONNX's own inference does not): the quantizers need every tensor's type."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    dest = src.with_name(src.stem + ".shaped.onnx")
+    if not dest.exists():
+        quant_pre_process(str(src), str(dest), skip_optimization=True, skip_onnx_shape=True)
+    return dest
+
+
+_QUANT_OPTIONS = {"DefaultTensorType": onnx.TensorProto.FLOAT}
+
+
+def quantize_int8(src: Path, dest: Path, per_channel: bool) -> None:
+    """Dynamic int8 (weights int8, activations quantized on the fly)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(_with_shapes(src)), str(dest), weight_type=QuantType.QInt8, per_channel=per_channel,
+                     extra_options=_QUANT_OPTIONS)  # fmt: skip
+    set_metadata(dest, metadata_of(src))
+
+
+def quantize_static_int8(src: Path, dest: Path, calibration: Iterator[np.ndarray]) -> None:
+    """Static int8 in QDQ format: per-channel int8 weights, activation ranges calibrated
+    (MinMax) on training images."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    quantize_static(
+        str(_with_shapes(src)), str(dest), _Calibration(calibration), quant_format=QuantFormat.QDQ,
+        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.MinMax,
+        extra_options={**_QUANT_OPTIONS, "ActivationSymmetric": False, "WeightSymmetric": True},
+    )  # fmt: skip
+    set_metadata(dest, metadata_of(src))
+
+
+# ----------------------------------------------------------------- latency
+def _timed(fn: Callable[[], object], runs: int) -> np.ndarray:
+    for _ in range(max(3, runs // 10)):  # warm-up
+        fn()
+    times = np.empty(runs)
+    for i in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times[i] = time.perf_counter() - t0
+    return times
+
+
+def measure(run: Callable[[np.ndarray], object], one: np.ndarray, batch: np.ndarray, runs: int) -> dict[str, float]:
+    """p50/p95 latency at batch 1 (``runs`` calls) and images/s at ``len(batch)``."""
+    t1 = _timed(lambda: run(one), runs)
+    tb = _timed(lambda: run(batch), max(5, runs // 10))
+    return {"batch1_p50_ms": round(float(np.percentile(t1, 50)) * 1e3, 3),
+            "batch1_p95_ms": round(float(np.percentile(t1, 95)) * 1e3, 3),
+            f"batch{len(batch)}_images_per_s": round(len(batch) / float(np.median(tb)), 1)}  # fmt: skip
+
+
+def machine() -> dict[str, Any]:
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "python": platform.python_version(), "torch": torch.__version__}  # fmt: skip

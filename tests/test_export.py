@@ -27,7 +27,8 @@ def _test_arrays(root: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def test_parity_on_real_digits(exported: Path) -> None:
     parity = json.loads((exported / "reports/export/parity.json").read_text())
-    assert parity["num_images"] == 1000 and parity["passed"]
+    assert parity["num_images"] == int((np.load(exported / "data/prepared/split.npy") == 2).sum()) > 900
+    assert parity["passed"]
     assert parity["max_abs_diff"] <= 1e-4 and parity["top1_agreement"] == 1.0
     # check it independently: onnxruntime on the test digits vs the PyTorch classifier
     import torch

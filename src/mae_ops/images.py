@@ -89,6 +89,8 @@ def load_image(path: str | Path, size: int, channels: int) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
+                if img.format == "JPEG":  # let libjpeg decode at 1/2, 1/4 or 1/8 scale, never below `size`
+                    img.draft(None, (size, size))
                 img.load()  # forces the full decode: truncated files fail here
                 img = ImageOps.exif_transpose(img)
                 if img.width < 1 or img.height < 1:
@@ -104,3 +106,19 @@ def load_image(path: str | Path, size: int, channels: int) -> np.ndarray:
         raise ImageReadError(f"unreadable or truncated: {exc}") from None
     except (ValueError, SyntaxError, TypeError, EOFError) as exc:  # malformed headers
         raise ImageReadError(f"corrupt image: {exc}") from None
+
+
+def decode_into(store: str | Path, rows: list[int], paths: list[str], size: int, channels: int) -> list[str | None]:
+    """Decode ``paths`` straight into rows of the memory-mapped .npy ``store`` (a worker
+    process's share: no pixels travel back). Returns, per file, None or why it was skipped."""
+    arr = np.load(store, mmap_mode="r+")
+    errors: list[str | None] = []
+    for row, path in zip(rows, paths, strict=True):
+        try:
+            arr[row] = load_image(path, size, channels)
+            errors.append(None)
+        except ImageReadError as exc:
+            errors.append(str(exc))
+    arr.flush()
+    del arr
+    return errors

@@ -137,9 +137,12 @@ def accuracy_on_test_split(model: Path, data_dir: Path) -> float:
     images = np.load(data_dir / "images.npy", mmap_mode="r")
     split, labels = np.load(data_dir / "split.npy"), np.load(data_dir / "labels.npy")
     ids = np.flatnonzero(split == 2)
-    pixels = np.asarray(images[ids], dtype=np.float32) / 255.0
-    logits = run_logits(open_session(model, "cpu"), pixels)
-    return float((logits.argmax(1) == labels[ids]).mean())
+    session, correct = open_session(model, "cpu"), 0
+    for start in range(0, len(ids), 256):  # in batches: never the whole split in memory
+        rows = ids[start : start + 256]
+        logits = run_logits(session, np.asarray(images[rows], dtype=np.float32) / 255.0)
+        correct += int((logits.argmax(1) == labels[rows]).sum())
+    return correct / max(1, len(ids))
 
 
 def promote(registry: Path, version: str, reason: str, previous: str | None = "current") -> dict[str, Any]:

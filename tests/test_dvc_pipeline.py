@@ -47,7 +47,7 @@ def test_dvc_repro_runs_then_skips(tmp_path: Path) -> None:
 
     metrics = json.loads(_run([str(BIN / "dvc"), "metrics", "show", "--json"], repo))
     top1 = next(iter(metrics.values()))["data"]["reports/metrics.json"]["data"]  # keyed by revision
-    assert set(top1) == {"finetune", "scratch", "linprobe"}
+    assert set(top1) == {"finetune", "scratch", "linprobe", "logreg_pixels", "knn_pixels", "knn_mae"}
     assert all(0.0 <= m["top1"] <= 1.0 for m in top1.values())
 
     # an evaluation param change re-runs only what depends on it

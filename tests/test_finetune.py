@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import subprocess
@@ -15,7 +16,7 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from mae_ops import finetuning, hpo, runtime
+from mae_ops import classical, finetuning, hpo, runtime
 from mae_ops.config import Config
 from mae_ops.data import PreparedData
 from mae_ops.models.classifier import build_classifier, load_encoder
@@ -216,7 +217,7 @@ def test_evaluate_matches_a_direct_computation(run_root: Path) -> None:
     finetune.run(cfg)
     baselines.run(cfg)
     results = evaluate.run(cfg)
-    assert set(results) == {"finetune", "scratch", "linprobe"}
+    assert set(results) == {"finetune", "scratch", "linprobe", "logreg_pixels", "knn_pixels", "knn_mae"}
     n_test = int((np.load(run_root / "data/prepared/split.npy") == 2).sum())
     for r in results.values():
         assert 0.0 <= r["top1"] <= 1.0 and 0.0 <= r["top5"] <= 1.0 and r["top5"] >= r["top1"]
@@ -235,7 +236,16 @@ def test_evaluate_matches_a_direct_computation(run_root: Path) -> None:
             assert row["precision"] == pytest.approx((truth & predicted).sum() / predicted.sum(), abs=1e-4)
     summary = (run_root / "reports/eval/summary.md").read_text()
     assert "from scratch" in summary and "linear probe" in summary
+    # the headline margin is over the strongest baseline, whichever it is
+    strongest = max((k for k in results if k != "finetune"), key=lambda k: results[k]["top1"])
+    gain = (results["finetune"]["top1"] - results[strongest]["top1"]) * 100
+    assert f"({classical.NAMES.get(strongest, '') or ''}" in summary or strongest in ("scratch", "linprobe")
+    assert f"by **{gain:+.1f} points**" in summary
     assert (run_root / "reports/eval/confusion_matrix.png").stat().st_size > 1000
+    # the classical baselines were tuned on the validation split, and say with what
+    tuned = json.loads((run_root / "reports/baselines/metrics.json").read_text())
+    assert tuned["logreg_pixels"]["C"] in classical.LOGREG_C and tuned["knn_mae"]["k"] in classical.KNN_K
+    assert tuned["knn_mae"]["metric"] == "cosine" and 0 < tuned["knn_pixels"]["val_top1"] <= 1
 
 
 def test_resume_refuses_a_checkpoint_of_other_params(run_root: Path) -> None:

@@ -277,6 +277,7 @@ class HpoConfig(_Section):
 class EvaluateConfig(_Section):
     baseline: Literal["scratch", "none"] = "scratch"
     linprobe: bool = True
+    classical: bool = Field(True, description="logistic regression / k-NN on raw pixels, k-NN on MAE features")
     batch_size: int = Field(256, ge=1)
     device: DeviceName = "auto"
     baselines_dir: str = "models/baselines"

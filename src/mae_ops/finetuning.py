@@ -234,7 +234,7 @@ def train_finetune(
 
 
 @torch.no_grad()
-def _features(model: nn.Module, data: PreparedData, ids: np.ndarray, device: torch.device) -> torch.Tensor:
+def features(model: nn.Module, data: PreparedData, ids: np.ndarray, device: torch.device) -> torch.Tensor:
     model.eval()
     feats = []
     for start in range(0, len(ids), 256):
@@ -253,7 +253,7 @@ def train_linprobe(
     model.to(rt.device)
     t0 = time.perf_counter()
     train_ids, val_ids = data.indices("train", labelled_only=True), data.indices("val")
-    feats = _features(model, data, train_ids, rt.device)
+    feats = features(model, data, train_ids, rt.device)
     labels = torch.from_numpy(data.labels[train_ids]).to(rt.device)
     head = model.head
     optimizer = torch.optim.AdamW(head.parameters(), lr=ft.linprobe_lr, weight_decay=0.0)

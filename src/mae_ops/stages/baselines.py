@@ -4,6 +4,8 @@ scratch.pth   the same ViT, same recipe, params and epochs as the final
               fine-tuning, but randomly initialised (layer decay off: it only
               makes sense for pre-trained layers)
 linprobe.pth  the frozen pre-trained encoder with BatchNorm + linear head
+classical.npz logistic regression and k-NN on raw pixels, k-NN on the frozen MAE
+              features (mae_ops/classical.py), each tuned on the validation split
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from mae_ops import runtime
+from mae_ops import classical, runtime
 from mae_ops.atomic import write_json
 from mae_ops.config import Config, FinetuneConfig, InputError
 from mae_ops.data import PreparedData
@@ -49,6 +51,10 @@ def run(cfg: Config) -> dict:
         save_result(result, out / "linprobe.pth")
         metrics["linprobe"] = {"val_top1": round(result.val_top1, 5), "train_time_s": round(result.train_time_s, 2)}
         log.info("linear probe: val top-1 %.4f", result.val_top1)
+    if ev.classical:
+        stored, report = classical.fit_all(cfg, data, rt.device)
+        classical.save(out / "classical.npz", stored)
+        metrics.update(report)
     write_json(Path(ev.baselines_reports_dir) / "metrics.json", metrics)
     runtime.teardown()
     return metrics

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from mae_ops.atomic import write_json
-from mae_ops.deploy import Deployable, machine, measure
+from mae_ops.deploy import Deployable, machine, measure_all
 from mae_ops.models.classifier import load_classifier
 from mae_ops.reporting import file_sha256
 from mae_ops.serving import open_session
@@ -47,12 +47,13 @@ def main() -> None:
         with torch.inference_mode():
             return eager(torch.from_numpy(x))
 
-    results = {"torch_eager": measure(torch_run, batch[:1], batch, args.runs)}
+    runners = {"torch_eager": torch_run}
     for name, file in (("onnxruntime_fp32", "model.onnx"), ("onnxruntime_int8", "model.int8.onnx")):
         path = args.export_dir / file
         if path.exists():
             sess = open_session(path, "cpu", args.threads)
-            results[name] = measure(lambda x, s=sess: s.run(["logits"], {"pixels": x}), batch[:1], batch, args.runs)
+            runners[name] = lambda x, s=sess: s.run(["logits"], {"pixels": x})
+    results = measure_all(runners, batch[:1], batch, args.runs)
     base = results["torch_eager"]
     for r in results.values():
         r["batch1_speedup_vs_torch"] = round(base["batch1_p50_ms"] / r["batch1_p50_ms"], 2)

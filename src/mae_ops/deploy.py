@@ -167,24 +167,37 @@ def quantize_static_int8(src: Path, dest: Path, calibration: Iterator[np.ndarray
 
 
 # ----------------------------------------------------------------- latency
-def _timed(fn: Callable[[], object], runs: int) -> np.ndarray:
-    for _ in range(max(3, runs // 10)):  # warm-up
-        fn()
-    times = np.empty(runs)
-    for i in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times[i] = time.perf_counter() - t0
-    return times
-
-
-def measure(run: Callable[[np.ndarray], object], one: np.ndarray, batch: np.ndarray, runs: int) -> dict[str, float]:
-    """p50/p95 latency at batch 1 (``runs`` calls) and images/s at ``len(batch)``."""
-    t1 = _timed(lambda: run(one), runs)
-    tb = _timed(lambda: run(batch), max(5, runs // 10))
-    return {"batch1_p50_ms": round(float(np.percentile(t1, 50)) * 1e3, 3),
-            "batch1_p95_ms": round(float(np.percentile(t1, 95)) * 1e3, 3),
-            f"batch{len(batch)}_images_per_s": round(len(batch) / float(np.median(tb)), 1)}  # fmt: skip
+def measure_all(runners: dict[str, Callable[[np.ndarray], object]], one: np.ndarray, batch: np.ndarray,
+                runs: int, rounds: int = 10) -> dict[str, dict[str, float]]:  # fmt: skip
+    """p50/p95 latency at batch 1 (``runs`` calls each) and images/s at ``len(batch)`` for
+    every runner, interleaved in ``rounds`` (each round in a rotated order), so that a burst
+    of load on a shared machine falls on every variant alike instead of on one of them.
+    A pause before each runner's turn lets the previous one's threads (onnxruntime and
+    OpenMP spin after their work) go idle, as they would be in a server running one model."""
+    names = list(runners)
+    for fn in runners.values():  # warm-up: first calls allocate and pick kernels
+        for _ in range(5):
+            fn(one)
+        fn(batch)
+    t1: dict[str, list[float]] = {n: [] for n in names}
+    tb: dict[str, list[float]] = {n: [] for n in names}
+    per_round = max(1, runs // rounds)
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            fn = runners[name]
+            time.sleep(0.05)  # the previous runner's thread pool stops spin-waiting before this one is timed
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                fn(one)
+                t1[name].append(time.perf_counter() - t0)
+            for _ in range(max(1, per_round // 10)):
+                t0 = time.perf_counter()
+                fn(batch)
+                tb[name].append(time.perf_counter() - t0)
+    return {n: {"batch1_p50_ms": round(float(np.percentile(t1[n], 50)) * 1e3, 3),
+                "batch1_p95_ms": round(float(np.percentile(t1[n], 95)) * 1e3, 3),
+                f"batch{len(batch)}_images_per_s": round(len(batch) / float(np.median(tb[n])), 1)}
+            for n in names}  # fmt: skip
 
 
 def machine() -> dict[str, Any]:

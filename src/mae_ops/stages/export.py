@@ -45,7 +45,7 @@ from mae_ops.deploy import (
     export_view,
     fuse,
     machine,
-    measure,
+    measure_all,
     quantize_int8,
     quantize_static_int8,
     to_onnx,
@@ -116,25 +116,26 @@ def _calibration(data: PreparedData, count: int, seed: int) -> Iterator[np.ndarr
 
 
 def _int8_variants(
-    ex: ExportConfig, fp32: Path, tmp: Path, data: PreparedData, gate_ids: np.ndarray, fp32_gate_top1: float,
-    bench: Callable[[Path], dict],
-) -> tuple[Path | None, dict[str, Any]]:  # fmt: skip
-    """Dynamic and calibrated static int8; each is scored on the gate split (validation)
-    and timed; the fastest at batch 1 that loses at most ``max_int8_drop`` is kept."""
+    ex: ExportConfig, fp32: Path, tmp: Path, data: PreparedData, gate_ids: np.ndarray, fp32_gate_top1: float
+) -> dict[str, dict[str, Any]]:
+    """Dynamic and calibrated static int8, each scored on the gate split (validation)."""
     made: dict[str, Path] = {}
     quantize_int8(fp32, tmp / "int8-dynamic.onnx", ex.per_channel)
     made["dynamic"] = tmp / "int8-dynamic.onnx"
     if ex.calibration_images > 0:
         quantize_static_int8(fp32, tmp / "int8-static.onnx", _calibration(data, ex.calibration_images, ex.seed))
         made["static"] = tmp / "int8-static.onnx"
-    report: dict[str, Any] = {}
+    report: dict[str, dict[str, Any]] = {}
     for name, path in made.items():
         top1 = _top1(open_session(path, "cpu", ex.threads), data, gate_ids)
-        report[name] = {"gate_top1": top1, "drop": fp32_gate_top1 - top1, **bench(path)}
-        report[name]["passed"] = report[name]["drop"] <= ex.max_int8_drop
-    passing = [n for n in made if report[n]["passed"]]
-    best = min(passing, key=lambda n: report[n]["batch1_p50_ms"]) if passing else None
-    return (made[best] if best else None), {"chosen": best, "variants": report}
+        drop = fp32_gate_top1 - top1
+        report[name] = {"path": path, "gate_top1": top1, "drop": drop, "passed": drop <= ex.max_int8_drop}
+    return report
+
+
+def _onnx_runner(path: Path, threads: int) -> Callable[[np.ndarray], object]:
+    session = open_session(path, "cpu", threads)
+    return lambda x: session.run(["logits"], {"pixels": x})
 
 
 def run(cfg: Config) -> dict:
@@ -161,12 +162,6 @@ def run(cfg: Config) -> dict:
     one = np.asarray(data.images[test_ids[:1]], dtype=np.float32) / 255.0
     batch = np.asarray(data.images[np.resize(test_ids, 32)], dtype=np.float32) / 255.0
 
-    def bench(path: Path) -> dict:
-        if ex.benchmark_runs == 0:
-            return {}
-        sess = open_session(path, "cpu", ex.threads)
-        return measure(lambda x: sess.run(["logits"], {"pixels": x}), one, batch, ex.benchmark_runs)
-
     out, reports = Path(ex.out_dir), Path(ex.reports_dir)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".export-", dir=out) as tmp_dir:
@@ -191,27 +186,37 @@ def run(cfg: Config) -> dict:
                 f"top-1 agreement {parity['top1_agreement']:.4f}; {out} left as it was"
             )
         published = {"model.onnx": tmp / "model.onnx"}
-        timings = {"torch_eager": measure(lambda x: _torch_logits(deployable, x), one, batch, ex.benchmark_runs)
-                   if ex.benchmark_runs else {}, "onnxruntime_fp32": bench(tmp / "model.onnx")}  # fmt: skip
+        runners = {"torch_eager": lambda x: _torch_logits(deployable, x),
+                   "onnxruntime_fp32": _onnx_runner(tmp / "model.onnx", ex.threads)}  # fmt: skip
 
-        # --- int8, chosen on the validation split ----------------------------------------
+        # --- int8: both kinds scored on the validation split, the faster passing one kept ------
+        variants: dict[str, dict[str, Any]] = {}
         if ex.quantize:
             fp32_gate = _top1(open_session(tmp / "model.onnx", "cpu", ex.threads), data, gate_ids)
-            chosen, int8 = _int8_variants(ex, tmp / "model.onnx", tmp, data, gate_ids, fp32_gate, bench)
-            parity["int8"] = {"gate_split": gate_split, "fp32_gate_top1": fp32_gate, **int8}
+            variants = _int8_variants(ex, tmp / "model.onnx", tmp, data, gate_ids, fp32_gate)
+            runners.update({f"onnxruntime_int8_{n}": _onnx_runner(v["path"], ex.threads) for n, v in variants.items()})
+        # every model timed in one interleaved run on this machine
+        timings = measure_all(runners, one, batch, ex.benchmark_runs) if ex.benchmark_runs else {}
+        if ex.quantize:
+            for name, v in variants.items():
+                v.update(timings.get(f"onnxruntime_int8_{name}", {}))
+            passing = [n for n, v in variants.items() if v["passed"]]
+            # fastest at batch 1; without timings, dynamic (it needs no calibration data to reproduce)
+            chosen = min(passing, key=lambda n: (variants[n].get("batch1_p50_ms", 0.0), n)) if passing else None
+            report = {n: {k: x for k, x in v.items() if k != "path"} for n, v in variants.items()}
+            parity["int8"] = {"gate_split": gate_split, "fp32_gate_top1": fp32_gate, "chosen": chosen,
+                              "variants": report}  # fmt: skip
             write_json(reports / "parity.json", parity)
             if chosen is None:
                 raise ParityError(
                     f"no int8 model loses at most {ex.max_int8_drop:.2%} {gate_split} top-1 "
-                    f"({ {n: round(v['drop'], 4) for n, v in int8['variants'].items()} }); "
+                    f"({ {n: round(v['drop'], 4) for n, v in variants.items()} }); "
                     "set export.quantize=false or export.per_channel=true"
                 )
-            parity["int8_top1"] = _top1(open_session(chosen, "cpu", ex.threads), data, test_ids)
+            parity["int8_top1"] = _top1(open_session(variants[chosen]["path"], "cpu", ex.threads), data, test_ids)
             parity.update(int8_drop=parity["onnx_top1"] - parity["int8_top1"], int8_max_drop=ex.max_int8_drop,
-                          int8_method=int8["chosen"])  # fmt: skip
-            published["model.int8.onnx"] = chosen
-            for name, variant in int8["variants"].items():
-                timings[f"onnxruntime_int8_{name}"] = {k: v for k, v in variant.items() if k.startswith("batch")}
+                          int8_method=chosen)  # fmt: skip
+            published["model.int8.onnx"] = variants[chosen]["path"]
 
         if ex.fp16:
             from onnxruntime.transformers.float16 import convert_float_to_float16

@@ -81,9 +81,9 @@ def _collect(root: Path, key_root: Path, prefix: str, label: int, split: int | N
             out.add(path, prefix + path.relative_to(key_root).as_posix(), label, split)
 
 
-def discover_labelled(source: Path) -> tuple[list[str], Candidates]:
-    """ImageFolder layout, optionally under train/ [val/] test/ split folders."""
-    classes = check_sources(DataConfig(source=str(source)))
+def discover_labelled(source: Path, classes: list[str]) -> Candidates:
+    """ImageFolder layout, optionally under train/ [val/] test/ split folders
+    (``classes`` from ``check_sources``, which has validated the layout)."""
     roots = split_dirs(source) or {source: None}
     out = Candidates()
     for root, split_name in roots.items():
@@ -92,14 +92,13 @@ def discover_labelled(source: Path) -> tuple[list[str], Candidates]:
         for class_dir in class_dirs(root):
             split = SPLITS[split_name] if split_name else None
             _collect(class_dir, source, "", classes.index(class_dir.name), split, out)
-    return classes, out
+    return out
 
 
 def discover_unlabeled(dirs: list[str], out: Candidates) -> None:
+    """Every image under the unlabeled folders (``check_sources`` has checked they exist)."""
     for d in dirs:
         root = Path(d)
-        if not root.is_dir():
-            raise DataSourceError(f"data.unlabeled_dirs: folder not found: {root}")
         _collect(root, root, f"unlabeled:{root.name}/", -1, SPLITS["unlabeled"], out)
 
 
@@ -291,15 +290,14 @@ def run(cfg: Config) -> dict:
     """Prepare the configured sources; returns the manifest."""
     d = cfg.data
     size = d.img_size
-    check_sources(d)  # before anything is written or removed
+    classes = check_sources(d)  # before anything is written or removed
     with atomic_dir(d.out_dir, what=f"{d.out_dir} (another `mae-ops prepare` is writing it)") as tmp:
         cands = Candidates()
         if d.source in EMBEDDED_SOURCES:
             emb_images, emb_labels = _load_embedded(d.source)
-            classes = [str(i) for i in range(10)]
         else:
             emb_images, emb_labels = None, None
-            classes, cands = discover_labelled(Path(d.source))
+            cands = discover_labelled(Path(d.source), classes)
         discover_unlabeled(d.unlabeled_dirs, cands)
 
         if d.channels == "auto":

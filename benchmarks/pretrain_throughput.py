@@ -2,9 +2,10 @@
 input pipeline against the training step, and the encoder speed-up from masking.
 
     python benchmarks/pretrain_throughput.py --preset mae_vit_base_patch16 \
-        --preset mae_vit_large_patch16 --batch-size 256 --peak-tflops 790
+        --preset mae_vit_large_patch16 --modes reference@64,reference,fast,fast_fp8 --peak-tflops 989
 
-Three ways to run the same MAE step, per preset (``--modes``):
+Ways to run the same MAE step, per preset (``--modes``, each ``name`` or
+``name@batch``; the official recipe's per-GPU batch is 64):
 
   reference  the official MAE recipe's step as its code runs it: fp16 autocast with
              a GradScaler, eager, unfused AdamW, explicit (non-SDPA) attention, and
@@ -13,13 +14,21 @@ Three ways to run the same MAE step, per preset (``--modes``):
              unfused AdamW, SDPA attention, no per-step sync
   fast       the stage's default on CUDA (``pretrain.fast: auto``): plus
              torch.compile (``--compile-mode``), fused AdamW, data on the device
+  fast_fp8   fast plus ``pretrain.fp8`` (torchao float8 matmuls, sm89+ only)
+
+Before timing, each mode trains ``--curve-steps`` steps from the same initial
+weights on the same batches and masks (structured synthetic images, so the loss
+has something to learn); the JSON holds every curve and each mode's largest
+relative gap to the ``reference`` curve of the same batch size (smoothed over
+10 steps). A speed-up counts only with a matching curve.
 
 Every mode runs the stage's own pieces (``augment``, ``build_optimizer``,
 ``compile_model``, ``DeviceBatches`` / ``batch_loader``). Measured per mode:
 ``step`` (forward + backward + update on a ready batch), ``input`` (loader +
 on-device crop/flip/normalise alone) and ``end_to_end`` (both, as the stage
 runs them). On a CPU every mode runs in fp32. Images are synthetic uint8 (speed
-does not depend on pixel values) unless ``--data`` names a prepared folder.
+does not depend on pixel values, but the loss curve does) unless ``--data``
+names a prepared folder.
 Prints and writes one JSON (default reports/benchmarks/pretrain_throughput-<device>.json).
 """
 
@@ -33,8 +42,10 @@ import os
 import platform
 import resource
 import subprocess
+import sys
 import tempfile
 import time
+import traceback
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -50,13 +61,15 @@ from mae_ops.models.mae import MaskedAutoencoderViT, create_mae
 from mae_ops.models.presets import preset_config
 from mae_ops.reporting import git_revision
 from mae_ops.runtime import resolve_device, use_fast_cuda_kernels
-from mae_ops.stages.pretrain import augment, build_optimizer, compile_model, make_loader
+from mae_ops.stages.pretrain import augment, build_optimizer, compile_model, make_loader, use_fp8
 
 MODES = {
     "reference": {"amp": torch.float16, "fast": False, "sdpa": False, "sync_per_step": True},
     "plain": {"amp": torch.bfloat16, "fast": False, "sdpa": True, "sync_per_step": False},
     "fast": {"amp": torch.bfloat16, "fast": True, "sdpa": True, "sync_per_step": False},
+    "fast_fp8": {"amp": torch.bfloat16, "fast": True, "sdpa": True, "sync_per_step": False, "fp8": True},
 }
+CURVE_SMOOTHING = 10  # steps: a curve is compared by its moving mean
 
 
 def code_version() -> dict:
@@ -97,12 +110,25 @@ def _time(fn: Callable[[], None], device: torch.device, steps: int, warmup: int)
     return (time.perf_counter() - t0) / steps
 
 
+def structured_images(rng: np.random.Generator, n: int, channels: int, size: int, waves: int = 6) -> np.ndarray:
+    """(n, channels, size, size) uint8: sums of random plane waves plus noise, images a
+    masked autoencoder can learn to fill in (unlike uniform noise), made in a blink."""
+    grid = np.linspace(0.0, 1.0, size, dtype=np.float32)
+    freq = rng.uniform(-12.0, 12.0, (n, waves, 2)).astype(np.float32)  # cycles per image: structure in every patch
+    phase = rng.uniform(0, 2 * np.pi, (n, waves, 1, 1)).astype(np.float32)
+    amp = rng.normal(0, 1, (n, waves, channels)).astype(np.float32)
+    fields = np.cos(2 * np.pi * (freq[..., 0, None, None] * grid[:, None] + freq[..., 1, None, None] * grid) + phase)
+    x = np.einsum("nwhv,nwc->nchv", fields, amp) / np.sqrt(waves)  # (n, C, H, W)
+    x += rng.normal(0, 0.02, x.shape).astype(np.float32)
+    return np.clip(x * 50 + 128, 0, 255).astype(np.uint8)
+
+
 def synthetic_prepared(root: Path, n: int, channels: int, size: int) -> PreparedData:
-    """A prepared-data folder of random uint8 images (the layout `mae-ops prepare` writes)."""
+    """A prepared-data folder of structured synthetic uint8 images (the layout `mae-ops prepare` writes)."""
     rng = np.random.default_rng(0)
     images = np.lib.format.open_memmap(root / "images.npy", mode="w+", dtype=np.uint8, shape=(n, channels, size, size))
-    for start in range(0, n, 256):
-        images[start : start + 256] = rng.integers(0, 256, images[start : start + 256].shape, dtype=np.uint8)
+    for start in range(0, n, 32):
+        images[start : start + 32] = structured_images(rng, min(32, n - start), channels, size)
     images.flush()
     np.save(root / "labels.npy", np.zeros(n, dtype=np.int64))
     np.save(root / "split.npy", np.zeros(n, dtype=np.int8))
@@ -151,16 +177,18 @@ class StepBench:
         torch.manual_seed(0)
         self.model = create_mae(preset, data.img_size, data.channels, norm_pix_loss=True).to(device)
         set_fused_attention(self.model, self.spec["sdpa"])
-        self.optimizer = build_optimizer(self.model, 1e-4, 0.05, fused=self.spec["fast"])
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp == torch.float16)
-        self.step_model = compile_model(self.model, compile_mode) if self.spec["fast"] else self.model
+        self.gen = torch.Generator(device=device).manual_seed(0)
         loader = make_loader(data, data.indices("train"), batch_size, device, self.spec["fast"], num_workers,
                              shuffle=True, seed=0, drop_last=True)  # fmt: skip
         self.on_device = isinstance(loader, DeviceBatches)
         self.batches = _batches(loader, device)
         self.mean, self.std = (torch.tensor(v, device=device) for v in (data.mean, data.std))
-        self.gen = torch.Generator(device=device).manual_seed(0)
         self.ready = self.next_input()  # one augmented batch, for the step alone
+        self.flops = self._count_flops()  # before FP8: every mode is charged the same FLOPs
+        self.fp8_layers = use_fp8(self.model, device) if self.spec.get("fp8") else 0
+        self.optimizer = build_optimizer(self.model, 1e-4, 0.05, fused=self.spec["fast"])
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp == torch.float16)
+        self.step_model = compile_model(self.model, compile_mode) if self.spec["fast"] else self.model
 
     @classmethod
     def create(cls, preset: str, mode: str, batch_size: int, device: str = "auto", compile_mode: str = "default"):
@@ -172,7 +200,7 @@ class StepBench:
         bench._tmp = tmp
         return bench
 
-    def flops_per_step(self) -> int:
+    def _count_flops(self) -> int:
         """Forward + backward FLOPs of one step, counted on the eager model with explicit
         attention (every matmul visible to the counter), so every mode is charged the same."""
         set_fused_attention(self.model, False)
@@ -194,7 +222,7 @@ class StepBench:
         num_patches = self.model.patch_embed.num_patches
         return augment(next(self.batches), self.p, self.data.img_size, self.mean, self.std, num_patches, self.gen)
 
-    def train_step(self, x: torch.Tensor, noise: torch.Tensor) -> None:
+    def train_step(self, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         with self.autocast():
             loss, _, _ = self.step_model(x, self.mask_ratio, noise)
         self.scaler.scale(loss).backward()
@@ -203,19 +231,44 @@ class StepBench:
         self.optimizer.zero_grad(set_to_none=True)
         if self.spec["sync_per_step"]:
             loss.item()  # the reference logs the loss of every step
+        return loss.detach()
 
     def end_to_end(self) -> None:
         self.train_step(*self.next_input())
 
 
-def bench_mode(args, preset: str, mode: str, data: PreparedData, device: torch.device) -> dict:
-    bench = StepBench(data, preset, mode, args.batch_size, device, args.compile_mode, args.num_workers,
+def parse_mode(text: str, default_batch: int) -> tuple[str, int]:
+    """'fast' or 'reference@64' -> (mode, batch size)."""
+    name, _, batch = text.strip().partition("@")
+    if name not in MODES:
+        raise SystemExit(f"unknown mode {name!r}: one of {', '.join(MODES)}")
+    return name, int(batch) if batch else default_batch
+
+
+def smoothed(curve: list[float], window: int = CURVE_SMOOTHING) -> np.ndarray:
+    return np.convolve(np.asarray(curve, dtype=np.float64), np.ones(window) / window, mode="valid")
+
+
+def curve_gap(curve: list[float], reference: list[float]) -> float:
+    """Largest relative gap between two loss curves' moving means."""
+    a, b = smoothed(curve), smoothed(reference)
+    return float(np.max(np.abs(a - b) / np.abs(b)))
+
+
+def bench_mode(args, preset: str, mode: str, batch_size: int, data: PreparedData, device: torch.device) -> dict:
+    bench = StepBench(data, preset, mode, batch_size, device, args.compile_mode, args.num_workers,
                       args.mask_ratio)  # fmt: skip
     amp, spec = bench.amp, bench.spec
-    result: dict = {"mode": mode, "precision": str(amp).removeprefix("torch.") if amp else "fp32",
+    precision = str(amp).removeprefix("torch.") if amp else "fp32"
+    result: dict = {"mode": mode, "batch_size": batch_size, "precision": precision,
+                    "fp8_linear_layers": bench.fp8_layers,
                     "compile": spec["fast"] and args.compile_mode, "fused_adamw": spec["fast"],
                     "attention": "sdpa" if spec["sdpa"] else "explicit", "data_on_device": bench.on_device}  # fmt: skip
-    flops = bench.flops_per_step()
+    flops = bench.flops
+    t0 = time.perf_counter()  # the curve: fresh batches from the same start in every mode (compiles on step 1)
+    curve = torch.stack([bench.train_step(*bench.next_input()) for _ in range(args.curve_steps)])
+    curve_list = [_sig(v, 5) for v in curve.float().cpu().tolist()]
+    result["curve_and_compile_s"] = round(time.perf_counter() - t0, 1)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     step_s = _time(lambda: bench.train_step(*bench.ready), device, args.steps, args.warmup)
@@ -229,16 +282,19 @@ def bench_mode(args, preset: str, mode: str, data: PreparedData, device: torch.d
             torch.cuda.set_sync_debug_mode("default")
     syncs = sum("synchroniz" in str(w.message) for w in caught)
     result.update({
-        "images_per_s": round(args.batch_size / step_s, 1),
+        "images_per_s": round(batch_size / step_s, 1),
         "step_ms": round(step_s * 1e3, 2),
-        "gflop_per_image": _sig(flops / args.batch_size / 1e9),
+        "gflop_per_image": _sig(flops / batch_size / 1e9),
         "achieved_tflops": _sig(flops / step_s / 1e12),
         "mfu": _sig(flops / step_s / 1e12 / args.peak_tflops) if args.peak_tflops else None,
-        "input_images_per_s": round(args.batch_size / input_s, 1),
+        "mfu_vs_fp8_peak": _sig(flops / step_s / 1e12 / args.fp8_peak_tflops)
+        if args.fp8_peak_tflops and bench.fp8_layers else None,
+        "input_images_per_s": round(batch_size / input_s, 1),
         "input_over_step": round(step_s / input_s, 2),  # > 1: the input pipeline outruns the step
-        "end_to_end_images_per_s": round(args.batch_size / e2e_s, 1),
+        "end_to_end_images_per_s": round(batch_size / e2e_s, 1),
         "host_syncs_per_step": round(syncs / (args.steps + 2), 2) if device.type == "cuda" else None,
         "peak_memory_gib": round(_peak_memory_gib(device), 3),
+        "loss_curve": curve_list,
     })  # fmt: skip
     if mode == "plain":  # encoder alone, forward + backward: visible tokens only vs every token
 
@@ -280,48 +336,112 @@ def main() -> None:
     ap.add_argument("--mask-ratio", type=float, default=0.75)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--peak-tflops", type=float, default=None, help="chip bf16 peak, for MFU (H100/H200: ~790)")
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help="the chip's dense bf16 peak, for MFU (H100 SXM / H200: 989)")  # fmt: skip
+    ap.add_argument("--fp8-peak-tflops", type=float, default=None, help="dense FP8 peak (H100 SXM / H200: 1979)")
+    ap.add_argument("--curve-steps", type=int, default=30, help="steps of the loss curve each mode trains first")
+    ap.add_argument("--curve-tolerance", type=float, default=0.02,
+                    help="largest relative gap to the reference curve (moving mean) for a speed-up to count",
+                    )  # fmt: skip
+    ap.add_argument("--recipe-batch", type=int, default=64, help="the official recipe's per-GPU batch")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
     device = resolve_device(args.device)
     if device.type == "cuda":
         use_fast_cuda_kernels()  # as the stage's runtime.setup does
-    modes = [m.strip() for m in args.modes.split(",")]
-    runs = []
-    for preset in args.preset or ["mae_vit_tiny_patch4"]:
-        usual_size, usual_chans = preset_image(preset)
-        img_size, in_chans = args.img_size or usual_size, args.in_chans or usual_chans
-        with tempfile.TemporaryDirectory() as tmp:
+    modes = [parse_mode(m, args.batch_size) for m in args.modes.split(",")]
+    out = args.out or Path("reports/benchmarks") / f"pretrain_throughput-{device.type}.json"
+    runs: list[dict] = []
+    failed: list[str] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        made: dict[tuple[int, int], PreparedData] = {}
+        for preset in args.preset or ["mae_vit_tiny_patch4"]:
+            usual_size, usual_chans = preset_image(preset)
+            shape = (args.img_size or usual_size, args.in_chans or usual_chans)
             if args.data:
                 data = PreparedData(args.data)
-            else:
-                data = synthetic_prepared(Path(tmp), args.num_images or 8 * args.batch_size, in_chans, img_size)
-            results = []
-            for mode in modes:
-                results.append(bench_mode(args, preset, mode, data, device))
+            elif shape not in made:
+                folder = Path(tmp) / f"{shape[0]}-{shape[1]}"
+                folder.mkdir()
+                n = args.num_images or 8 * max(b for _, b in modes)
+                made[shape] = synthetic_prepared(folder, n, shape[1], shape[0])
+            data = data if args.data else made[shape]
+            results: list[dict] = []
+            for mode, batch in modes:
+                try:
+                    results.append(bench_mode(args, preset, mode, batch, data, device))
+                except Exception as exc:  # one mode failing (FP8 kernels, memory) leaves the others measured
+                    failed.append(f"{preset} {mode}@{batch}")
+                    first_line = (str(exc).strip() or "-").splitlines()[0][:300]
+                    error = f"{type(exc).__name__}: {first_line}"
+                    print(f"{preset} {mode}@{batch} failed: {error}", file=sys.stderr, flush=True)
+                    traceback.print_exc()
+                    results.append({"mode": mode, "batch_size": batch, "error": error, "images_per_s": None,
+                                    "loss_curve": None})  # fmt: skip
                 release(device)
-                print(json.dumps({"preset": preset, **results[-1]}), flush=True)
-        by_mode = {r["mode"]: r["images_per_s"] for r in results}
-        runs.append({
-            "preset": preset, "img_size": data.img_size, "in_chans": data.channels, "results": results,
-            "speedup_fast_over_reference": round(by_mode["fast"] / by_mode["reference"], 3)
-            if {"fast", "reference"} <= set(by_mode) else None,
-            "speedup_fast_over_plain": round(by_mode["fast"] / by_mode["plain"], 3)
-            if {"fast", "plain"} <= set(by_mode) else None,
-        })  # fmt: skip
+                print(json.dumps({"preset": preset, **{k: v for k, v in results[-1].items() if k != "loss_curve"}}),
+                      flush=True)  # fmt: skip
+                run = {"preset": preset, "img_size": data.img_size, "in_chans": data.channels, "results": results,
+                       **summarise(results, args)}  # fmt: skip
+                report = make_report(args, device, [*runs, run])
+                write_json(out, report)  # after each mode: a run cut short keeps what it measured
+            runs.append(run)
+    print(json.dumps({k: v for k, v in report.items() if k != "runs"} | {
+        "summary": [{k: v for k, v in run.items() if k != "results"} for run in runs]}, indent=2))  # fmt: skip
+    if failed:
+        raise SystemExit(f"failed: {', '.join(failed)}")
+
+
+def make_report(args, device: torch.device, runs: list[dict]) -> dict:
     if device.type == "cuda":
         device_name = torch.cuda.get_device_name(device)
     else:
         device_name = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    report = {
+    return {
         "device": str(device), "device_name": device_name, "torch": torch.__version__, "code": code_version(),
-        "batch_size": args.batch_size, "mask_ratio": args.mask_ratio, "compile_mode": args.compile_mode,
-        "steps": args.steps, "peak_tflops": args.peak_tflops, "runs": runs,
+        "mask_ratio": args.mask_ratio, "compile_mode": args.compile_mode, "steps": args.steps,
+        "curve_steps": args.curve_steps, "curve_tolerance": args.curve_tolerance,
+        "peak_tflops": args.peak_tflops, "fp8_peak_tflops": args.fp8_peak_tflops, "runs": runs,
     }  # fmt: skip
-    out = args.out or Path("reports/benchmarks") / f"pretrain_throughput-{device.type}.json"
-    write_json(out, report)
-    print(json.dumps(report, indent=2))
+
+
+def summarise(results: list[dict], args) -> dict:
+    """Each mode's curve gap to the reference of its batch size, and the speed-ups that count:
+    the fastest mode with a matching curve over the reference at the same batch and at the
+    recipe's per-GPU batch."""
+    results = [r for r in results if "error" not in r]
+    if not results:
+        return {"best": None}
+    reference = {r["batch_size"]: r for r in results if r["mode"] == "reference"}
+    curves: dict[str, float | None] = {}
+    for r in results:
+        ref = reference.get(r["batch_size"])
+        gap = curve_gap(r["loss_curve"], ref["loss_curve"]) if ref is not None and ref is not r else None
+        r["curve_gap_to_reference"] = None if gap is None else round(gap, 5)
+        r["curve_matches"] = None if gap is None else gap <= args.curve_tolerance
+        curves[f"{r['mode']}@{r['batch_size']}"] = r["curve_gap_to_reference"]
+    by_name = {f"{r['mode']}@{r['batch_size']}": r for r in results}
+    for r in by_name.values():  # the stage's own claim: fast changes speed, not math
+        plain = by_name.get(f"plain@{r['batch_size']}")
+        if r["mode"] == "fast" and plain is not None:
+            r["curve_gap_to_plain"] = round(curve_gap(r["loss_curve"], plain["loss_curve"]), 5)
+    candidates = [r for r in results if r["mode"] != "reference" and r["curve_matches"]]
+    best = max(candidates, key=lambda r: r["images_per_s"], default=None)
+    summary: dict = {"curve_gaps": curves, "best": None}
+    if best is not None:
+        summary["best"] = f"{best['mode']}@{best['batch_size']}"
+        same = reference.get(best["batch_size"])
+        recipe = reference.get(args.recipe_batch)
+        summary["speedup_over_reference_same_batch"] = (
+            round(best["images_per_s"] / same["images_per_s"], 3) if same else None
+        )
+        summary["speedup_over_reference_recipe_batch"] = (
+            round(best["images_per_s"] / recipe["images_per_s"], 3) if recipe else None
+        )
+    first = smoothed(results[0]["loss_curve"])  # did the curves have anything to show?
+    summary["curve_informative"] = bool(len(first) > 1 and first[-1] < 0.95 * first[0])
+    return summary
 
 
 if __name__ == "__main__":

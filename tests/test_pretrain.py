@@ -101,6 +101,18 @@ def test_missing_prepared_data_is_a_clear_error(tmp_path: Path) -> None:
         pretrain.run(tiny_config(tmp_path))
 
 
+@pytest.mark.parametrize("fast", ["off", "on"])
+def test_fp8_where_it_cannot_run_is_a_clear_error_before_training(mnist_root: Path, fast: str) -> None:
+    """FP8 needs the fast path and an sm89+ GPU: asked for elsewhere, it is refused with the
+    reason, and nothing is trained or written."""
+    from mae_ops.errors import UserError
+
+    reason = "needs the fast path" if fast == "off" else "compute capability 8.9"
+    with pytest.raises(UserError, match=reason):
+        pretrain.run(tiny_config(mnist_root, "pretrain.epochs=1", "pretrain.fp8=true", f"pretrain.fast={fast}"))
+    assert not (mnist_root / "models" / "pretrain" / "mae.pth").exists()
+
+
 def test_ddp_on_two_cpu_processes_matches_one_process_and_resumes(tmp_path: Path, prepared_mnist: Path) -> None:
     """torchrun + gloo: 2 ranks x batch 64, killed after its first checkpoint and
     run again, follow the loss curve of 1 process x batch 128."""

@@ -149,6 +149,9 @@ class PretrainConfig(_Section):
         "auto", description="torch.compile, fused AdamW, data resident on the device; auto: on with CUDA"
     )
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    fp8: bool = Field(
+        False, description="FP8 matmuls in the blocks' large linear layers (torchao float8; fast path, CUDA >= sm89)"
+    )
     seed: int = Field(0, ge=0)
     save_every: int = Field(5, ge=1, description="checkpoint every N epochs (and at the end)")
     auto_resume: bool = Field(True, description="continue a matching interrupted run")

@@ -71,6 +71,29 @@ def compile_model(model: torch.nn.Module, mode: str) -> torch.nn.Module:
     return torch.compile(model, mode=None if mode == "default" else mode)
 
 
+# kept in bf16: the first and last layers of the decoder (the pixel prediction is the loss's input)
+FP8_KEEP_HIGH_PRECISION = ["decoder_embed", "decoder_pred"]
+
+
+def use_fp8(model: torch.nn.Module, device: torch.device) -> int:
+    """FP8 matmuls (torchao float8 training, dynamic tensorwise scaling) in the linear
+    layers large enough to gain by torchao's own H100 measurements; returns how many.
+    Same parameters and state_dict keys: checkpoints stay interchangeable with bf16."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+        raise InputError("pretrain.fp8 needs a CUDA GPU of compute capability 8.9 or newer (L4, L40, H100, H200)")
+    try:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+        from torchao.float8.float8_linear_utils import _auto_filter_for_recipe
+    except ImportError as e:
+        raise InputError("pretrain.fp8 needs torchao (pip install 'mae-ops[fp8]')") from e
+    before = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    convert_to_float8_training(
+        model, config=Float8LinearConfig.from_recipe_name("tensorwise"),
+        module_filter_fn=_auto_filter_for_recipe("tensorwise", FP8_KEEP_HIGH_PRECISION),
+    )  # fmt: skip
+    return before - sum(type(m) is torch.nn.Linear for m in model.modules())
+
+
 def augment(
     imgs: torch.Tensor, p: PretrainConfig, img_size: int, mean: torch.Tensor, std: torch.Tensor,
     num_patches: int, generator: torch.Generator,
@@ -179,6 +202,9 @@ def _train(cfg: Config, rt: runtime.Runtime, resume: bool) -> dict:
     lr = p.base_lr * eff_batch / 256
     drop_last = len(ids) >= batch * rt.world_size
     fast = use_fast_path(p, rt.device)
+    if p.fp8 and not fast:
+        raise InputError("pretrain.fp8 needs the fast path (pretrain.fast: auto or on): FP8 is slow uncompiled")
+    fp8_layers = use_fp8(model, rt.device) if p.fp8 else 0
     loader = make_loader(data, ids, batch, rt.device, fast, _loader_workers(p, rt), shuffle=True, seed=p.seed,
                          drop_last=drop_last, rank=rt.rank, world_size=rt.world_size)  # fmt: skip
     batches = len(loader)
@@ -217,9 +243,10 @@ def _train(cfg: Config, rt: runtime.Runtime, resume: bool) -> dict:
     if rt.is_main:
         n_params = sum(t.numel() for t in model.parameters() if t.requires_grad)
         log.info(
-            "pre-training %s (%.2fM params) on %d images, %d epochs, effective batch %d, lr %.2e; fast path %s%s",
+            "pre-training %s (%.2fM params) on %d images, %d epochs, effective batch %d, lr %.2e; fast path %s%s%s",
             cfg.model.preset, n_params / 1e6, len(ids), p.epochs, eff_batch, lr, "on" if fast else "off",
             " (data on the device)" if isinstance(loader, DeviceBatches) else "",
+            f", FP8 in {fp8_layers} linear layers" if p.fp8 else "",
         )  # fmt: skip
 
     def checkpoint(epoch: int) -> None:

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Packages the device image lacks (Prefect, DVC, Optuna, pydantic, mlxtend, torchao, ...), as
+# Python 3.12 x86-64 wheels in .whl/ for `benchmarks/gpu_check.sh`, at the versions of this
+# checkout's .venv. The image's own torch, numpy, scipy, onnx, onnxruntime and the like are used
+# as they are (onnxruntime-gpu's 255 MB wheel is over the device tool's 64 MiB carry limit).
+# Run in the repo root; then carry .whl and .gpu. About 60 MB.
+set -euo pipefail
+skip='^(torch|torchvision|triton|nvidia-.*|cuda-.*|numpy|scipy|pandas|scikit-learn|matplotlib|sympy|onnxruntime-gpu|onnx|onnxscript|onnx-ir|pillow|networkx|fonttools|contourpy|kiwisolver|huggingface_hub|hf-xet|safetensors|ruff|pytest|iniconfig|pluggy|psycopg|psycopg-binary|cycler|mpmath|ml_dtypes|flatbuffers|protobuf|joblib|threadpoolctl|pyparsing|python-dateutil|six|filelock|jinja2|markupsafe|certifi|idna|urllib3|requests|charset-normalizer|pyyaml|psutil|tqdm|regex|narwhals|antlr4-python3-runtime)=='
+platforms=()
+for p in manylinux_2_35 manylinux_2_34 manylinux_2_31 manylinux_2_28 manylinux_2_27 manylinux_2_24 manylinux_2_17 manylinux2014 manylinux1 manylinux_2_5; do
+  platforms+=(--platform "${p}_x86_64")
+done
+rm -rf .whl && mkdir -p .whl .gpu/extra
+.venv/bin/pip freeze --exclude-editable | grep -v '^#' | grep -v -i -E "$skip" > .whl/requirements.txt
+echo "torchao==0.17.0" >> .whl/requirements.txt  # built for torch >= 2.11 (the device's)
+while read -r req; do
+  .venv/bin/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    "${platforms[@]}" -d .whl "$req" >/dev/null 2>&1 || echo "no 3.12 wheel: $req"
+done < .whl/requirements.txt
+rm .whl/requirements.txt
+# antlr4 4.9.3 (hydra, for DVC) has no wheel: its pure-Python package travels as it is
+cp -r .venv/lib/python3.11/site-packages/antlr4 .gpu/extra/
+du -sh .whl .gpu

@@ -96,8 +96,8 @@ def test_gate_refuses_a_broken_model_and_keeps_the_old_file(exported: Path, monk
     before = (exported / "models/export/model.onnx").read_bytes()
     real = export.to_onnx
 
-    def broken_exporter(module, example, dest, outputs, opset, metadata):
-        real(module, example, dest, outputs, opset, metadata)
+    def broken_exporter(module, example, dest, outputs, opset, metadata, *rest):
+        real(module, example, dest, outputs, opset, metadata, *rest)
         proto = onnx.load(str(dest))
         weight = max(proto.graph.initializer, key=lambda t: np.prod(t.dims))  # perturb the largest weight
         arr = onnx.numpy_helper.to_array(weight).copy()
@@ -217,3 +217,32 @@ def test_predict_decodes_in_processes_and_keeps_the_order(exported: Path, tmp_pa
     assert [r["file"] for r in parallel] == [str(f) for f in files]
     assert parallel == serial
     assert "error" in parallel[150] and all("top" in r for i, r in enumerate(parallel) if i != 150)
+
+
+def test_large_models_keep_their_tensors_beside_the_onnx_file(exported: Path, tmp_path: Path) -> None:
+    """Past export.external_data_mb (lowered to 0 here; ViT-H's 2.5 GB pass the default) every
+    published model keeps its tensors in <name>.onnx.data: the .onnx stays far below protobuf's
+    2 GiB limit, the metadata is intact, and the folder works wherever it is moved."""
+    from mae_ops.deploy import data_file, is_external
+
+    out = tmp_path / "export"
+    export.run(export_config(exported, f"export.out_dir={out}", f"export.reports_dir={tmp_path}/reports",
+                             "export.external_data_mb=0", "export.fp16=true"))  # fmt: skip
+    names = ["model.onnx", "model.int8.onnx", "model.fp16.onnx", "encoder.onnx"]
+    for name in names:
+        assert is_external(out / name), name
+        inline = onnx.load(str(out / name), load_external_data=False).graph.initializer
+        assert max(len(t.raw_data) for t in inline) < 1024, name  # only small constants stay in the graph
+        assert data_file(out / name).stat().st_size > 20_000, name  # the weights: int8 ones too
+    assert sorted(p.name for p in out.iterdir()) == sorted([*names, *(n + ".data" for n in names)])
+    parity = json.loads((tmp_path / "reports/parity.json").read_text())
+    assert parity["passed"] and "model.onnx.data" in parity["files"]
+
+    moved = tmp_path / "elsewhere"
+    out.rename(moved)
+    images, _ = _test_arrays(exported)
+    pixels = images[:16].astype(np.float32) / 255.0
+    single = open_session(exported / "models/export/model.onnx", "cpu")
+    split = open_session(moved / "model.onnx", "cpu")
+    assert ModelInfo.from_session(split).metadata == ModelInfo.from_session(single).metadata
+    np.testing.assert_allclose(run_logits(split, pixels), run_logits(single, pixels), atol=1e-4)

@@ -101,6 +101,23 @@ def test_missing_prepared_data_is_a_clear_error(tmp_path: Path) -> None:
         pretrain.run(tiny_config(tmp_path))
 
 
+def test_weight_decay_follows_the_reference_code() -> None:
+    """Decay on weights and on cls_token / mask_token (the reference decays every parameter
+    of more than one dimension); none on biases and norms; the fixed position embeddings
+    are not optimised at all."""
+    from mae_ops.models.mae import create_mae
+
+    model = create_mae("mae_vit_micro_patch4", 28, 1, True)
+    optimizer = pretrain.build_optimizer(model, 1e-3, 0.05, fused=False)
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_decay = {g["weight_decay"]: {names[id(p)] for p in g["params"]} for g in optimizer.param_groups}
+    assert {"cls_token", "mask_token", "blocks.0.attn.qkv.weight", "decoder_pred.weight"} <= by_decay[0.05]
+    assert {"blocks.0.attn.qkv.bias", "norm.weight", "decoder_norm.bias"} <= by_decay[0.0]
+    assert all(p.ndim > 1 for p in optimizer.param_groups[0]["params"] + optimizer.param_groups[1]["params"]
+               if names[id(p)] in by_decay[0.05])  # fmt: skip
+    assert "pos_embed" not in by_decay[0.05] | by_decay[0.0]
+
+
 @pytest.mark.parametrize("fast", ["off", "on"])
 def test_fp8_where_it_cannot_run_is_a_clear_error_before_training(mnist_root: Path, fast: str) -> None:
     """FP8 needs the fast path and an sm89+ GPU: asked for elsewhere, it is refused with the

@@ -300,6 +300,9 @@ class ExportConfig(_Section):
     seed: int = Field(0, ge=0)
     fp16: bool = Field(False, description="also publish an fp16 model for GPU serving")
     encoder: bool = Field(True, description="also export the pre-trained encoder as a feature extractor")
+    external_data_mb: int = Field(
+        1536, ge=0, description="weights above this go to <name>.onnx.data beside each model (protobuf's 2 GiB limit)"
+    )
     max_abs_diff: float = Field(1e-4, gt=0.0, description="parity gate on logits, fp32")
     threads: int = Field(2, ge=1)
     out_dir: str = "models/export"

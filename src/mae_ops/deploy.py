@@ -83,22 +83,65 @@ def export_view(model: nn.Module) -> nn.Module:
     return view
 
 
+# --------------------------------------------------------- large models
+def data_file(path: Path) -> Path:
+    """Where a model's tensors live when they are kept outside its .onnx file."""
+    return path.with_name(path.name + ".data")
+
+
+def weights_bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+def is_external(path: Path) -> bool:
+    """Whether the model's tensors are in a data file beside it."""
+    proto = onnx.load(str(path), load_external_data=False)
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+
+
+def save_model(proto: onnx.ModelProto, dest: Path, external: bool) -> None:
+    """One self-contained .onnx, or (``external``) the graph in ``dest`` and every tensor in
+    ``dest.data`` beside it: protobuf cannot hold a file over 2 GiB (ViT-H's fp32 weights
+    are 2.5 GB). onnxruntime loads either from the .onnx's path."""
+    data_file(dest).unlink(missing_ok=True)  # onnx appends to an existing data file
+    if external:
+        onnx.save_model(proto, str(dest), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_file(dest).name, size_threshold=1024)  # fmt: skip
+    else:
+        onnx.save_model(proto, str(dest))
+
+
+def move_model(src: Path, dest: Path) -> None:
+    """Rename a model and its data file (the .onnx names the data file: same stem kept)."""
+    if data_file(src).exists():
+        assert src.name == dest.name, "a model with external data keeps its file name"
+        data_file(src).replace(data_file(dest))
+    else:
+        data_file(dest).unlink(missing_ok=True)
+    src.replace(dest)
+
+
 def to_onnx(module: nn.Module, example: torch.Tensor, dest: Path, outputs: list[str], opset: int,
-            metadata: dict[str, str]) -> None:  # fmt: skip
-    """torch's dynamo exporter with a dynamic batch axis, one self-contained file, checked."""
+            metadata: dict[str, str], external: bool = False) -> None:  # fmt: skip
+    """torch's dynamo exporter with a dynamic batch axis, checked; ``external`` keeps the
+    tensors in a data file beside the .onnx (see ``save_model``)."""
     batch = torch.export.Dim("batch", min=1, max=65536)
-    torch.onnx.export(
-        module, (example,), str(dest), input_names=["pixels"], output_names=outputs, opset_version=opset,
-        dynamo=True, dynamic_shapes={"pixels": {0: batch}}, external_data=False, optimize=True, verbose=False,
+    program = torch.onnx.export(
+        module, (example,), None, input_names=["pixels"], output_names=outputs, opset_version=opset,
+        dynamo=True, dynamic_shapes={"pixels": {0: batch}}, optimize=True, verbose=False,
     )  # fmt: skip
-    set_metadata(dest, metadata)
-    onnx.checker.check_model(str(dest), full_check=True)
+    proto = program.model_proto
+    onnx.helper.set_model_props(proto, metadata)
+    save_model(proto, dest, external)
+    onnx.checker.check_model(str(dest), full_check=True)  # from the path: works past 2 GiB too
 
 
 def set_metadata(path: Path, metadata: dict[str, str]) -> None:
+    """Write the metadata into a model, keeping its tensors where they are."""
+    external = is_external(path)
     proto = onnx.load(str(path))
     onnx.helper.set_model_props(proto, metadata)
-    onnx.save(proto, str(path))
+    save_model(proto, path, external)
 
 
 def metadata_of(path: Path) -> dict[str, str]:
@@ -113,7 +156,7 @@ def fuse(src: Path, dest: Path, num_heads: int, hidden_size: int) -> dict[str, i
     optimized = optimize_model(str(src), model_type="vit", num_heads=num_heads, hidden_size=hidden_size)
     # shapes recorded for the unfused graph no longer hold: let later tools (the quantizer) infer them again
     del optimized.model.graph.value_info[:]
-    optimized.save_model_to_file(str(dest))
+    optimized.save_model_to_file(str(dest), use_external_data_format=is_external(src))  # data: dest + ".data"
     set_metadata(dest, metadata_of(src))
     return {k: int(v) for k, v in optimized.get_fused_operator_statistics().items() if v}
 
@@ -136,7 +179,10 @@ def _with_shapes(src: Path) -> Path:
 
     dest = src.with_name(src.stem + ".shaped.onnx")
     if not dest.exists():
-        quant_pre_process(str(src), str(dest), skip_optimization=True, skip_onnx_shape=True)
+        external = is_external(src)
+        quant_pre_process(str(src), str(dest), skip_optimization=True, skip_onnx_shape=True,
+                          save_as_external_data=external, all_tensors_to_one_file=True,
+                          external_data_location=data_file(dest).name if external else None)  # fmt: skip
     return dest
 
 
@@ -148,7 +194,7 @@ def quantize_int8(src: Path, dest: Path, per_channel: bool) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantize_dynamic(str(_with_shapes(src)), str(dest), weight_type=QuantType.QInt8, per_channel=per_channel,
-                     extra_options=_QUANT_OPTIONS)  # fmt: skip
+                     extra_options=_QUANT_OPTIONS, use_external_data_format=is_external(src))  # fmt: skip
     set_metadata(dest, metadata_of(src))
 
 
@@ -160,7 +206,7 @@ def quantize_static_int8(src: Path, dest: Path, calibration: Iterator[np.ndarray
     quantize_static(
         str(_with_shapes(src)), str(dest), _Calibration(calibration), quant_format=QuantFormat.QDQ,
         per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-        calibrate_method=CalibrationMethod.MinMax,
+        calibrate_method=CalibrationMethod.MinMax, use_external_data_format=is_external(src),
         extra_options={**_QUANT_OPTIONS, "ActivationSymmetric": False, "WeightSymmetric": True},
     )  # fmt: skip
     set_metadata(dest, metadata_of(src))

@@ -121,9 +121,10 @@ def _register(repo: Path, registry: Path) -> dict[str, Any]:
     try:
         for rel in ARTIFACTS:
             src = repo / rel
-            if src.exists():
-                shutil.copy2(src, tmp / src.name)
-                info["files"].append(src.name)
+            for path in (src, src.with_name(src.name + ".data")):  # a large model's tensors beside it
+                if path.exists():
+                    shutil.copy2(path, tmp / path.name)
+                    info["files"].append(path.name)
         write_json(tmp / "info.json", info)
         os.rename(tmp, _versions_dir(registry) / version)  # a new name: nothing is replaced
     finally:

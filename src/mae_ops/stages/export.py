@@ -42,13 +42,17 @@ from mae_ops.data import PreparedData
 from mae_ops.deploy import (
     Deployable,
     Features,
+    data_file,
     export_view,
     fuse,
     machine,
     measure_all,
+    move_model,
     quantize_int8,
     quantize_static_int8,
+    save_model,
     to_onnx,
+    weights_bytes,
 )
 from mae_ops.errors import UserError
 from mae_ops.models.checkpoint import encoder_state_dict, load_state_dict
@@ -168,12 +172,17 @@ def run(cfg: Config) -> dict:
         tmp = Path(tmp_dir)
         example = torch.from_numpy(batch[:2])
         view = Deployable(export_view(model), args["mean"], args["std"]).eval()  # same math, fusible attention
-        to_onnx(view, example, tmp / "model.raw.onnx", ["logits", "probabilities"], ex.opset, metadata)
+        # past export.external_data_mb of weights, tensors go to a .data file beside each .onnx
+        external = weights_bytes(view) > ex.external_data_mb * 2**20
+        if external:
+            log.info("%.0f MiB of weights: each model's tensors go to <name>.onnx.data beside it",
+                     weights_bytes(view) / 2**20)  # fmt: skip
+        to_onnx(view, example, tmp / "model.raw.onnx", ["logits", "probabilities"], ex.opset, metadata, external)
         fused: dict[str, int] = {}
         if ex.fuse:
             fused = fuse(tmp / "model.raw.onnx", tmp / "model.onnx", int(arch["num_heads"]), int(arch["embed_dim"]))
         else:
-            (tmp / "model.raw.onnx").replace(tmp / "model.onnx")
+            save_model(onnx.load(str(tmp / "model.raw.onnx")), tmp / "model.onnx", external)
 
         # --- parity gate: the whole test split, onnxruntime vs PyTorch, in batches --------
         parity = _parity(deployable, open_session(tmp / "model.onnx", "cpu", ex.threads), data, test_ids,
@@ -222,14 +231,14 @@ def run(cfg: Config) -> dict:
             from onnxruntime.transformers.float16 import convert_float_to_float16
 
             proto = convert_float_to_float16(onnx.load(str(tmp / "model.onnx")), keep_io_types=True)
-            onnx.save(proto, str(tmp / "model.fp16.onnx"))
+            save_model(proto, tmp / "model.fp16.onnx", external)
             published["model.fp16.onnx"] = tmp / "model.fp16.onnx"
 
         # --- the pre-trained encoder as a feature extractor -----------------------
         if ex.encoder:
             extractor = Features(encoder_extractor(cfg, data), args["mean"], args["std"]).eval()
             to_onnx(extractor, example, tmp / "encoder.onnx", ["features"], ex.opset,
-                    {**metadata, "output": "features: float32 [batch, embed_dim]"})  # fmt: skip
+                    {**metadata, "output": "features: float32 [batch, embed_dim]"}, external)  # fmt: skip
             with torch.no_grad():
                 f_ref = extractor(example).numpy()
             sess = open_session(tmp / "encoder.onnx", "cpu", ex.threads)
@@ -240,11 +249,18 @@ def run(cfg: Config) -> dict:
             published["encoder.onnx"] = tmp / "encoder.onnx"
 
         for name, src in published.items():  # every gate passed: publish
-            src.replace(out / name)
+            if src.name != name and data_file(src).exists():  # an int8 variant with external data
+                save_model(onnx.load(str(src)), tmp / name, external=True)
+                src = tmp / name
+            move_model(src, out / name)
         for stale in ("model.int8.onnx", "model.fp16.onnx", "encoder.onnx"):
             if stale not in published:
                 (out / stale).unlink(missing_ok=True)
-    parity["files"] = {name: (out / name).stat().st_size for name in published}
+                data_file(out / stale).unlink(missing_ok=True)
+    parity["files"] = {
+        path.name: path.stat().st_size for name in published for path in (out / name, data_file(out / name))
+        if path.exists()
+    }  # fmt: skip
     write_json(reports / "parity.json", parity)
     if ex.benchmark_runs:
         write_json(reports / "benchmark.json", _benchmark_report(timings, args, model_path, ex))

@@ -1,8 +1,8 @@
 """Stage `pretrain`: data/prepared/ -> models/pretrain/ + reports/pretrain/.
 
-The MAE recipe: AdamW (0.9, 0.95), weight decay 0.05 except norms, biases and
-tokens, lr = base_lr * effective batch / 256, per-step cosine schedule after a
-linear warm-up, RandomResizedCrop + flip (on the training device), bf16
+The MAE recipe: AdamW (0.9, 0.95), weight decay 0.05 except norms and biases (the
+tokens are decayed, as in the reference code), lr = base_lr * effective batch /
+256, per-step cosine schedule after a linear warm-up, RandomResizedCrop + flip (on the training device), bf16
 autocast on CUDA. Runs under torchrun as DDP; rank 0 writes.
 
 The fast path (``pretrain.fast``, on by default with CUDA) changes speed, not
@@ -48,7 +48,9 @@ from mae_ops.training import Checkpointer, ResumeError, cosine_schedule, fingerp
 
 log = logging.getLogger(__name__)
 
-NO_WEIGHT_DECAY = ("cls_token", "mask_token", "pos_embed", "decoder_pos_embed")
+# as the reference code applies it: no decay on biases and norms (1-D), decay on everything
+# else, cls_token and mask_token included (the fixed sin-cos position embeddings are not trained)
+NO_WEIGHT_DECAY: tuple[str, ...] = ()
 
 
 def run_fingerprint(cfg: Config, data_hash: str) -> str:

@@ -262,3 +262,27 @@ def test_hpo_worker_refuses_a_disabled_search(tmp_path: Path) -> None:
                           capture_output=True, text=True)  # fmt: skip
     assert proc.returncode == 2 and "hpo.enabled: true" in proc.stderr
     assert not (tmp_path / "optuna").exists()
+
+
+def test_scratch_baseline_is_tuned_by_its_own_study(run_root: Path) -> None:
+    """With a search for the MAE model, the scratch ViT gets its own study (same trials and
+    epochs per trial, no layer decay) and is trained for the final budget with its best params."""
+    cfg = ft_config(run_root, "hpo.enabled=true", "hpo.n_trials=3", "hpo.epochs=2", "hpo.pruner=none",
+                    "evaluate.linprobe=false", "evaluate.classical=false")  # fmt: skip
+    finetune.run(cfg)
+    metrics = baselines.run(cfg)
+    scfg = baselines.scratch_config(cfg)
+    study = _study(scfg)
+    assert study.study_name != _study(cfg).study_name and study.study_name.startswith("mae-ops-finetune-scratch-")
+    finished = [t for t in study.get_trials() if t.state in hpo.FINISHED]
+    assert len(finished) == 3 == len([t for t in _study(cfg).get_trials() if t.state in hpo.FINISHED])
+    assert all("layer_decay" not in t.params for t in finished)
+    search = metrics["scratch"]["search"]
+    assert search["tuned"] and search["trials"] == 3 and search["params"] == study.best_trial.params
+    from mae_ops.models.checkpoint import read_checkpoint
+
+    used = read_checkpoint(run_root / "models/baselines/scratch.pth")["args"]["finetune"]
+    assert used["init"] == "scratch" and used["layer_decay"] == 1.0 and used["epochs"] == cfg.finetune.epochs
+    assert all(used[k] == pytest.approx(v) for k, v in study.best_trial.params.items())
+    evaluate.run(cfg)
+    assert "tuned by its own search of 3 trials" in (run_root / "reports/eval/summary.md").read_text()

@@ -1,8 +1,10 @@
 """Stage `baselines`: what MAE is measured against -> models/baselines/.
 
-scratch.pth   the same ViT, same recipe, params and epochs as the final
-              fine-tuning, but randomly initialised (layer decay off: it only
-              makes sense for pre-trained layers)
+scratch.pth   the same ViT, recipe and epochs as the final fine-tuning, randomly
+              initialised, with hyper-parameters from its own Optuna study of as
+              many trials and epochs as the MAE fine-tuning's (when hpo.enabled;
+              the same space without layer decay, which only makes sense for
+              pre-trained layers); without a search, the MAE model's params
 linprobe.pth  the frozen pre-trained encoder with BatchNorm + linear head
 classical.npz logistic regression and k-NN on raw pixels, k-NN on the frozen MAE
               features (mae_ops/classical.py), each tuned on the validation split
@@ -13,7 +15,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from mae_ops import classical, runtime
+from mae_ops import classical, hpo, runtime
 from mae_ops.atomic import write_json
 from mae_ops.config import Config, FinetuneConfig, InputError
 from mae_ops.data import PreparedData
@@ -32,6 +34,31 @@ def final_finetune_params(cfg: Config) -> FinetuneConfig:
     return FinetuneConfig.model_validate(args["finetune"])
 
 
+def scratch_config(cfg: Config) -> Config:
+    """The scratch ViT's own search: its own study (name suffix ``-scratch``) with the MAE
+    fine-tuning's trials, epochs per trial, pruner and seed; layer decay off."""
+    space = {k: v for k, v in cfg.hpo.space.items() if k != "layer_decay"}
+    return cfg.model_copy(update={
+        "finetune": cfg.finetune.model_copy(update={"init": "scratch", "layer_decay": 1.0}),
+        "hpo": cfg.hpo.model_copy(update={"study_name": f"{cfg.hpo.study_name}-scratch", "space": space}),
+    })  # fmt: skip
+
+
+def scratch_params(cfg: Config, data: PreparedData, rt: runtime.Runtime) -> tuple[FinetuneConfig, dict]:
+    """The scratch baseline's params: tuned by its own study when the MAE model's were."""
+    if not (cfg.hpo.enabled and cfg.finetune.mode == "finetune"):
+        tuned = final_finetune_params(cfg)
+        ft = FinetuneConfig.model_validate({**tuned.model_dump(), "init": "scratch", "layer_decay": 1.0})
+        return ft, {"tuned": False, "why": "no search for the MAE model either: the same params as it"}
+    scfg = scratch_config(cfg)
+    study = hpo.run_study(scfg, data, rt)
+    ft = FinetuneConfig.model_validate({**scfg.finetune.model_dump(), **study.best_trial.params})
+    finished = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
+    log.info("scratch study %s: best val top-1 %.4f of %d trials", study.study_name, study.best_value, len(finished))
+    return ft, {"tuned": True, "study": study.study_name, "trials": len(finished),
+                "best_trial_val_top1": round(study.best_value, 5), "params": study.best_trial.params}  # fmt: skip
+
+
 def run(cfg: Config) -> dict:
     ev = cfg.evaluate
     rt = runtime.setup(cfg.finetune.device, cfg.finetune.amp)
@@ -39,11 +66,12 @@ def run(cfg: Config) -> dict:
     out = Path(ev.baselines_dir)
     metrics: dict[str, dict] = {}
     if ev.baseline == "scratch":
-        tuned = final_finetune_params(cfg)
-        ft = FinetuneConfig.model_validate({**tuned.model_dump(), "init": "scratch", "layer_decay": 1.0})
+        final_finetune_params(cfg)  # the MAE model must exist: the baseline is its comparison
+        ft, search = scratch_params(cfg, data, rt)
         result = train_finetune(cfg, ft, data, rt, init="scratch", epochs=ft.epochs, desc="scratch")
         save_result(result, out / "scratch.pth")
-        metrics["scratch"] = {"val_top1": round(result.val_top1, 5), "train_time_s": round(result.train_time_s, 2)}
+        metrics["scratch"] = {"val_top1": round(result.val_top1, 5), "train_time_s": round(result.train_time_s, 2),
+                              "search": search}  # fmt: skip
         log.info("scratch baseline: val top-1 %.4f", result.val_top1)
     if ev.linprobe:
         init = cfg.finetune.init if cfg.finetune.init != "scratch" else "pretrain"

@@ -99,7 +99,10 @@ def _summary(results: dict[str, dict], infos: dict[str, dict], manifest: dict) -
                   f"{baselines[strongest]:.2%}) by **{gain * 100:+.1f} points** of test top-1."]  # fmt: skip
     if "scratch" in results:
         gain = results["finetune"]["top1"] - results["scratch"]["top1"]
-        lines += ["", f"Over the same ViT trained from scratch: {gain * 100:+.1f} points."]
+        search = infos["scratch"].get("search") or {}
+        how = (f"tuned by its own search of {search['trials']} trials" if search.get("tuned")
+               else "with the MAE model's params (no search)")  # fmt: skip
+        lines += ["", f"Over the same ViT trained from scratch ({how}): {gain * 100:+.1f} points."]
     return "\n".join(lines) + "\n"
 
 
@@ -131,6 +134,10 @@ def run(cfg: Config) -> dict:
             results[name], infos[name], preds[name] = classification_metrics(labels, probs), report[name], probs
             log.info("%s: test top-1 %.4f", name, results[name]["top1"])
 
+    baselines_report = Path(cfg.evaluate.baselines_reports_dir) / "metrics.json"
+    if "scratch" in infos and baselines_report.exists():  # how the scratch baseline was tuned
+        search = json.loads(baselines_report.read_text()).get("scratch", {}).get("search")
+        infos["scratch"] = {**infos["scratch"], "search": search}
     out = Path(ev.reports_dir)
     write_json(ev.metrics_file, results)
     main_pred = preds["finetune"].argmax(1)

@@ -19,6 +19,7 @@ from optuna.trial import TrialState
 from mae_ops import classical, finetuning, hpo, runtime
 from mae_ops.config import Config
 from mae_ops.data import PreparedData
+from mae_ops.models.checkpoint import read_checkpoint
 from mae_ops.models.classifier import build_classifier, load_encoder
 from mae_ops.models.mae import create_mae
 from mae_ops.stages import baselines, evaluate, finetune
@@ -100,8 +101,31 @@ def test_linprobe_freezes_the_encoder(run_root: Path) -> None:
     assert torch.equal(result.model.blocks[0].attn.qkv.weight, mae["blocks.0.attn.qkv.weight"])
     bn = result.model.head[0]
     assert isinstance(bn, torch.nn.BatchNorm1d) and not bn.affine and bn.num_batches_tracked > 0
-    assert result.model.head[1].weight.abs().max() > 1e-3  # the linear head did learn
+    finetuning._seed_everything(cfg.finetune.seed)  # the head as it was made, before training
+    start, _ = finetuning.make_classifier(cfg, cfg.finetune, data, "pretrain", linprobe=True)
+    assert not torch.allclose(result.model.head[1].weight, start.head[1].weight, atol=1e-3)  # the head learned
     assert 0.1 < result.val_top1 <= 1.0
+    # the reference's probe: [CLS] token after the pre-trained norm, LARS adapting the weight only
+    assert result.model.global_pool == "token" and result.args["global_pool"] == "token"
+    optimizer = finetuning.linprobe_optimizer(result.model.head, cfg.finetune, 0.1)
+    assert [(g["always_adapt"], [p.ndim for p in g["params"]]) for g in optimizer.param_groups] == [
+        (True, [2]),
+        (False, [1]),
+    ]
+    assert optimizer.param_groups[0]["trust_coeff"] == 1.0 and optimizer.param_groups[0]["weight_decay"] == 0.0
+
+
+def test_linear_probe_baseline_is_tuned_on_the_validation_split(run_root: Path) -> None:
+    cfg = ft_config(run_root, "evaluate.baseline=none", "evaluate.classical=false")
+    finetune.run(cfg)
+    report = baselines.run(cfg)["linprobe"]
+    assert {(t["pool"], t["lr"]) for t in report["tried"]} == {
+        (p, float(f"{cfg.finetune.linprobe_lr * f:.3g}")) for p in ("token", "avg") for f in (1 / 3, 1, 3)
+    }
+    best = max(report["tried"], key=lambda t: t["val_top1"])
+    assert (report["pool"], report["lr"], report["val_top1"]) == (best["pool"], best["lr"], best["val_top1"])
+    saved = read_checkpoint(run_root / "models/baselines/linprobe.pth")["args"]
+    assert saved["global_pool"] == report["pool"] and saved["finetune"]["linprobe_lr"] == report["lr"]
 
 
 def test_test_split_is_never_read_while_training_and_tuning(run_root: Path, tmp_path_factory) -> None:
@@ -279,8 +303,6 @@ def test_scratch_baseline_is_tuned_by_its_own_study(run_root: Path) -> None:
     assert all("layer_decay" not in t.params for t in finished)
     search = metrics["scratch"]["search"]
     assert search["tuned"] and search["trials"] == 3 and search["params"] == study.best_trial.params
-    from mae_ops.models.checkpoint import read_checkpoint
-
     used = read_checkpoint(run_root / "models/baselines/scratch.pth")["args"]["finetune"]
     assert used["init"] == "scratch" and used["layer_decay"] == 1.0 and used["epochs"] == cfg.finetune.epochs
     assert all(used[k] == pytest.approx(v) for k, v in study.best_trial.params.items())

@@ -193,7 +193,11 @@ class FinetuneConfig(_Section):
     random_erase: float = Field(0.0, ge=0.0, le=1.0, description="RandomErasing probability")
     global_pool: Literal["avg", "token"] = "avg"
     linprobe_epochs: int = Field(100, ge=1)
-    linprobe_lr: float = Field(1e-2, gt=0.0)
+    linprobe_lr: float = Field(0.1, gt=0.0, description="linear probe base lr: lr = linprobe_lr * batch / 256")
+    linprobe_optimizer: Literal["lars", "adamw"] = Field("lars", description="lars: the reference's linear probe")
+    linprobe_pool: Literal["token", "avg"] = Field(
+        "token", description="token: the [CLS] token after the pre-trained norm (the reference); avg: patch mean"
+    )
     eval_every: int = Field(5, ge=1, description="validate every N epochs (and at the end)")
     device: DeviceName = "auto"
     amp: Precision = "auto"

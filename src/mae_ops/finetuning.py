@@ -26,7 +26,7 @@ from PIL import Image
 from timm.data import Mixup, rand_augment_transform
 from timm.data.random_erasing import RandomErasing
 from timm.loss import SoftTargetCrossEntropy
-from timm.optim import param_groups_layer_decay
+from timm.optim import Lars, param_groups_layer_decay
 from tqdm.auto import tqdm
 
 from mae_ops import runtime
@@ -65,16 +65,17 @@ def encoder_source(cfg: Config, init: str) -> Path | None:
 def make_classifier(
     cfg: Config, ft: FinetuneConfig, data: PreparedData, init: str, linprobe: bool = False
 ) -> tuple[nn.Module, dict[str, Any]]:
+    pool = ft.linprobe_pool if linprobe else ft.global_pool
     model = build_classifier(
         cfg.model.preset, data.img_size, data.channels, len(data.classes),
-        global_pool=ft.global_pool, drop_path=0.0 if linprobe else ft.drop_path, linprobe=linprobe,
+        global_pool=pool, drop_path=0.0 if linprobe else ft.drop_path, linprobe=linprobe,
     )  # fmt: skip
     source = encoder_source(cfg, init)
     if source is not None:
         load_encoder(model, source)
     args = {
         "preset": cfg.model.preset, "img_size": data.img_size, "in_chans": data.channels,
-        "classes": data.classes, "mean": data.mean, "std": data.std, "global_pool": ft.global_pool,
+        "classes": data.classes, "mean": data.mean, "std": data.std, "global_pool": pool,
         "mode": "linprobe" if linprobe else "finetune", "init": init,
         "finetune": ft.model_dump(mode="json"), "data_hash": data.manifest["content_hash"],
     }  # fmt: skip
@@ -243,11 +244,25 @@ def features(model: nn.Module, data: PreparedData, ids: np.ndarray, device: torc
     return torch.cat(feats)
 
 
+def linprobe_optimizer(head: nn.Module, ft: FinetuneConfig, lr: float) -> torch.optim.Optimizer:
+    """LARS as the reference probes: the layer-wise trust ratio |w| / |update| on the
+    weight matrix (trust coefficient 1, momentum 0.9), plain momentum on the bias."""
+    if ft.linprobe_optimizer == "adamw":
+        return torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
+    weights = [p for p in head.parameters() if p.ndim > 1]
+    others = [p for p in head.parameters() if p.ndim <= 1]
+    return Lars([{"params": weights, "always_adapt": True}, {"params": others, "always_adapt": False}],
+                lr=lr, momentum=0.9, weight_decay=0.0, trust_coeff=1.0)  # fmt: skip
+
+
 def train_linprobe(
     cfg: Config, ft: FinetuneConfig, data: PreparedData, rt: runtime.Runtime, *, init: str = "pretrain"
 ) -> TrainResult:
     """Frozen encoder, BatchNorm (no affine) + linear head: how linearly separable
-    the pre-trained features are. Features are computed once (no augmentation)."""
+    the pre-trained features are. As the reference by default: the [CLS] token after
+    the pre-trained norm, LARS (timm's, the trust ratio on the weight, none on the
+    bias, no weight decay). Features are computed once (no augmentation: with a few
+    hundred labels the crops would cost a full encoder pass per step)."""
     _seed_everything(ft.seed)
     model, args = make_classifier(cfg, ft, data, init, linprobe=True)
     model.to(rt.device)
@@ -256,8 +271,8 @@ def train_linprobe(
     feats = features(model, data, train_ids, rt.device)
     labels = torch.from_numpy(data.labels[train_ids]).to(rt.device)
     head = model.head
-    optimizer = torch.optim.AdamW(head.parameters(), lr=ft.linprobe_lr, weight_decay=0.0)
     batch = min(256, len(train_ids))
+    optimizer = linprobe_optimizer(head, ft, ft.linprobe_lr * batch / 256)
     steps = -(-len(train_ids) // batch)
     scheduler = cosine_schedule(optimizer, ft.linprobe_epochs, steps, min(5, ft.linprobe_epochs / 10), 0.0)
     gen = torch.Generator(device=rt.device).manual_seed(ft.seed)

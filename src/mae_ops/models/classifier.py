@@ -29,7 +29,8 @@ def build_classifier(
     # a near-zero head keeps the first updates from wrecking the pre-trained features
     nn.init.trunc_normal_(model.head.weight, std=2e-5)
     nn.init.zeros_(model.head.bias)
-    if linprobe:
+    if linprobe:  # the reference's probe starts from std 0.01: LARS steps scale with the weight's norm
+        nn.init.trunc_normal_(model.head.weight, std=0.01)
         model.head = nn.Sequential(nn.BatchNorm1d(model.embed_dim, affine=False, eps=1e-6), model.head)
         for name, param in model.named_parameters():
             param.requires_grad = name.startswith("head.")

@@ -5,7 +5,9 @@ scratch.pth   the same ViT, recipe and epochs as the final fine-tuning, randomly
               many trials and epochs as the MAE fine-tuning's (when hpo.enabled;
               the same space without layer decay, which only makes sense for
               pre-trained layers); without a search, the MAE model's params
-linprobe.pth  the frozen pre-trained encoder with BatchNorm + linear head
+linprobe.pth  the frozen pre-trained encoder with BatchNorm + linear head (LARS, as
+              the reference), its pooling ([CLS] token or patch mean) and lr
+              (finetune.linprobe_lr / 3, x 1, x 3) picked on the validation split
 classical.npz logistic regression and k-NN on raw pixels, k-NN on the frozen MAE
               features (mae_ops/classical.py), each tuned on the validation split
 """
@@ -19,7 +21,7 @@ from mae_ops import classical, hpo, runtime
 from mae_ops.atomic import write_json
 from mae_ops.config import Config, FinetuneConfig, InputError
 from mae_ops.data import PreparedData
-from mae_ops.finetuning import save_result, train_finetune, train_linprobe
+from mae_ops.finetuning import TrainResult, save_result, train_finetune, train_linprobe
 from mae_ops.models.checkpoint import read_checkpoint
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,26 @@ def scratch_params(cfg: Config, data: PreparedData, rt: runtime.Runtime) -> tupl
                 "best_trial_val_top1": round(study.best_value, 5), "params": study.best_trial.params}  # fmt: skip
 
 
+LINPROBE_LR_FACTORS = (1 / 3, 1.0, 3.0)
+
+
+def tuned_linprobe(cfg: Config, data: PreparedData, rt: runtime.Runtime) -> tuple[TrainResult, list[dict]]:
+    """The strongest linear probe on the validation split: [CLS] token (the reference) or
+    patch mean, three learning rates around finetune.linprobe_lr (a probe takes seconds)."""
+    init = cfg.finetune.init if cfg.finetune.init != "scratch" else "pretrain"
+    best, tried = None, []
+    for pool in ("token", "avg"):
+        for factor in LINPROBE_LR_FACTORS:
+            lr = float(f"{cfg.finetune.linprobe_lr * factor:.3g}")
+            ft = cfg.finetune.model_copy(update={"linprobe_pool": pool, "linprobe_lr": lr})
+            result = train_linprobe(cfg, ft, data, rt, init=init)
+            tried.append({"pool": pool, "lr": lr, "val_top1": round(result.val_top1, 5)})
+            if best is None or result.val_top1 > best.val_top1:
+                best = result
+    assert best is not None
+    return best, tried
+
+
 def run(cfg: Config) -> dict:
     ev = cfg.evaluate
     rt = runtime.setup(cfg.finetune.device, cfg.finetune.amp)
@@ -74,11 +96,15 @@ def run(cfg: Config) -> dict:
                               "search": search}  # fmt: skip
         log.info("scratch baseline: val top-1 %.4f", result.val_top1)
     if ev.linprobe:
-        init = cfg.finetune.init if cfg.finetune.init != "scratch" else "pretrain"
-        result = train_linprobe(cfg, cfg.finetune, data, rt, init=init)
+        result, tried = tuned_linprobe(cfg, data, rt)
         save_result(result, out / "linprobe.pth")
-        metrics["linprobe"] = {"val_top1": round(result.val_top1, 5), "train_time_s": round(result.train_time_s, 2)}
-        log.info("linear probe: val top-1 %.4f", result.val_top1)
+        chosen = result.args["finetune"]
+        metrics["linprobe"] = {
+            "val_top1": round(result.val_top1, 5), "train_time_s": round(result.train_time_s, 2),
+            "pool": chosen["linprobe_pool"], "lr": chosen["linprobe_lr"], "tried": tried,
+        }  # fmt: skip
+        log.info("linear probe: val top-1 %.4f (%s pooling, lr %.3g)", result.val_top1, chosen["linprobe_pool"],
+                 chosen["linprobe_lr"])  # fmt: skip
     if ev.classical:
         stored, report = classical.fit_all(cfg, data, rt.device)
         classical.save(out / "classical.npz", stored)

@@ -24,7 +24,7 @@ import numpy as np
 from mae_ops.atomic import file_lock, write_json
 from mae_ops.errors import UserError
 from mae_ops.reporting import git_revision
-from mae_ops.serving import open_session, run_logits
+from mae_ops.serving import open_session, top1_accuracy
 
 log = logging.getLogger(__name__)
 
@@ -138,12 +138,7 @@ def accuracy_on_test_split(model: Path, data_dir: Path) -> float:
     images = np.load(data_dir / "images.npy", mmap_mode="r")
     split, labels = np.load(data_dir / "split.npy"), np.load(data_dir / "labels.npy")
     ids = np.flatnonzero(split == 2)
-    session, correct = open_session(model, "cpu"), 0
-    for start in range(0, len(ids), 256):  # in batches: never the whole split in memory
-        rows = ids[start : start + 256]
-        logits = run_logits(session, np.asarray(images[rows], dtype=np.float32) / 255.0)
-        correct += int((logits.argmax(1) == labels[rows]).sum())
-    return correct / max(1, len(ids))
+    return top1_accuracy(open_session(model, "cpu"), images, labels, ids)
 
 
 def promote(registry: Path, version: str, reason: str, previous: str | None = "current") -> dict[str, Any]:

@@ -116,6 +116,18 @@ def run_logits(session: ort.InferenceSession, pixels: np.ndarray, batch_size: in
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
 
 
+def top1_accuracy(session: ort.InferenceSession, images: np.ndarray, labels: np.ndarray, ids: np.ndarray,
+                  batch_size: int = 256) -> float:  # fmt: skip
+    """Top-1 of the model on ``images[ids]`` (uint8, e.g. a memmap), read in batches:
+    never the whole split in memory."""
+    correct = 0
+    for start in range(0, len(ids), batch_size):
+        rows = ids[start : start + batch_size]
+        logits = run_logits(session, np.asarray(images[rows], dtype=np.float32) / 255.0)
+        correct += int((logits.argmax(1) == labels[rows]).sum())
+    return correct / max(1, len(ids))
+
+
 def expand_paths(paths: list[str | Path]) -> list[Path]:
     """Files as given, folders walked for image files (sorted)."""
     files: list[Path] = []

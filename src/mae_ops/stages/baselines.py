@@ -46,10 +46,12 @@ def scratch_config(cfg: Config) -> Config:
     })  # fmt: skip
 
 
-def scratch_params(cfg: Config, data: PreparedData, rt: runtime.Runtime) -> tuple[FinetuneConfig, dict]:
-    """The scratch baseline's params: tuned by its own study when the MAE model's were."""
+def scratch_params(
+    cfg: Config, tuned: FinetuneConfig, data: PreparedData, rt: runtime.Runtime
+) -> tuple[FinetuneConfig, dict]:
+    """The scratch baseline's params: tuned by its own study when the MAE model's
+    (``tuned``) were, else the MAE model's own."""
     if not (cfg.hpo.enabled and cfg.finetune.mode == "finetune"):
-        tuned = final_finetune_params(cfg)
         ft = FinetuneConfig.model_validate({**tuned.model_dump(), "init": "scratch", "layer_decay": 1.0})
         return ft, {"tuned": False, "why": "no search for the MAE model either: the same params as it"}
     scfg = scratch_config(cfg)
@@ -88,8 +90,7 @@ def run(cfg: Config) -> dict:
     out = Path(ev.baselines_dir)
     metrics: dict[str, dict] = {}
     if ev.baseline == "scratch":
-        final_finetune_params(cfg)  # the MAE model must exist: the baseline is its comparison
-        ft, search = scratch_params(cfg, data, rt)
+        ft, search = scratch_params(cfg, final_finetune_params(cfg), data, rt)
         result = train_finetune(cfg, ft, data, rt, init="scratch", epochs=ft.epochs, desc="scratch")
         save_result(result, out / "scratch.pth")
         metrics["scratch"] = {"val_top1": round(result.val_top1, 5), "train_time_s": round(result.train_time_s, 2),

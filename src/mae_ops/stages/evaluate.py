@@ -114,6 +114,8 @@ def run(cfg: Config) -> dict:
     if len(test_ids) == 0:
         raise InputError("the test split is empty: set data.test_fraction > 0 or add a test/ folder")
     labels = data.labels[test_ids]
+    report_path = Path(ev.baselines_reports_dir) / "metrics.json"  # how each baseline was tuned
+    report = json.loads(report_path.read_text()) if report_path.exists() else {}
     results, infos, preds = {}, {}, {}
     for name, path in model_paths(cfg).items():
         model, args = load_classifier(path)
@@ -129,15 +131,11 @@ def run(cfg: Config) -> dict:
         stored = classical.load(path)
         if str(stored["data_hash"]) != data.manifest["content_hash"]:
             raise InputError(f"{path} was fitted on other data than {cfg.data.out_dir}: re-run the pipeline")
-        report = json.loads((Path(cfg.evaluate.baselines_reports_dir) / "metrics.json").read_text())
         for name, probs in classical.predict_all(cfg, stored, data, test_ids, device).items():
             results[name], infos[name], preds[name] = classification_metrics(labels, probs), report[name], probs
             log.info("%s: test top-1 %.4f", name, results[name]["top1"])
-
-    baselines_report = Path(cfg.evaluate.baselines_reports_dir) / "metrics.json"
-    if "scratch" in infos and baselines_report.exists():  # how the scratch baseline was tuned
-        search = json.loads(baselines_report.read_text()).get("scratch", {}).get("search")
-        infos["scratch"] = {**infos["scratch"], "search": search}
+    if "scratch" in infos:  # how the scratch baseline was tuned
+        infos["scratch"] = {**infos["scratch"], "search": report.get("scratch", {}).get("search")}
     out = Path(ev.reports_dir)
     write_json(ev.metrics_file, results)
     main_pred = preds["finetune"].argmax(1)

@@ -59,7 +59,7 @@ from mae_ops.models.checkpoint import encoder_state_dict, load_state_dict
 from mae_ops.models.classifier import load_classifier
 from mae_ops.models.presets import preset_config
 from mae_ops.reporting import file_sha256
-from mae_ops.serving import open_session, run_logits
+from mae_ops.serving import open_session, run_logits, top1_accuracy
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +89,7 @@ def _batches(data: PreparedData, ids: np.ndarray, size: int = 256) -> Iterator[t
 
 
 def _top1(session: ort.InferenceSession, data: PreparedData, ids: np.ndarray) -> float:
-    correct = sum(int((run_logits(session, x).argmax(1) == y).sum()) for x, y in _batches(data, ids))
-    return correct / max(1, len(ids))
+    return top1_accuracy(session, data.images, data.labels, ids)
 
 
 def _parity(deployable: nn.Module, session: ort.InferenceSession, data: PreparedData, ids: np.ndarray,
@@ -177,12 +176,11 @@ def run(cfg: Config) -> dict:
         if external:
             log.info("%.0f MiB of weights: each model's tensors go to <name>.onnx.data beside it",
                      weights_bytes(view) / 2**20)  # fmt: skip
-        to_onnx(view, example, tmp / "model.raw.onnx", ["logits", "probabilities"], ex.opset, metadata, external)
+        raw = tmp / ("model.raw.onnx" if ex.fuse else "model.onnx")
+        to_onnx(view, example, raw, ["logits", "probabilities"], ex.opset, metadata, external)
         fused: dict[str, int] = {}
         if ex.fuse:
-            fused = fuse(tmp / "model.raw.onnx", tmp / "model.onnx", int(arch["num_heads"]), int(arch["embed_dim"]))
-        else:
-            save_model(onnx.load(str(tmp / "model.raw.onnx")), tmp / "model.onnx", external)
+            fused = fuse(raw, tmp / "model.onnx", int(arch["num_heads"]), int(arch["embed_dim"]))
 
         # --- parity gate: the whole test split, onnxruntime vs PyTorch, in batches --------
         parity = _parity(deployable, open_session(tmp / "model.onnx", "cpu", ex.threads), data, test_ids,

@@ -2,8 +2,8 @@
 
 The MAE recipe: AdamW (0.9, 0.95), weight decay 0.05 except norms and biases (the
 tokens are decayed, as in the reference code), lr = base_lr * effective batch /
-256, per-step cosine schedule after a linear warm-up, RandomResizedCrop + flip (on the training device), bf16
-autocast on CUDA. Runs under torchrun as DDP; rank 0 writes.
+256, per-step cosine schedule after a linear warm-up, RandomResizedCrop + flip
+(on the training device), bf16 autocast on CUDA. Runs under torchrun as DDP; rank 0 writes.
 
 The fast path (``pretrain.fast``, on by default with CUDA) changes speed, not
 math: the uint8 images live on the device and are cropped, flipped and

@@ -62,6 +62,7 @@ from mae_ops.models.presets import preset_config
 from mae_ops.reporting import git_revision
 from mae_ops.runtime import resolve_device, use_fast_cuda_kernels
 from mae_ops.stages.pretrain import augment, build_optimizer, compile_model, make_loader, use_fp8
+from mae_ops.store import StoreWriter, write_table
 
 MODES = {
     "reference": {"amp": torch.float16, "fast": False, "sdpa": False, "sync_per_step": True},
@@ -126,15 +127,20 @@ def structured_images(rng: np.random.Generator, n: int, channels: int, size: int
 def synthetic_prepared(root: Path, n: int, channels: int, size: int) -> PreparedData:
     """A prepared-data folder of structured synthetic uint8 images (the layout `mae-ops prepare` writes)."""
     rng = np.random.default_rng(0)
-    images = np.lib.format.open_memmap(root / "images.npy", mode="w+", dtype=np.uint8, shape=(n, channels, size, size))
+    writer = StoreWriter(root, (channels, size, size))
+    shard, path = writer.new(n)
+    images = np.load(path, mmap_mode="r+")
     for start in range(0, n, 32):
         images[start : start + 32] = structured_images(rng, min(32, n - start), channels, size)
     images.flush()
+    del images
+    writer.seal(shard)
+    write_table(root, np.stack([np.full(n, shard), np.arange(n)], 1), np.zeros((n, channels, 2), dtype=np.int64))
     np.save(root / "labels.npy", np.zeros(n, dtype=np.int64))
     np.save(root / "split.npy", np.zeros(n, dtype=np.int8))
     np.save(root / "labelled.npy", np.zeros(n, dtype=bool))
     stats = {"mean": [0.5] * channels, "std": [0.25] * channels}
-    write_json(root / "manifest.json", {"classes": ["x"], "content_hash": "synthetic", **stats})
+    write_json(root / "manifest.json", {"classes": ["x"], "content_hash": "synthetic", "shards": writer.names, **stats})
     return PreparedData(root)
 
 

@@ -1,6 +1,7 @@
 """Prefect flow: the DVC stages in order, one task per stage.
 
-DVC decides what is up to date (Prefect's own task cache is off); every stage's
+DVC decides what is up to date (Prefect's own task cache is off), the image
+folders included (the flow lists them as deps of `prepare`); every stage's
 output streams into the flow's log; a failed stage fails the flow naming it
 (a stage's own one-line error is not retried: it would fail the same way);
 the run ends with a markdown summary artifact. Run it with `mae-ops pipeline`.
@@ -23,6 +24,7 @@ from mae_ops.orchestration import (
     preflight,
     run_dvc_stage,
     run_summary,
+    sync_source_deps,
     write_overrides,
 )
 
@@ -60,6 +62,7 @@ def pipeline(
         cfg, _ = plan_overrides(root, overrides or [])
         preflight(root, cfg, wanted, overrides or [], force)  # before params.yaml or any output changes
         write_overrides(root, overrides or [], get_run_logger().info)
+        sync_source_deps(root, cfg, get_run_logger().info)  # DVC hashes the image folders
         results = [dvc_stage(stage, str(root), force) for stage in STAGES if stage in wanted]
     create_markdown_artifact(run_summary(root, results), key="mae-ops-run-summary",
                              description="data, pre-training, search, test accuracy, export")  # fmt: skip

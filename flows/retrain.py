@@ -1,11 +1,13 @@
 """Prefect flow for scheduled retraining with champion/challenger promotion.
 
-Each run checks whether the data sources changed since the production model
-was built (content hash); if not, it does nothing (unless forced). Otherwise it
-runs the pipeline flow, registers the new model, promotes it only if it is at
-least as good as the champion on the same current test split, records dvc.lock
-and pushes DVC outputs to the configured remote. `mae-ops serve` deploys it on
-a cron schedule.
+Each run asks DVC whether anything changed since the production model was built:
+the `prepare` stage out of date (an image folder, a data param or the prepare
+code changed: the folders are DVC deps, hashed by DVC with its state cache) or
+prepared data other than the champion's (DVC's hash in dvc.lock). If nothing
+changed it does nothing (unless forced). Otherwise it runs the pipeline flow,
+registers the new model, promotes it only if it is at least as good as the
+champion on the same current test split, records dvc.lock and pushes DVC outputs
+to the configured remote. `mae-ops serve` deploys it on a cron schedule.
 """
 
 from __future__ import annotations
@@ -19,8 +21,7 @@ from prefect.cache_policies import NO_CACHE
 
 from mae_ops import registry
 from mae_ops.config import load_params
-from mae_ops.orchestration import dvc_executable, load_module_file, tool_env
-from mae_ops.stages.prepare import source_fingerprint
+from mae_ops.orchestration import dvc_executable, load_module_file, stage_status, sync_source_deps, tool_env
 
 
 def _pipeline_flow():
@@ -58,19 +59,16 @@ def retrain(repo: str = ".", force: bool = False, overrides: list[str] | None = 
     root = Path(repo).resolve()
     cfg = load_params(root / "params.yaml", overrides or [])
     reg = root / cfg.retrain.registry_dir
-    source_hash = source_fingerprint(cfg.data)
     champion = registry.production(reg)
-    if champion and champion["info"]["data_source_hash"] == source_hash and not force:
-        logger.info("data unchanged since production model %s: nothing to do", champion["version"])
+    sync_source_deps(root, cfg, logger.info)  # the configured folders are the deps DVC checks
+    stale = stage_status(root, "prepare")
+    same_data = champion is not None and champion["info"].get("data_dvc_hash") == registry.prepared_data_hash(root)
+    if champion and same_data and not stale and not overrides and not force:
+        logger.info("DVC: data unchanged since production model %s: nothing to do", champion["version"])
         return {"action": "skipped", "production": champion["version"]}
-
-    built_for = (champion or {}).get("info", {}).get("data_source_hash")
-    # DVC tracks params and code, not the bytes of a user's image folder: re-prepare when they changed
-    force_prepare = built_for is not None and built_for != source_hash
-    pipeline = _pipeline_flow()
-    if force_prepare:
-        pipeline(repo=str(root), stages=["prepare"], overrides=overrides, force=True)
-    pipeline(repo=str(root), overrides=overrides)
+    if stale:
+        logger.info("DVC: the prepare stage is out of date (%s): preparing again", stale)
+    _pipeline_flow()(repo=str(root), overrides=overrides)
     candidate = registry.register(root, reg)
     decision = registry.challenge(reg, candidate["version"], root / cfg.data.out_dir, cfg.retrain.promote_tolerance)
     recorded = record_run(str(root), cfg.retrain.dvc_remote, cfg.retrain.commit_lock)

@@ -13,6 +13,7 @@ import onnx
 import pytest
 from PIL import Image
 
+from mae_ops.data import PreparedData
 from mae_ops.serving import ModelInfo, open_session, run_logits
 from mae_ops.stages import export
 from tests.conftest import BIN, export_config, subprocess_env, write_params
@@ -21,7 +22,7 @@ from tests.conftest import BIN, export_config, subprocess_env, write_params
 def _test_arrays(root: Path) -> tuple[np.ndarray, np.ndarray]:
     split = np.load(root / "data/prepared/split.npy")
     ids = np.flatnonzero(split == 2)
-    images = np.load(root / "data/prepared/images.npy")[ids]
+    images = PreparedData(root / "data/prepared").images[ids]
     return images, np.load(root / "data/prepared/labels.npy")[ids]
 
 

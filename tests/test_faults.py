@@ -264,11 +264,12 @@ def _tmpfs(path: Path, size: str) -> Iterator[Path]:
 
 def test_a_full_disk_is_one_clear_line_and_keeps_the_previous_outputs(tmp_path: Path, prepared_mnist: Path) -> None:
     with _tmpfs(tmp_path / "small", "6m") as small:
-        # prepare: the previous data (4 MB) fills most of the disk; the new run cannot fit
+        # prepare: the previous data (4 MB) fills most of the disk; the new run (other pixels: 32 px,
+        # so nothing can be reused from it) cannot fit
         out = small / "prepared"
         shutil.copytree(prepared_mnist, out)
         before = (out / "manifest.json").read_text()
-        cfg = tiny_config(tmp_path, f"data.out_dir={out}", "data.seed=5")
+        cfg = tiny_config(tmp_path, f"data.out_dir={out}", "data.img_size=32")
         proc = _cli(["prepare", "--params", str(write_params(cfg, tmp_path / "p1.yaml"))], tmp_path)
         _one_clear_line(proc, "disk full")
         assert (out / "manifest.json").read_text() == before

@@ -133,11 +133,15 @@ def test_test_split_is_never_read_while_training_and_tuning(run_root: Path, tmp_
     for sub in ("data/prepared", "models/pretrain"):
         shutil.copytree(run_root / sub, other / sub)
     # poison every test image and label in the second copy (same manifest, so same fingerprints)
-    images = np.load(other / "data/prepared/images.npy", mmap_mode="r+")
+    poisoned = PreparedData(other / "data/prepared")
     split, labels = np.load(other / "data/prepared/split.npy"), np.load(other / "data/prepared/labels.npy")
     test = np.flatnonzero(split == 2)
-    images[test] = np.random.default_rng(0).integers(0, 255, images[test].shape, dtype=np.uint8)
-    images.flush()
+    rng = np.random.default_rng(0)
+    for shard, row in poisoned.images.where[test]:
+        path = other / "data/prepared/shards" / poisoned.manifest["shards"][shard]
+        pixels = np.load(path, mmap_mode="r+")
+        pixels[row] = rng.integers(0, 255, pixels.shape[1:], dtype=np.uint8)
+        pixels.flush()
     labels[test] = (labels[test] + 3) % 10
     np.save(other / "data/prepared/labels.npy", labels)
 

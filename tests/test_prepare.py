@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from mae_ops.data import SPLITS
+from mae_ops.data import SPLITS, PreparedData
 from mae_ops.stages import prepare
 from mae_ops.stages.prepare import DataSourceError
 from tests.conftest import tiny_config
 
 
 def _load(root: Path) -> dict:
-    out = {name: np.load(root / f"{name}.npy") for name in ("images", "labels", "split", "labelled")}
+    out = {name: np.load(root / f"{name}.npy") for name in ("labels", "split", "labelled")}
+    out["images"] = PreparedData(root).images
     out["manifest"] = json.loads((root / "manifest.json").read_text())
     return out
 
@@ -39,7 +41,7 @@ def test_embedded_mnist(prepared_mnist: Path) -> None:
     train = d["images"][d["split"] == SPLITS["train"]].astype(np.float64) / 255
     assert m["mean"][0] == pytest.approx(train.mean(), abs=1e-5)
     assert m["std"][0] == pytest.approx(train.std(), abs=1e-5)
-    assert len(m["source_hash"]) == 64 and len(m["content_hash"]) == 64
+    assert len(m["content_hash"]) == 64
 
 
 def test_split_is_deterministic_and_seeded(tmp_path: Path, prepared_mnist: Path) -> None:
@@ -131,7 +133,7 @@ def test_sixteen_bit_is_scaled_not_clipped(tmp_path: Path) -> None:
         _save(Image.fromarray(ramp), root / cls / "ramp.png")
     prepare.run(tiny_config(tmp_path / "run", f"data.source={root}", "data.img_size=16",
                             "data.test_fraction=0", "data.val_fraction=0"))  # fmt: skip
-    img = np.load(tmp_path / "run" / "data" / "prepared" / "images.npy")[0, 0]
+    img = PreparedData(tmp_path / "run" / "data" / "prepared").images[0][0]
     assert img.dtype == np.uint8 and img.shape == (16, 16)
     np.testing.assert_allclose(img.astype(float), ramp / 257.0, atol=1.0)
 
@@ -221,7 +223,7 @@ def test_index_csv_and_the_store_agree(tmp_path: Path, messy_folder: Path) -> No
     d = _load(root)
     files = json.loads((root / "files.json").read_text())
     index = _index(root)
-    assert len(index) == len(files) == len(d["images"]) == 18  # skipped files compacted out of images.npy
+    assert len(index) == len(files) == len(d["images"]) == 18  # skipped files compacted out of the shard
     for i, f in enumerate(files):  # every row is its own file's pixels (rows moved up past the skipped ones)
         from mae_ops.images import load_image
 
@@ -229,3 +231,56 @@ def test_index_csv_and_the_store_agree(tmp_path: Path, messy_folder: Path) -> No
         split, label, labelled = index[f]
         assert split == {v: k for k, v in SPLITS.items()}[int(d["split"][i])]
         assert label == d["manifest"]["classes"][d["labels"][i]] and labelled == str(int(d["labelled"][i]))
+
+
+def test_re_prepare_decodes_only_new_and_changed_files(tmp_path: Path) -> None:
+    """Preparing again after adding 1% of files decodes those alone (the rest keep their
+    shards, hard-linked), moves nothing between splits, and gives the same pixels as a
+    fresh prepare; a changed file is decoded again, a removed one leaves the store."""
+    rng = np.random.default_rng(1)
+    src = tmp_path / "photos"
+
+    def add(i: int) -> None:
+        _save(Image.fromarray(rng.integers(0, 255, (14, 10, 3), dtype=np.uint8)), src / f"c{i % 2}" / f"{i}.png")
+
+    for i in range(400):
+        add(i)
+    cfg = tiny_config(tmp_path / "run", f"data.source={src}", "data.img_size=8", "model.preset=mae_vit_micro_patch4")
+    first = prepare.run(cfg)
+    assert first["reused"] == {"images": 0, "decoded": 400, "shards_linked": 0, "unused_rows": 0}
+    before = _index(tmp_path / "run" / "data" / "prepared")
+    old_shard = tmp_path / "run" / "data" / "prepared" / "shards" / first["shards"][0]
+    inode = old_shard.stat().st_ino
+
+    for i in range(400, 404):  # 1% more
+        add(i)
+    (src / "c1" / "1.png").unlink()
+    changed = src / "c0" / "0.png"
+    _save(Image.fromarray(np.full((14, 10, 3), 200, np.uint8)), changed)
+    os.utime(changed, ns=(changed.stat().st_atime_ns, changed.stat().st_mtime_ns + 10**9))
+    again = prepare.run(cfg)
+    assert again["reused"]["decoded"] == 5 and again["reused"]["images"] == 398  # 4 new + 1 changed
+    assert again["reused"]["shards_linked"] == 1 and again["reused"]["unused_rows"] == 2  # removed + changed
+    root = tmp_path / "run" / "data" / "prepared"
+    assert (root / "shards" / first["shards"][0]).stat().st_ino == inode  # linked, not copied
+    after = _index(root)
+    assert not {k for k in before if k in after and after[k] != before[k]}  # nothing moved between splits
+    assert len(after) == 403
+
+    fresh = prepare.run(tiny_config(tmp_path / "fresh", *[f"data.source={src}", "data.img_size=8",
+                                                         "model.preset=mae_vit_micro_patch4"]))  # fmt: skip
+    a, b = PreparedData(root), PreparedData(tmp_path / "fresh" / "data" / "prepared")
+    files_a = json.loads((root / "files.json").read_text())
+    files_b = json.loads((b.root / "files.json").read_text())
+    assert files_a == files_b
+    assert np.array_equal(a.images[:], b.images[:])  # the same pixels, decoded or reused
+    assert np.array_equal(a.images[files_a.index(str(changed))], np.full((3, 8, 8), 200, np.uint8))
+    assert again["mean"] == fresh["mean"] and again["std"] == fresh["std"]
+    for name in ("labels", "split", "labelled"):
+        assert np.array_equal(np.load(root / f"{name}.npy"), np.load(b.root / f"{name}.npy"))
+
+    unchanged = prepare.run(cfg)  # nothing changed: nothing decoded
+    assert unchanged["reused"]["decoded"] == 0 and unchanged["content_hash"] == again["content_hash"]
+    other_size = prepare.run(tiny_config(tmp_path / "run", f"data.source={src}", "data.img_size=12",
+                                         "model.preset=mae_vit_micro_patch4"))  # fmt: skip
+    assert other_size["reused"]["decoded"] == 403  # other pixels: nothing to reuse

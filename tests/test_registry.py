@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 
 from mae_ops import registry
 from mae_ops.stages import evaluate
-from tests.conftest import REPO, export_config, load_flow_module
+from tests.conftest import BIN, REPO, export_config, git_dvc_repo, load_flow_module, subprocess_env, tiny_project
 
 
 def _degrade(model: Path) -> None:
@@ -70,17 +71,51 @@ def test_promotes_better_keeps_champion_against_worse_and_rolls_back(project: Pa
     assert not list(reg.glob("*.tmp")) and not list(reg.glob(".production*"))
 
 
-def test_retrain_does_nothing_when_the_data_did_not_change(project: Path) -> None:
+def test_retrain_asks_dvc_whether_the_image_folder_changed(tmp_path: Path) -> None:
+    """The image folder is a DVC dep of `prepare` (listed by the flow): retraining does
+    nothing while DVC says it is unchanged, and re-prepares (decoding only the new files)
+    and trains a challenger once images are added. No hashing of our own."""
+    import subprocess
+
+    import yaml
+    from PIL import Image
     from prefect.testing.utilities import prefect_test_harness
 
-    reg = project / "registry"
-    version = registry.register(project, reg)["version"]
-    registry.promote(reg, version, "test")
+    from mae_ops.orchestration import stage_status
+
+    rng = np.random.default_rng(0)
+    images = tmp_path / "project" / "images"
+
+    def add(i: int) -> None:
+        (images / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        pixels = np.clip(rng.normal(60 + 120 * (i % 2), 30, (20, 20)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(images / f"c{i % 2}" / f"{i}.png")
+
+    for i in range(160):
+        add(i)
+    repo = tiny_project(tmp_path / "project", data={"source": "images", "img_size": 16},
+                        retrain={"dvc_remote": "", "commit_lock": False})  # fmt: skip
+    # a folder named in params.yaml by hand but not in dvc.yaml: `dvc repro` refuses, naming the fix
+    proc = subprocess.run([str(BIN / "dvc"), "repro", "prepare"], cwd=repo, capture_output=True, text=True,
+                          env=subprocess_env())  # fmt: skip
+    assert proc.returncode != 0 and "not among the deps of the prepare stage" in proc.stdout + proc.stderr
+
     retrain = load_flow_module("retrain").retrain
     with prefect_test_harness(server_startup_timeout=120):
-        result = retrain(repo=str(project))
-    assert result == {"action": "skipped", "production": version}
-    assert len(registry.list_versions(reg)) == 1
+        first = retrain(repo=str(repo))
+        assert first["action"] == "promoted"
+        assert "images" in yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]["prepare"]["deps"]
+        assert retrain(repo=str(repo))["action"] == "skipped"
+
+        for i in range(160, 163):
+            add(i)
+        assert stage_status(repo, "prepare")  # DVC sees the folder change
+        again = retrain(repo=str(repo))
+    assert again["action"] in ("promoted", "kept champion")
+    manifest = json.loads((repo / "data/prepared/manifest.json").read_text())
+    assert manifest["num_images"] == 163 and manifest["reused"]["decoded"] == 3
+    assert len(registry.list_versions(repo / "registry")) == 2
+    assert not stage_status(repo, "prepare")
 
 
 def _free_port() -> int:
@@ -103,10 +138,11 @@ def test_scheduled_deployment_on_a_real_local_server(project: Path, tmp_path_fac
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from tests.conftest import BIN, subprocess_env
-
-    for item in ("flows", "dvc.yaml"):
+    for item in ("flows", "src", "dvc.yaml"):
         (shutil.copytree if (REPO / item).is_dir() else shutil.copy)(REPO / item, project / item)
+    # DVC records the prepared data as they are (no stage runs): the retraining flow then finds them unchanged
+    git_dvc_repo(project)
+    subprocess.run([str(BIN / "dvc"), "commit", "-f", "-q", "prepare"], cwd=project, env=subprocess_env(), check=True)
     reg = project / "registry"
     registry.promote(reg, registry.register(project, reg)["version"], "test")  # data unchanged: runs are no-ops
 

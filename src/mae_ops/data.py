@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 
 from mae_ops.errors import UserError
+from mae_ops.store import ShardedImages, open_images
 
 SPLITS = {"train": 0, "val": 1, "test": 2, "unlabeled": 3}  # codes in split.npy
 
@@ -29,7 +30,7 @@ class PreparedData:
         if not manifest.exists():
             raise UserError(f"{manifest} not found: run `mae-ops prepare` first")
         self.manifest = json.loads(manifest.read_text())
-        self.images = np.load(self.root / "images.npy", mmap_mode="r")  # (N, C, S, S) uint8
+        self.images = open_images(self.root, self.manifest)  # (N, C, S, S) uint8, sharded
         self.labels = np.load(self.root / "labels.npy")
         self.split = np.load(self.root / "split.npy")
         self.labelled = np.load(self.root / "labelled.npy")
@@ -66,7 +67,7 @@ class PreparedData:
 class _BatchReader(Dataset):
     """Indexed by a whole batch of sample ids: one sorted memmap read per batch."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, ids: np.ndarray) -> None:
+    def __init__(self, images: ShardedImages, labels: np.ndarray, ids: np.ndarray) -> None:
         self.images, self.labels, self.ids = images, labels, ids
 
     def __len__(self) -> int:

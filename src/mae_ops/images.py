@@ -108,17 +108,24 @@ def load_image(path: str | Path, size: int, channels: int) -> np.ndarray:
         raise ImageReadError(f"corrupt image: {exc}") from None
 
 
-def decode_into(store: str | Path, rows: list[int], paths: list[str], size: int, channels: int) -> list[str | None]:
+def decode_into(
+    store: str | Path, rows: list[int], paths: list[str], size: int, channels: int
+) -> tuple[list[str | None], np.ndarray]:
     """Decode ``paths`` straight into rows of the memory-mapped .npy ``store`` (a worker
-    process's share: no pixels travel back). Returns, per file, None or why it was skipped."""
+    process's share: no pixels travel back). Returns, per file, None or why it was
+    skipped, and its per-channel pixel sum and sum of squares, (n, C, 2) int64."""
     arr = np.load(store, mmap_mode="r+")
     errors: list[str | None] = []
-    for row, path in zip(rows, paths, strict=True):
+    sums = np.zeros((len(paths), channels, 2), dtype=np.int64)
+    for i, (row, path) in enumerate(zip(rows, paths, strict=True)):
         try:
-            arr[row] = load_image(path, size, channels)
+            img = load_image(path, size, channels)
+            arr[row] = img
+            flat = img.reshape(channels, -1).astype(np.int64)
+            sums[i, :, 0], sums[i, :, 1] = flat.sum(-1), (flat * flat).sum(-1)
             errors.append(None)
         except ImageReadError as exc:
             errors.append(str(exc))
     arr.flush()
     del arr
-    return errors
+    return errors, sums

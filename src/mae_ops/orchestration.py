@@ -26,7 +26,7 @@ from mae_ops.atomic import file_lock, free_bytes, write_text
 from mae_ops.config import Config, apply_overrides, redact, validate
 from mae_ops.errors import UserError
 from mae_ops.reporting import file_sha256
-from mae_ops.sources import check_sources
+from mae_ops.sources import EMBEDDED_SOURCES, check_sources, dep_path, listed_source_deps, source_folders
 
 STAGES = ("prepare", "pretrain", "finetune", "baselines", "evaluate", "export")
 LOCK_FILE = ".dvc/tmp/mae-ops-pipeline.lock"
@@ -175,7 +175,37 @@ def preflight(repo: Path, cfg: Config, stages: list[str], overrides: list[str], 
         return
     touches_data = any(item.strip().startswith("data.") for item in overrides)
     if force or touches_data or stage_status(repo, "prepare"):
-        check_sources(cfg.data)
+        d = cfg.data  # relative folders are relative to the project, where DVC runs the stage
+        if d.source not in EMBEDDED_SOURCES:
+            d = d.model_copy(update={"source": str(repo / d.source)})
+        check_sources(d.model_copy(update={"unlabeled_dirs": [str(repo / u) for u in d.unlabeled_dirs]}))
+
+
+def sync_source_deps(repo: Path, cfg: Config, log: Callable[[str], None] | None = None) -> list[str]:
+    """List the image folders of ``cfg.data`` (source and unlabeled_dirs) as the deps of
+    `prepare` in dvc.yaml, in place of the ones listed before (comments and layout kept),
+    so that DVC hashes them and sees them change; returns the folders now listed.
+    DVC's templating cannot turn a list param into deps, hence this step."""
+    path = repo / "dvc.yaml"
+    rt = YAML()
+    rt.width = 4096
+    rt.indent(mapping=2, sequence=4, offset=2)
+    doc = rt.load(path.read_text())
+    deps = doc["stages"]["prepare"]["deps"]
+    wanted = [dep_path(repo, f) for f in source_folders(cfg.data)]
+    old = listed_source_deps(list(deps))
+    if old == wanted:
+        return wanted
+    for d in old:
+        deps.remove(d)
+    for i, d in enumerate(wanted):
+        deps.insert(i, d)
+    buf = io.StringIO()
+    rt.dump(doc, buf)
+    write_text(path, buf.getvalue())
+    if log is not None:
+        log(f"dvc.yaml: the prepare stage now depends on {wanted or 'the embedded data only'} (was {old or 'none'})")
+    return wanted
 
 
 def write_overrides(repo: Path, overrides: list[str], log: Callable[[str], None] | None = None) -> list[str]:

@@ -20,11 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from mae_ops.atomic import file_lock, write_json
 from mae_ops.errors import UserError
 from mae_ops.reporting import git_revision
 from mae_ops.serving import open_session, top1_accuracy
+from mae_ops.store import open_images
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +113,7 @@ def _register(repo: Path, registry: Path) -> dict[str, Any]:
         "version": version,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "test_top1": metrics["finetune"]["top1"],
-        "data_source_hash": manifest["source_hash"],
+        "data_dvc_hash": prepared_data_hash(repo),  # DVC's hash of data/prepared, from dvc.lock
         "data_content_hash": manifest["content_hash"],
         "git_revision": git_revision(repo) or "unknown",
         "files": [],
@@ -133,9 +135,21 @@ def _register(repo: Path, registry: Path) -> dict[str, Any]:
     return info
 
 
+def prepared_data_hash(repo: Path, out: str = "data/prepared") -> str | None:
+    """DVC's hash of the prepared data as dvc.lock records it (None outside a DVC project)."""
+    lock = repo / "dvc.lock"
+    if not lock.exists():
+        return None
+    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    for entry in stages.get("prepare", {}).get("outs", []):
+        if entry.get("path") == out:
+            return entry.get("md5") or entry.get("hash")
+    return None
+
+
 def accuracy_on_test_split(model: Path, data_dir: Path) -> float:
     """Top-1 of an ONNX model on the current prepared test split."""
-    images = np.load(data_dir / "images.npy", mmap_mode="r")
+    images = open_images(data_dir, json.loads((data_dir / "manifest.json").read_text()))
     split, labels = np.load(data_dir / "split.npy"), np.load(data_dir / "labels.npy")
     ids = np.flatnonzero(split == 2)
     return top1_accuracy(open_session(model, "cpu"), images, labels, ids)

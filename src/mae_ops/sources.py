@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import yaml
+
 from mae_ops.config import DataConfig, InputError
 
 EMBEDDED_SOURCES = ("mnist-5k",)
@@ -51,3 +53,29 @@ def check_sources(d: DataConfig) -> list[str]:
             "folders (images of a single kind can go in data.unlabeled_dirs for pre-training)"
         )
     return classes
+
+
+def source_folders(d: DataConfig) -> list[Path]:
+    """The folders the images come from (the embedded set, inside a pinned package, has none)."""
+    return [Path(p) for p in ([] if d.source in EMBEDDED_SOURCES else [d.source]) + list(d.unlabeled_dirs)]
+
+
+def dep_path(repo: Path, folder: Path) -> str:
+    """How dvc.yaml names a folder: relative inside the project, absolute outside it."""
+    path = (repo / folder).resolve() if not folder.is_absolute() else folder.resolve()
+    try:
+        return path.relative_to(repo.resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def listed_source_deps(deps: list) -> list[str]:
+    """The deps of `prepare` that are image folders (everything but the code under src/)."""
+    return [d for d in deps if isinstance(d, str) and not d.startswith("src/")]
+
+
+def missing_source_deps(repo: Path, d: DataConfig) -> list[str]:
+    """Source folders of ``d`` that dvc.yaml does not list as deps of `prepare`."""
+    stages = (yaml.safe_load((repo / "dvc.yaml").read_text()) or {}).get("stages", {})
+    listed = {dep_path(repo, Path(p)) for p in listed_source_deps(stages.get("prepare", {}).get("deps", []))}
+    return [p for p in (dep_path(repo, f) for f in source_folders(d)) if p not in listed]

@@ -24,7 +24,7 @@ from mae_ops.deploy import Deployable, machine, measure_all
 from mae_ops.models.classifier import load_classifier
 from mae_ops.reporting import file_sha256
 from mae_ops.serving import open_session
-from mae_ops.store import open_images
+from mae_ops.store import open_eval_images
 
 
 def main() -> None:
@@ -38,7 +38,7 @@ def main() -> None:
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
-    images = open_images(args.data, json.loads((args.data / "manifest.json").read_text()))
+    images = open_eval_images(args.data, json.loads((args.data / "manifest.json").read_text()))
     test = np.flatnonzero(np.load(args.data / "split.npy") == 2)
     batch = np.asarray(images[np.resize(test, 32)], dtype=np.float32) / 255.0
     model, meta = load_classifier(args.model)

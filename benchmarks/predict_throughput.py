@@ -22,7 +22,7 @@ from PIL import Image
 
 from mae_ops.deploy import machine
 from mae_ops.serving import ModelInfo, _decoded, expand_paths, open_session, predict_files
-from mae_ops.store import open_images
+from mae_ops.store import open_eval_images
 
 
 def main() -> None:
@@ -35,7 +35,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=256)
     args = ap.parse_args()
 
-    images = open_images(args.data, json.loads((args.data / "manifest.json").read_text()))
+    images = open_eval_images(args.data, json.loads((args.data / "manifest.json").read_text()))
     test = np.flatnonzero(np.load(args.data / "split.npy") == 2)
     session = open_session(args.model, "cpu", args.threads)
     info = ModelInfo.from_session(session)

@@ -80,5 +80,5 @@ def test_overrides_are_validated_and_written(tmp_path: Path) -> None:
     before, after = (REPO / "params.yaml").read_text().splitlines(), written.splitlines()
     assert len(before) == len(after)
     assert [i for i, (a, b) in enumerate(zip(before, after, strict=True)) if a != b] == [
-        i for i, line in enumerate(before) if line.lstrip().startswith(("epochs: 40", "crop_scale:"))
+        i for i, line in enumerate(before) if line.lstrip().startswith(("epochs: 40", "crop_scale: [0.35"))
     ]

@@ -114,9 +114,10 @@ def test_messy_folder_converts_or_skips_and_never_crashes(tmp_path: Path, messy_
     assert reasons["notes.jpg"] == "not a recognised image format"
     assert reasons["readme.txt"] == "not an image file extension"
     assert manifest["num_skipped"] == 6
-    # 12 good + 6 converted images, all at 16x16 RGB
-    assert manifest["channels"] == 3
-    assert d["images"].shape == (18, 3, 16, 16)
+    # 12 good + 6 converted images, all RGB, stored at 18 px (16 / crop_pct 0.875), seen at 16 px
+    assert manifest["channels"] == 3 and manifest["store_size"] == 18 and manifest["crop_pct"] == 0.875
+    assert d["images"].shape == (18, 3, 18, 18)
+    assert PreparedData(tmp_path / "run" / "data" / "prepared").eval_images.shape == (18, 3, 16, 16)
     assert manifest["classes"] == ["cat", "dog"]
     files = json.loads((tmp_path / "run" / "data" / "prepared" / "files.json").read_text())
     by_name = {Path(f).name: i for i, f in enumerate(files)}
@@ -131,7 +132,7 @@ def test_sixteen_bit_is_scaled_not_clipped(tmp_path: Path) -> None:
     ramp = (np.arange(16 * 16, dtype=np.uint16).reshape(16, 16) * 256).astype(np.uint16)
     for cls in ("a", "b"):
         _save(Image.fromarray(ramp), root / cls / "ramp.png")
-    prepare.run(tiny_config(tmp_path / "run", f"data.source={root}", "data.img_size=16",
+    prepare.run(tiny_config(tmp_path / "run", f"data.source={root}", "data.img_size=16", "data.crop_pct=1",
                             "data.test_fraction=0", "data.val_fraction=0"))  # fmt: skip
     img = PreparedData(tmp_path / "run" / "data" / "prepared").images[0][0]
     assert img.dtype == np.uint8 and img.shape == (16, 16)
@@ -227,7 +228,7 @@ def test_index_csv_and_the_store_agree(tmp_path: Path, messy_folder: Path) -> No
     for i, f in enumerate(files):  # every row is its own file's pixels (rows moved up past the skipped ones)
         from mae_ops.images import load_image
 
-        assert np.array_equal(d["images"][i], load_image(f, 16, 3)), f
+        assert np.array_equal(d["images"][i], load_image(f, 18, 3)), f
         split, label, labelled = index[f]
         assert split == {v: k for k, v in SPLITS.items()}[int(d["split"][i])]
         assert label == d["manifest"]["classes"][d["labels"][i]] and labelled == str(int(d["labelled"][i]))
@@ -274,7 +275,7 @@ def test_re_prepare_decodes_only_new_and_changed_files(tmp_path: Path) -> None:
     files_b = json.loads((b.root / "files.json").read_text())
     assert files_a == files_b
     assert np.array_equal(a.images[:], b.images[:])  # the same pixels, decoded or reused
-    assert np.array_equal(a.images[files_a.index(str(changed))], np.full((3, 8, 8), 200, np.uint8))
+    assert np.array_equal(a.images[files_a.index(str(changed))], np.full((3, 9, 9), 200, np.uint8))  # 8 / 0.875
     assert again["mean"] == fresh["mean"] and again["std"] == fresh["std"]
     for name in ("labels", "split", "labelled"):
         assert np.array_equal(np.load(root / f"{name}.npy"), np.load(b.root / f"{name}.npy"))
@@ -284,3 +285,42 @@ def test_re_prepare_decodes_only_new_and_changed_files(tmp_path: Path) -> None:
     other_size = prepare.run(tiny_config(tmp_path / "run", f"data.source={src}", "data.img_size=12",
                                          "model.preset=mae_vit_micro_patch4"))  # fmt: skip
     assert other_size["reused"]["decoded"] == 403  # other pixels: nothing to reuse
+
+
+def test_store_keeps_more_pixels_and_evaluation_follows_timm(tmp_path: Path) -> None:
+    """Photos are stored at img_size / crop_pct (here 73 px for 64): pre-training crops sample
+    from that; evaluation, export and `predict` see timm's eval transform of the original file
+    (resize the short side to 73, centre crop 64), the same pixels in each."""
+    import timm.data
+
+    from mae_ops.serving import _decode_chunk
+
+    rng = np.random.default_rng(3)
+    src = tmp_path / "photos"
+    y, x = np.mgrid[0:200, 0:300]
+    for i in range(12):
+        img = np.stack([128 + 100 * np.sin(x / (20 + i) + c) * np.cos(y / 25 - c) for c in range(3)], -1)
+        _save(Image.fromarray((img + rng.integers(0, 4, img.shape)).clip(0, 255).astype(np.uint8)),
+              src / f"c{i % 2}" / f"{i}.png")  # fmt: skip
+    manifest = prepare.run(tiny_config(tmp_path / "run", f"data.source={src}", "data.img_size=64",
+                                       "model.preset=mae_vit_micro_patch4"))  # fmt: skip
+    assert (manifest["img_size"], manifest["store_size"], manifest["crop_pct"]) == (64, 73, 0.875)
+    data = PreparedData(tmp_path / "run" / "data" / "prepared")
+    assert data.images.shape[1:] == (3, 73, 73) and data.eval_images.shape[1:] == (3, 64, 64)
+    files = json.loads((data.root / "files.json").read_text())
+
+    def timm_eval(img: Image.Image, crop_pct: float) -> np.ndarray:
+        transform = timm.data.create_transform(64, crop_pct=crop_pct, interpolation="bicubic", mean=(0,) * 3,
+                                               std=(1,) * 3)  # fmt: skip
+        return (transform(img.convert("RGB")).numpy() * 255).round()
+
+    for i, f in enumerate(files):
+        ours = data.eval_images[i].astype(float)
+        with Image.open(f) as img:
+            gap = {pct: np.abs(ours - timm_eval(img, pct)).mean() for pct in (0.75, 0.875, 1.0)}
+        # the same region as timm's (up to the sub-pixel rounding of resize-then-crop), not another one
+        assert gap[0.875] < 1.5 and gap[0.875] < 0.1 * min(gap[0.75], gap[1.0]), (f, gap)
+        assert np.array_equal(_decode_chunk([f], 64, 3, 0.875)[0], data.eval_images[i])  # predict == evaluate
+
+    digits = prepare.run(tiny_config(tmp_path / "digits"))  # the embedded 28 px digits: whole images
+    assert (digits["img_size"], digits["store_size"], digits["crop_pct"]) == (28, 28, 1.0)

@@ -93,7 +93,8 @@ def test_retrain_asks_dvc_whether_the_image_folder_changed(tmp_path: Path) -> No
 
     for i in range(160):
         add(i)
-    repo = tiny_project(tmp_path / "project", data={"source": "images", "img_size": 16},
+    repo = tiny_project(tmp_path / "project", data={"source": "images", "img_size": 16},  # stored at 18 px
+                        finetune={"crop_scale": [0.08, 1.0], "hflip": True},
                         retrain={"dvc_remote": "", "commit_lock": False})  # fmt: skip
     # a folder named in params.yaml by hand but not in dvc.yaml: `dvc repro` refuses, naming the fix
     proc = subprocess.run([str(BIN / "dvc"), "repro", "prepare"], cwd=repo, capture_output=True, text=True,

@@ -37,7 +37,7 @@ def pixel_features(data: PreparedData, ids: np.ndarray, batch: int = 512) -> np.
     side = min(data.img_size, PIXEL_SIDE)
     out = np.empty((len(ids), data.channels * side * side), dtype=np.float32)
     for start in range(0, len(ids), batch):
-        block = np.asarray(data.images[ids[start : start + batch]])
+        block = data.eval_images[ids[start : start + batch]]
         if side != data.img_size:
             block = np.stack([np.stack([np.asarray(Image.fromarray(ch).resize((side, side), Image.Resampling.BOX))
                                         for ch in img]) for img in block])  # fmt: skip

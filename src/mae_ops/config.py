@@ -29,6 +29,7 @@ from mae_ops.errors import UserError
 from mae_ops.models.presets import PRESETS, preset_config
 
 DEFAULT_PARAMS = Path("params.yaml")
+EMBEDDED_SOURCES = ("mnist-5k",)  # data sets shipped in a package, not folders
 
 
 class ParamsError(UserError, ValueError):
@@ -98,6 +99,16 @@ class DataConfig(_Section):
     source: str = Field("mnist-5k", description="'mnist-5k' (embedded) or a folder of labelled images")
     unlabeled_dirs: list[str] = Field(default_factory=list, description="extra unlabeled image folders")
     img_size: int = Field(28, ge=8, le=1024)
+    crop_pct: float | Literal["auto"] = Field(
+        "auto",
+        description="evaluation: resize to img_size / crop_pct, centre crop img_size; auto: 1 for the "
+        "embedded digits (whole 28 px images), 0.875 (timm's and the reference's) for folders of photos",
+    )
+    store_size: int | Literal["auto"] = Field(
+        "auto",
+        description="side of the stored images (>= img_size): pre-training crops sample from them; "
+        "auto: round(img_size / crop_pct), e.g. 256 for 224",
+    )
     channels: Literal["auto", 1, 3] = "auto"
     seed: int = Field(0, ge=0)
     test_fraction: float = Field(0.2, ge=0.0, lt=1.0)
@@ -117,7 +128,23 @@ class DataConfig(_Section):
     def _fractions_leave_training_data(self) -> DataConfig:
         if self.test_fraction + self.val_fraction >= 1.0:
             raise ValueError("data.test_fraction + data.val_fraction must be < 1")
+        if self.crop_pct != "auto" and not 0.0 < self.crop_pct <= 1.0:
+            raise ValueError(f"data.crop_pct must be in (0, 1] (got {self.crop_pct})")
+        if self.store_size != "auto" and not self.img_size <= self.store_size <= 4096:
+            raise ValueError(f"data.store_size must be between data.img_size ({self.img_size}) and 4096 "
+                             f"(got {self.store_size})")  # fmt: skip
         return self
+
+    def eval_crop_pct(self) -> float:
+        if self.crop_pct != "auto":
+            return float(self.crop_pct)
+        return 1.0 if self.source in EMBEDDED_SOURCES else 0.875
+
+    def stored_size(self) -> int:
+        """The side images are stored at: more pixels than training uses, for the crops."""
+        if self.store_size != "auto":
+            return int(self.store_size)
+        return max(self.img_size, int(self.img_size / self.eval_crop_pct() + 1e-6))  # timm's floor
 
 
 class ModelConfig(_Section):
@@ -189,6 +216,10 @@ class FinetuneConfig(_Section):
     rotate: float = Field(10.0, ge=0.0, le=180.0, description="random rotation, degrees")
     scale: PositiveRange = (0.9, 1.1)
     hflip: bool = False
+    crop_scale: UnitRange | None = Field(
+        None, description="RandomResizedCrop area range from the stored image, e.g. [0.08, 1.0] (the reference, "
+        "for photos); null: random shift/rotation/zoom (translate, rotate, scale), then the evaluation crop",
+    )
     randaug: str = Field("", description="timm RandAugment spec, e.g. rand-m9-mstd0.5-inc1; empty = off")
     random_erase: float = Field(0.0, ge=0.0, le=1.0, description="RandomErasing probability")
     global_pool: Literal["avg", "token"] = "avg"

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 
 from mae_ops.errors import UserError
-from mae_ops.store import ShardedImages, open_images
+from mae_ops.images import eval_side
+from mae_ops.store import EvalView, ShardedImages, open_images
 
 SPLITS = {"train": 0, "val": 1, "test": 2, "unlabeled": 3}  # codes in split.npy
 
@@ -30,7 +31,9 @@ class PreparedData:
         if not manifest.exists():
             raise UserError(f"{manifest} not found: run `mae-ops prepare` first")
         self.manifest = json.loads(manifest.read_text())
-        self.images = open_images(self.root, self.manifest)  # (N, C, S, S) uint8, sharded
+        self.images = open_images(self.root, self.manifest)  # (N, C, S, S) uint8 at the store's side S
+        # what evaluation sees: resize by crop_pct and centre crop to img_size (timm's eval transform)
+        self.eval_images = EvalView(self.images, self.img_size, self.crop_pct)
         self.labels = np.load(self.root / "labels.npy")
         self.split = np.load(self.root / "split.npy")
         self.labelled = np.load(self.root / "labelled.npy")
@@ -41,7 +44,16 @@ class PreparedData:
 
     @property
     def img_size(self) -> int:
+        """The side the model sees (the store may keep more pixels: ``store_size``)."""
+        return int(self.manifest.get("img_size", self.images.shape[-1]))
+
+    @property
+    def store_size(self) -> int:
         return int(self.images.shape[-1])
+
+    @property
+    def crop_pct(self) -> float:
+        return float(self.manifest.get("crop_pct", 1.0))
 
     @property
     def classes(self) -> list[str]:
@@ -166,6 +178,16 @@ def normalize(x: torch.Tensor, mean: list[float] | torch.Tensor, std: list[float
     m = torch.as_tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
     s = torch.as_tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
     return (x - m) / s
+
+
+def center_view(x: torch.Tensor, img_size: int, crop_pct: float) -> torch.Tensor:
+    """The evaluation crop on a float batch (N, C, S, S) on any device: resize to
+    floor(img_size / crop_pct) when S differs (antialiased), centre crop img_size."""
+    side = eval_side(img_size, crop_pct)
+    if x.shape[-1] != side:
+        x = F.interpolate(x, size=(side, side), mode="bicubic", antialias=True, align_corners=False)
+    off = round((side - img_size) / 2)
+    return x[..., off : off + img_size, off : off + img_size]
 
 
 def random_resized_crop(

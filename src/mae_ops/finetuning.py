@@ -32,7 +32,15 @@ from tqdm.auto import tqdm
 from mae_ops import runtime
 from mae_ops.atomic import save_with
 from mae_ops.config import Config, FinetuneConfig, InputError
-from mae_ops.data import PreparedData, batch_loader, normalize, random_affine, set_epoch
+from mae_ops.data import (
+    PreparedData,
+    batch_loader,
+    center_view,
+    normalize,
+    random_affine,
+    random_resized_crop,
+    set_epoch,
+)
 from mae_ops.models.classifier import build_classifier, classifier_checkpoint, load_encoder
 from mae_ops.training import Checkpointer, cosine_schedule
 
@@ -91,7 +99,7 @@ def predict_proba(
     out = []
     for start in range(0, len(ids), batch_size):
         rows = ids[start : start + batch_size]
-        x = torch.from_numpy(np.ascontiguousarray(data.images[rows])).to(device)
+        x = torch.from_numpy(data.eval_images[rows]).to(device)
         out.append(torch.softmax(model(normalize(x, data.mean, data.std)).float(), dim=-1).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, len(data.classes)), dtype=np.float32)
 
@@ -199,8 +207,12 @@ def train_finetune(
         for step, (imgs, labels) in enumerate(loader):
             if randaug is not None:
                 imgs = _randaugment_batch(imgs, randaug)
-            x = imgs.to(rt.device, non_blocking=True).float().div_(255.0)
-            x = random_affine(x, ft.translate, ft.rotate, ft.scale, ft.hflip, generator=gen)
+            x = imgs.to(rt.device, non_blocking=True).float().div_(255.0)  # at the store's side
+            if ft.crop_scale is not None:  # the reference: RandomResizedCrop + flip from the stored image
+                x = random_resized_crop(x, data.img_size, ft.crop_scale, hflip=ft.hflip, generator=gen)
+            else:  # shift, rotate, zoom, then the evaluation crop
+                x = random_affine(x, ft.translate, ft.rotate, ft.scale, ft.hflip, generator=gen)
+                x = center_view(x, data.img_size, data.crop_pct)
             x = normalize(x, data.mean, data.std)
             if eraser is not None:
                 x = eraser(x)
@@ -239,7 +251,7 @@ def features(model: nn.Module, data: PreparedData, ids: np.ndarray, device: torc
     model.eval()
     feats = []
     for start in range(0, len(ids), 256):
-        x = torch.from_numpy(np.ascontiguousarray(data.images[ids[start : start + 256]])).to(device)
+        x = torch.from_numpy(data.eval_images[ids[start : start + 256]]).to(device)
         feats.append(model.forward_head(model.forward_features(normalize(x, data.mean, data.std)), pre_logits=True))
     return torch.cat(feats)
 

@@ -80,6 +80,30 @@ def image_to_array(img: Image.Image, size: int, channels: int) -> np.ndarray:
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)  # (C, H, W)
 
 
+def eval_side(img_size: int, crop_pct: float) -> int:
+    """The side evaluation resizes to before its centre crop (timm: floor(img_size / crop_pct))."""
+    return max(img_size, int(img_size / crop_pct + 1e-6))
+
+
+def eval_view(batch: np.ndarray, img_size: int, crop_pct: float) -> np.ndarray:
+    """timm's evaluation transform on stored squares, (n, C, S, S) uint8 -> (n, C, img_size,
+    img_size): resize to ``eval_side`` (only when the store has another side), centre crop."""
+    side = eval_side(img_size, crop_pct)
+    if batch.shape[-1] != side:
+        resized = np.empty((*batch.shape[:2], side, side), dtype=np.uint8)
+        for i, img in enumerate(batch):
+            for c, ch in enumerate(img):
+                resized[i, c] = np.asarray(Image.fromarray(ch).resize((side, side), Image.Resampling.BICUBIC))
+        batch = resized
+    off = round((side - img_size) / 2)
+    return np.ascontiguousarray(batch[..., off : off + img_size, off : off + img_size])
+
+
+def load_eval_image(path: str | Path, img_size: int, channels: int, crop_pct: float) -> np.ndarray:
+    """A file as evaluation and serving see it: centre square at ``eval_side``, centre crop."""
+    return eval_view(load_image(path, eval_side(img_size, crop_pct), channels)[None], img_size, crop_pct)[0]
+
+
 def load_image(path: str | Path, size: int, channels: int) -> np.ndarray:
     """Decode one file to a (channels, size, size) uint8 array or raise ImageReadError."""
     path = Path(path)

@@ -26,7 +26,7 @@ from mae_ops.atomic import file_lock, write_json
 from mae_ops.errors import UserError
 from mae_ops.reporting import git_revision
 from mae_ops.serving import open_session, top1_accuracy
-from mae_ops.store import open_images
+from mae_ops.store import open_eval_images
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ def prepared_data_hash(repo: Path, out: str = "data/prepared") -> str | None:
 
 def accuracy_on_test_split(model: Path, data_dir: Path) -> float:
     """Top-1 of an ONNX model on the current prepared test split."""
-    images = open_images(data_dir, json.loads((data_dir / "manifest.json").read_text()))
+    images = open_eval_images(data_dir, json.loads((data_dir / "manifest.json").read_text()))
     split, labels = np.load(data_dir / "split.npy"), np.load(data_dir / "labels.npy")
     ids = np.flatnonzero(split == 2)
     return top1_accuracy(open_session(model, "cpu"), images, labels, ids)

@@ -24,7 +24,7 @@ import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, InvalidGraph, InvalidProtobuf, NoSuchFile
 
 from mae_ops.errors import UserError
-from mae_ops.images import ImageReadError, is_image_file, load_image
+from mae_ops.images import ImageReadError, is_image_file, load_eval_image
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,11 @@ class ModelInfo:
     img_size: int
     channels: int
     metadata: dict[str, str]
+
+    @property
+    def crop_pct(self) -> float:
+        """Evaluation transform of the training data: resize to img_size / crop_pct, centre crop."""
+        return float(self.metadata.get("crop_pct", "1.0"))
 
     @classmethod
     def from_session(cls, session: ort.InferenceSession) -> ModelInfo:
@@ -139,12 +144,13 @@ def expand_paths(paths: list[str | Path]) -> list[Path]:
     return files
 
 
-def _decode_chunk(files: list[str], size: int, channels: int) -> list[np.ndarray | str]:
-    """A worker's share: each file as a (C, S, S) uint8 array, or the error that kept it out."""
+def _decode_chunk(files: list[str], size: int, channels: int, crop_pct: float = 1.0) -> list[np.ndarray | str]:
+    """A worker's share: each file as a (C, S, S) uint8 array (the evaluation transform of
+    the training data), or the error that kept it out."""
     out: list[np.ndarray | str] = []
     for f in files:
         try:
-            out.append(load_image(f, size, channels))
+            out.append(load_eval_image(f, size, channels, crop_pct))
         except ImageReadError as exc:
             out.append(str(exc))
         except OSError as exc:  # missing or unreadable path
@@ -158,13 +164,13 @@ def _decoded(files: list[Path], info: ModelInfo, workers: int, chunk: int = 64) 
     chunks = [[str(f) for f in files[i : i + chunk]] for i in range(0, len(files), chunk)]
     if workers <= 1 or len(chunks) <= 1:
         for c in chunks:
-            yield from _decode_chunk(c, info.img_size, info.channels)
+            yield from _decode_chunk(c, info.img_size, info.channels, info.crop_pct)
         return
     ctx = multiprocessing.get_context("forkserver")
     with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
         pending: deque = deque()
         for c in chunks:
-            pending.append(pool.submit(_decode_chunk, c, info.img_size, info.channels))
+            pending.append(pool.submit(_decode_chunk, c, info.img_size, info.channels, info.crop_pct))
             if len(pending) >= 2 * workers:
                 yield from pending.popleft().result()
         while pending:

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import yaml
 
-from mae_ops.config import DataConfig, InputError
+from mae_ops.config import EMBEDDED_SOURCES, DataConfig, InputError
 
-EMBEDDED_SOURCES = ("mnist-5k",)
 SPLIT_DIR_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
 

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mae_ops.images import eval_view
+
 SHARD_DIR = "shards"
 SHARD_BYTES = 256 << 20
 STORE_VERSION = 2
@@ -79,6 +81,22 @@ class ShardedImages:
         for shard, pos in zip(shards, np.split(order, starts[1:]), strict=True):
             out[pos] = self._shard(int(shard))[loc[pos, 1]]
         return out
+
+
+class EvalView:
+    """The stored images as evaluation sees them (``images.eval_view``): (N, C, img, img)."""
+
+    def __init__(self, images: ShardedImages, img_size: int, crop_pct: float) -> None:
+        self.images, self.img_size, self.crop_pct = images, img_size, crop_pct
+        self.shape = (len(images), images.shape[1], img_size, img_size)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, idx) -> np.ndarray:
+        if isinstance(idx, (int, np.integer)):
+            return eval_view(self.images[[idx]], self.img_size, self.crop_pct)[0]
+        return eval_view(self.images[idx], self.img_size, self.crop_pct)
 
 
 def _reserve(path: Path) -> None:
@@ -180,6 +198,10 @@ def write_table(root: Path, where: np.ndarray, sums: np.ndarray) -> None:
 
 def open_images(root: str | Path, manifest: dict) -> ShardedImages:
     return ShardedImages(root, manifest["shards"], np.load(Path(root) / "where.npy"))
+
+
+def open_eval_images(root: str | Path, manifest: dict) -> EvalView:
+    return EvalView(open_images(root, manifest), manifest["img_size"], manifest.get("crop_pct", 1.0))
 
 
 def pixel_sums(block: np.ndarray) -> np.ndarray:

@@ -85,11 +85,11 @@ def _batches(data: PreparedData, ids: np.ndarray, size: int = 256) -> Iterator[t
     """(pixels in [0, 1], labels) of ``ids`` in batches: never the whole split in memory."""
     for start in range(0, len(ids), size):
         rows = ids[start : start + size]
-        yield np.asarray(data.images[rows], dtype=np.float32) / 255.0, data.labels[rows]
+        yield np.asarray(data.eval_images[rows], dtype=np.float32) / 255.0, data.labels[rows]
 
 
 def _top1(session: ort.InferenceSession, data: PreparedData, ids: np.ndarray) -> float:
-    return top1_accuracy(session, data.images, data.labels, ids)
+    return top1_accuracy(session, data.eval_images, data.labels, ids)
 
 
 def _parity(deployable: nn.Module, session: ort.InferenceSession, data: PreparedData, ids: np.ndarray,
@@ -161,9 +161,10 @@ def run(cfg: Config) -> dict:
         "mean": json.dumps(args["mean"]), "std": json.dumps(args["std"]), "input": "pixels: float32 NCHW in [0, 1]",
         "model_sha256": file_sha256(model_path), "params_hash": cfg.section_hash("model", "finetune", "hpo"),
         "data_hash": args.get("data_hash", ""), "mae_ops_version": __version__, "preset": args["preset"],
+        "crop_pct": str(data.crop_pct),  # serving's transform: resize to img_size / crop_pct, centre crop
     }  # fmt: skip
-    one = np.asarray(data.images[test_ids[:1]], dtype=np.float32) / 255.0
-    batch = np.asarray(data.images[np.resize(test_ids, 32)], dtype=np.float32) / 255.0
+    one = np.asarray(data.eval_images[test_ids[:1]], dtype=np.float32) / 255.0
+    batch = np.asarray(data.eval_images[np.resize(test_ids, 32)], dtype=np.float32) / 255.0
 
     out, reports = Path(ex.out_dir), Path(ex.reports_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -168,11 +168,11 @@ class Previous:
 
 
 def read_previous(root: Path, size: int) -> Previous:
-    """The previous store in ``root`` if it can be reused at image size ``size`` (else empty)."""
+    """The previous store in ``root`` if its images are stored at side ``size`` (else empty)."""
     prev = Previous(root)
     try:
         manifest = json.loads((root / "manifest.json").read_text())
-        if manifest.get("store_version") != store.STORE_VERSION or manifest.get("img_size") != size:
+        if manifest.get("store_version") != store.STORE_VERSION or manifest.get("store_size") != size:
             return prev
         with open(root / "index.csv", newline="") as fh:
             rows = list(csv.DictReader(fh))
@@ -308,7 +308,7 @@ def _check_dvc_deps(cfg: Config) -> None:
 def run(cfg: Config) -> dict:
     """Prepare the configured sources; returns the manifest."""
     d = cfg.data
-    size = d.img_size
+    size = d.stored_size()  # more pixels than training uses: pre-training crops sample from them
     classes = check_sources(d)  # before anything is written or removed
     _check_dvc_deps(cfg)
     with atomic_dir(d.out_dir, what=f"{d.out_dir} (another `mae-ops prepare` is writing it)") as tmp:
@@ -404,7 +404,9 @@ def run(cfg: Config) -> dict:
             "unlabeled_dirs": d.unlabeled_dirs,
             "content_hash": store.content_hash(tmp, writer.hashes, TABLES),
             "store_version": store.STORE_VERSION,
-            "img_size": size,
+            "img_size": d.img_size,
+            "store_size": size,
+            "crop_pct": d.eval_crop_pct(),
             "channels": channels,
             "classes": classes,
             "num_images": len(labels),

@@ -146,7 +146,7 @@ def save_reconstructions(
         ids = data.indices("train", "unlabeled")
     ids = ids[np.linspace(0, len(ids) - 1, min(n, len(ids))).astype(int)]  # spread over the classes
     device = next(model.parameters()).device
-    raw = torch.from_numpy(np.ascontiguousarray(data.images[ids])).to(device).float() / 255.0
+    raw = torch.from_numpy(data.eval_images[ids]).to(device).float() / 255.0
     x = normalize(raw, data.mean, data.std)
     gen = torch.Generator(device=device).manual_seed(seed)
     noise = torch.rand(len(ids), model.patch_embed.num_patches, generator=gen, device=device)

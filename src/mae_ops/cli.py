@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Annotated, TypeVar
 
 import typer
+import yaml
 
 from mae_ops.config import Config, InputError, load_params, redact
 from mae_ops.errors import UserError
@@ -247,6 +248,51 @@ def pipeline(
     ran = [r.stage for r in results if r.ran]
     typer.echo(f"pipeline done: {len(ran)} stage(s) ran ({', '.join(ran) or 'none'}), "
                f"{len(results) - len(ran)} up to date")  # fmt: skip
+
+
+@app.command()
+def probe(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    encoder: Annotated[Path, typer.Option(help="encoder checkpoint")] = Path("models/pretrain/encoder.pth"),
+    out: Annotated[Path, typer.Option(help="scores (JSON)")] = Path("reports/probe.json"),
+) -> None:
+    """Score a pre-trained encoder on the validation split: k-NN, linear probe, short fine-tune."""
+    from mae_ops.stages import probe as stage
+
+    _, scores = _run_stage(params, set_, lambda cfg: stage.run(cfg, encoder, out))
+    typer.echo(json.dumps({k: v for k, v in scores.items() if k.endswith("_top1")}))
+
+
+SWEEP_HELP = "key=v1,v2,... (repeatable) in place of study.sweeps, e.g. pretrain.mask_ratio=0.5,0.75"
+
+
+@app.command()
+def study(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    sweep: Annotated[list[str] | None, typer.Option(help=SWEEP_HELP)] = None,
+) -> None:
+    """Sweep pre-training settings (study.sweeps, one key at a time) and score each without the
+    full fine-tuning: table, checks against the paper and PNG plots in study.reports_dir."""
+    from mae_ops.orchestration import configure_prefect
+
+    overrides = list(set_ or [])
+    if sweep:
+        sweeps = {}
+        for item in sweep:
+            key, sep, values = item.partition("=")
+            if not sep or not values:
+                _fail(f"--sweep {item!r}: expected key=v1,v2,...")
+            sweeps[key.strip()] = [yaml.safe_load(v) for v in values.split(",")]
+        overrides.append(f"study.sweeps={json.dumps(sweeps)}")
+    cfg = _config(params, overrides)
+    configure_prefect()
+    flow = _load_flow("study", "study")
+    setup_logging()
+    result = flow(cfg)
+    typer.echo("\n".join(result["directions"]) or "no direction to check")
+    typer.echo(f"table and plots: {cfg.study.reports_dir}/summary.md")
 
 
 @app.command()

@@ -149,6 +149,7 @@ class DataConfig(_Section):
 
 class ModelConfig(_Section):
     preset: str = "mae_vit_tiny_patch4"
+    decoder_depth: int | None = Field(None, ge=1, le=16, description="MAE decoder blocks; null: the preset's")
 
     @field_validator("preset")
     @classmethod
@@ -217,7 +218,8 @@ class FinetuneConfig(_Section):
     scale: PositiveRange = (0.9, 1.1)
     hflip: bool = False
     crop_scale: UnitRange | None = Field(
-        None, description="RandomResizedCrop area range from the stored image, e.g. [0.08, 1.0] (the reference, "
+        None,
+        description="RandomResizedCrop area range from the stored image, e.g. [0.08, 1.0] (the reference, "
         "for photos); null: random shift/rotation/zoom (translate, rotate, scale), then the evaluation crop",
     )
     randaug: str = Field("", description="timm RandAugment spec, e.g. rand-m9-mstd0.5-inc1; empty = off")
@@ -362,6 +364,36 @@ class RetrainConfig(_Section):
         return v
 
 
+class StudyConfig(_Section):
+    """`mae-ops study`: pre-training settings swept one at a time from the params above,
+    each scored without fine-tuning the full budget (k-NN, linear probe, short fine-tune)."""
+
+    sweeps: dict[str, list[Any]] = Field(
+        default_factory=lambda: {
+            "pretrain.mask_ratio": [0.25, 0.5, 0.75, 0.9],
+            "pretrain.epochs": [5, 10, 20, 40],
+            "model.decoder_depth": [1, 2, 4],
+            "pretrain.norm_pix_loss": [False, True],
+        },
+        description="params key -> values; every other key as in the params",
+    )
+    finetune_epochs: int = Field(15, ge=0, description="a short fine-tune per setting (0: k-NN and linear probe only)")
+    knn_k: int = Field(20, ge=1, description="k of the k-NN score (fixed: no choice made on the validation split)")
+    models_dir: str = "models/study"
+    reports_dir: str = "reports/study"
+
+    @field_validator("sweeps")
+    @classmethod
+    def _known_keys(cls, v: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for key, values in v.items():
+            section, _, name = key.partition(".")
+            if section not in ("pretrain", "model") or not name:
+                raise ValueError(f"{key!r}: sweep pretrain.* or model.* keys (pre-training settings)")
+            if not values:
+                raise ValueError(f"{key!r}: give at least one value")
+        return v
+
+
 class Config(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -371,6 +403,7 @@ class Config(_Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     retrain: RetrainConfig = Field(default_factory=RetrainConfig)
+    study: StudyConfig = Field(default_factory=StudyConfig)
 
     @model_validator(mode="after")
     def _image_fits_patches(self) -> Config:

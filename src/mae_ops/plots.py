@@ -59,3 +59,21 @@ def learning_curve(history: list[dict], keys: list[str], dest: str | Path, title
         ax.set_title(title)
     fig.tight_layout()
     save_figure(fig, dest)
+
+
+def sweep_plot(labels: list[str], series: dict[str, list[float | None]], dest: str | Path, title: str = "") -> None:
+    """Validation top-1 of each score against the values of one swept setting."""
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    x = np.arange(len(labels))
+    for name, values in series.items():
+        points = [(i, v) for i, v in zip(x, values, strict=True) if v is not None]
+        if points:
+            ax.plot(*zip(*points, strict=True), marker="o", label=name.removesuffix("_top1").replace("_", " "))
+    ax.set_xticks(x, labels)
+    ax.set_ylabel("validation top-1")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, dest)

@@ -224,11 +224,10 @@ class MaskedAutoencoderViT(nn.Module):
 
 
 def create_mae(
-    name: str, img_size: int = 224, in_chans: int = 3, norm_pix_loss: bool = False
+    name: str, img_size: int = 224, in_chans: int = 3, norm_pix_loss: bool = False, decoder_depth: int | None = None
 ) -> MaskedAutoencoderViT:
-    return MaskedAutoencoderViT(
-        img_size=img_size, in_chans=in_chans, norm_pix_loss=norm_pix_loss, **preset_config(name)
-    )
+    arch = {**preset_config(name), **({"decoder_depth": decoder_depth} if decoder_depth else {})}
+    return MaskedAutoencoderViT(img_size=img_size, in_chans=in_chans, norm_pix_loss=norm_pix_loss, **arch)
 
 
 # community-style constructors, e.g. models_mae.mae_vit_base_patch16(norm_pix_loss=True)

@@ -192,7 +192,8 @@ def _train(cfg: Config, rt: runtime.Runtime, resume: bool) -> dict:
         )
     ids = data.indices("train", "unlabeled")
     torch.manual_seed(p.seed)  # identical initial weights on every rank
-    model = create_mae(cfg.model.preset, data.img_size, data.channels, p.norm_pix_loss).to(rt.device)
+    model = create_mae(cfg.model.preset, data.img_size, data.channels, p.norm_pix_loss,
+                       cfg.model.decoder_depth).to(rt.device)  # fmt: skip
     run_id = run_fingerprint(cfg, data.manifest["content_hash"])
 
     # a batch larger than the data is the data: the lr follows the batch really used

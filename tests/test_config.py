@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mae_ops.config import Config, ParamsError, apply_overrides, load_params
+from mae_ops.config import Config, FinetuneConfig, ParamsError, apply_overrides, load_params
 from tests.conftest import BIN, REPO, subprocess_env
 
 
@@ -114,3 +114,25 @@ def test_bare_on_off_in_yaml_mean_the_switch_words() -> None:
     cfg = load_params(REPO / "params.yaml", ["pretrain.fast=off", "pretrain.amp=off", "finetune.amp=off"])
     assert (cfg.pretrain.fast, cfg.pretrain.amp, cfg.finetune.amp) == ("off", "off", "off")
     assert load_params(REPO / "params.yaml", ["pretrain.fast=on"]).pretrain.fast == "on"
+
+
+def test_fine_tuning_recipes_fill_what_params_leave_out() -> None:
+    """The reference recipe (the paper's, for photos) is the schema's default; the digits demo
+    names the small-data one; a key set explicitly wins over its recipe."""
+    ref = load_params(REPO / "params.yaml", ["finetune.recipe=reference"]).finetune
+    assert (ref.crop_scale, ref.hflip, ref.randaug) == ((0.08, 1.0), True, "rand-m9-mstd0.5-inc1")
+    assert (ref.mixup, ref.cutmix, ref.random_erase, ref.label_smoothing, ref.layer_decay) == (
+        0.8,
+        1.0,
+        0.25,
+        0.1,
+        0.75,
+    )
+    large = load_params(REPO / "params.yaml", ["finetune.recipe=reference", "model.preset=mae_vit_large_patch16",
+                                               "data.img_size=224"]).finetune  # fmt: skip
+    assert large.layer_decay == 0.65
+    mine = load_params(REPO / "params.yaml", ["finetune.recipe=reference", "finetune.mixup=0.2"]).finetune
+    assert mine.mixup == 0.2 and mine.cutmix == 1.0
+    demo = load_params(REPO / "params.yaml").finetune
+    assert demo.recipe == "small-data" and (demo.mixup, demo.crop_scale, demo.layer_decay) == (0.0, None, 0.9)
+    assert FinetuneConfig().recipe == "reference" and FinetuneConfig().mixup == 0.8

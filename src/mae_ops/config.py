@@ -199,8 +199,29 @@ class PretrainConfig(_Section):
         return v
 
 
+# fine-tuning augmentation and regularisation, by recipe; a key set in params.yaml wins over its recipe
+RECIPES: dict[str, dict[str, Any]] = {
+    # He et al. 2021, appendix A.1 (ViT-B; layer_decay 0.65 for ViT-L): for photos
+    "reference": {
+        "crop_scale": (0.08, 1.0), "hflip": True, "randaug": "rand-m9-mstd0.5-inc1", "mixup": 0.8, "cutmix": 1.0,
+        "label_smoothing": 0.1, "random_erase": 0.25, "drop_path": 0.1, "layer_decay": 0.75,
+        "translate": 0.0, "rotate": 0.0, "scale": (1.0, 1.0),
+    },
+    # a few hundred labels and a CPU budget (the digits demo; see the README for what was measured)
+    "small-data": {
+        "crop_scale": None, "hflip": False, "randaug": "", "mixup": 0.0, "cutmix": 0.0, "label_smoothing": 0.1,
+        "random_erase": 0.0, "drop_path": 0.1, "layer_decay": 0.9, "translate": 0.1, "rotate": 10.0,
+        "scale": (0.9, 1.1),
+    },
+}  # fmt: skip
+RECIPE_LAYER_DECAY = {"mae_vit_large_patch16": 0.65}  # the reference's per-model layer decay, where not 0.75
+
+
 class FinetuneConfig(_Section):
     mode: Literal["finetune", "linprobe"] = "finetune"
+    recipe: Literal["reference", "small-data"] = Field(
+        "reference", description="defaults for the augmentation keys below (RECIPES); a key set explicitly wins"
+    )
     init: str = Field("pretrain", description="pretrain | scratch | path to an MAE checkpoint (.pth)")
     epochs: int = Field(60, ge=1)
     batch_size: int = Field(64, ge=2)
@@ -236,6 +257,14 @@ class FinetuneConfig(_Section):
     amp: Precision = "auto"
     seed: int = Field(0, ge=0)
     save_every: int = Field(10, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _recipe_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("recipe", "reference") in RECIPES:
+            return {**RECIPES[data.get("recipe", "reference")], **data}
+        return data
+
     auto_resume: bool = True
     out_dir: str = "models/finetune"
     checkpoint_dir: str = "checkpoints/finetune"
@@ -404,6 +433,18 @@ class Config(_Section):
     export: ExportConfig = Field(default_factory=ExportConfig)
     retrain: RetrainConfig = Field(default_factory=RetrainConfig)
     study: StudyConfig = Field(default_factory=StudyConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _recipe_layer_decay(cls, data: Any) -> Any:
+        """The reference recipe's layer decay depends on the model (0.65 for ViT-L)."""
+        if not isinstance(data, dict):
+            return data
+        ft, preset = data.get("finetune"), (data.get("model") or {}).get("preset")
+        reference = isinstance(ft, dict) and ft.get("recipe", "reference") == "reference"
+        if reference and "layer_decay" not in ft and preset in RECIPE_LAYER_DECAY:
+            return {**data, "finetune": {**ft, "layer_decay": RECIPE_LAYER_DECAY[preset]}}
+        return data
 
     @model_validator(mode="after")
     def _image_fits_patches(self) -> Config:

@@ -128,7 +128,8 @@ class DeviceBatches:
     """The same batches as ``batch_loader`` (same sampler, same order), served
     from a copy of the uint8 images resident on ``device``: a step costs one
     on-device gather, and the host does no work per batch (one index copy per
-    epoch). For data sets that fit in accelerator memory."""
+    epoch). For data sets that fit in accelerator memory; the copy goes up in
+    64 MiB pinned chunks, so host memory does not grow with the data."""
 
     def __init__(
         self, data: PreparedData, ids: np.ndarray, batch_size: int, device: torch.device, *, shuffle: bool,
@@ -136,7 +137,11 @@ class DeviceBatches:
     ) -> None:  # fmt: skip
         self.sampler = _batch_sampler(len(ids), batch_size, shuffle, seed, drop_last, rank, world_size)
         self.rows = np.asarray(ids)
-        self.images = torch.from_numpy(np.ascontiguousarray(data.images[self.rows])).to(device)
+        self.images = torch.empty((len(self.rows), *data.images.shape[1:]), dtype=torch.uint8, device=device)
+        step = max(1, (64 << 20) // int(np.prod(data.images.shape[1:])))  # 64 MiB of host memory at a time
+        for start in range(0, len(self.rows), step):
+            chunk = torch.from_numpy(data.images[self.rows[start : start + step]])
+            self.images[start : start + len(chunk)].copy_(chunk.pin_memory() if device.type == "cuda" else chunk)
         self.labels = torch.from_numpy(data.labels[self.rows]).to(device)
         self.device = device
 

@@ -32,7 +32,8 @@ def run_setting(key: str, value: object, cfg: Config, probe_file: Path) -> dict:
         scores = probe.run(cfg, Path(cfg.pretrain.out_dir) / "encoder.pth", probe_file)
     metrics = json.loads((Path(cfg.pretrain.reports_dir) / "metrics.json").read_text())
     row = {"key": key, "value": value, "final_loss": metrics["final_loss"], "pretrain_s": metrics["train_time_s"],
-           "probe_s": scores["seconds"], **{k: v for k, v in scores.items() if k.endswith("_top1")}}  # fmt: skip
+           "probe_s": scores["seconds"], "num_val": scores["num_val"],
+           **{k: v for k, v in scores.items() if k.endswith("_top1")}}  # fmt: skip
     logger.info("%s=%s: %s", key, value, {k: v for k, v in row.items() if k.endswith("_top1")})
     return row
 

@@ -312,3 +312,16 @@ def test_scratch_baseline_is_tuned_by_its_own_study(run_root: Path) -> None:
     assert all(used[k] == pytest.approx(v) for k, v in study.best_trial.params.items())
     evaluate.run(cfg)
     assert "tuned by its own search of 3 trials" in (run_root / "reports/eval/summary.md").read_text()
+
+
+def test_the_reference_randaugment_survives_its_strongest_magnitude() -> None:
+    """rand-m9-mstd0.5-inc1 reaches magnitude 10, where timm's increasing posterize keeps 0 bits:
+    Pillow >= 11 refuses that and a whole fine-tuning run died; now it is a black image."""
+    from PIL import Image
+
+    transform = finetuning.randaugment("rand-m10-n4-inc1-mstd0", {"img_mean": (124, 116, 104)})
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8))
+    for _ in range(200):
+        assert transform(img).size == (16, 16)
+    post = [op for op in transform.ops if op.name == "PosterizeIncreasing"][0]
+    assert np.asarray(post.aug_fn(img, 0)).max() == 0 and post.aug_fn(img, 8) is img

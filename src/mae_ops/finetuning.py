@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
-from PIL import Image
+from PIL import Image, ImageOps
 from timm.data import Mixup, rand_augment_transform
 from timm.data.random_erasing import RandomErasing
 from timm.loss import SoftTargetCrossEntropy
@@ -121,6 +121,25 @@ def _randaugment_batch(imgs: torch.Tensor, transform: Callable) -> torch.Tensor:
     return torch.from_numpy(np.stack(out))
 
 
+def _posterize(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
+    """Posterize as timm means it at every level: 0 bits kept is a black image (Pillow >= 11
+    refuses 0, which timm's increasing posterize reaches at magnitude 10, e.g. m9 + mstd)."""
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def randaugment(spec: str, hparams: dict[str, Any]) -> Callable:
+    """timm's RandAugment for ``spec`` (e.g. the reference's rand-m9-mstd0.5-inc1)."""
+    transform = rand_augment_transform(spec, hparams)
+    for op in transform.ops:
+        if op.name.startswith("Posterize"):
+            op.aug_fn = _posterize
+    return transform
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)  # timm's Mixup draws from numpy
@@ -180,7 +199,7 @@ def train_finetune(
     randaug = None
     if ft.randaug:
         fill = tuple(round(255 * m) for m in data.mean)
-        randaug = rand_augment_transform(ft.randaug, {"img_mean": fill if len(fill) == 3 else fill[0]})
+        randaug = randaugment(ft.randaug, {"img_mean": fill if len(fill) == 3 else fill[0]})
     eraser = RandomErasing(ft.random_erase, mode="pixel", device=str(rt.device)) if ft.random_erase > 0 else None
 
     start_epoch, history = 0, []

@@ -323,5 +323,5 @@ def test_the_reference_randaugment_survives_its_strongest_magnitude() -> None:
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8))
     for _ in range(200):
         assert transform(img).size == (16, 16)
-    post = [op for op in transform.ops if op.name == "PosterizeIncreasing"][0]
+    post = next(op for op in transform.ops if op.name == "PosterizeIncreasing")
     assert np.asarray(post.aug_fn(img, 0)).max() == 0 and post.aug_fn(img, 8) is img

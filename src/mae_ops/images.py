@@ -132,6 +132,12 @@ def load_image(path: str | Path, size: int, channels: int) -> np.ndarray:
         raise ImageReadError(f"corrupt image: {exc}") from None
 
 
+def pixel_sums(block: np.ndarray) -> np.ndarray:
+    """(n, C, H, W) uint8 -> (n, C, 2) int64: per-channel sum and sum of squares (exact)."""
+    flat = block.reshape(block.shape[0], block.shape[1], -1).astype(np.int64)
+    return np.stack([flat.sum(-1), (flat * flat).sum(-1)], axis=-1)
+
+
 def decode_into(
     store: str | Path, rows: list[int], paths: list[str], size: int, channels: int
 ) -> tuple[list[str | None], np.ndarray]:
@@ -145,8 +151,7 @@ def decode_into(
         try:
             img = load_image(path, size, channels)
             arr[row] = img
-            flat = img.reshape(channels, -1).astype(np.int64)
-            sums[i, :, 0], sums[i, :, 1] = flat.sum(-1), (flat * flat).sum(-1)
+            sums[i] = pixel_sums(img[None])[0]
             errors.append(None)
         except ImageReadError as exc:
             errors.append(str(exc))

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from mae_ops.images import eval_view
+from mae_ops.reporting import file_sha256
 
 SHARD_DIR = "shards"
 SHARD_BYTES = 256 << 20
@@ -137,14 +138,6 @@ def compact(path: Path, keep: np.ndarray, chunk_bytes: int = 64 << 20) -> None:
         fh.truncate(offset + len(kept) * row_bytes)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 class StoreWriter:
     """Builds the shards of a new store in ``root`` (a temporary folder that replaces
     the old store when complete): new shards to decode into, or old ones taken over
@@ -188,7 +181,7 @@ class StoreWriter:
         path = self.dir / self.names[shard]
         if keep is not None and not keep.all():
             compact(path, keep)
-        self.hashes[shard] = _sha256(path)
+        self.hashes[shard] = file_sha256(path)
 
 
 def write_table(root: Path, where: np.ndarray, sums: np.ndarray) -> None:
@@ -202,12 +195,6 @@ def open_images(root: str | Path, manifest: dict) -> ShardedImages:
 
 def open_eval_images(root: str | Path, manifest: dict) -> EvalView:
     return EvalView(open_images(root, manifest), manifest["img_size"], manifest.get("crop_pct", 1.0))
-
-
-def pixel_sums(block: np.ndarray) -> np.ndarray:
-    """(n, C, H, W) uint8 -> (n, C, 2) int64: per-channel sum and sum of squares (exact)."""
-    flat = block.reshape(block.shape[0], block.shape[1], -1).astype(np.int64)
-    return np.stack([flat.sum(-1), (flat * flat).sum(-1)], axis=-1)
 
 
 def channel_stats(sums: np.ndarray, pixels_per_channel: int) -> tuple[list[float], list[float]]:
@@ -229,5 +216,5 @@ def content_hash(root: Path, shard_hashes: list[str], arrays: list[str]) -> str:
     for h in shard_hashes:
         digest.update(h.encode())
     for name in arrays:
-        digest.update(_sha256(root / name).encode())
+        digest.update(file_sha256(root / name).encode())
     return digest.hexdigest()

@@ -48,7 +48,7 @@ from mae_ops import store
 from mae_ops.atomic import atomic_dir, write_json
 from mae_ops.config import Config, DataConfig
 from mae_ops.data import SPLITS
-from mae_ops.images import decode_into, is_image_file, peek_is_gray
+from mae_ops.images import decode_into, is_image_file, peek_is_gray, pixel_sums
 from mae_ops.sources import (
     EMBEDDED_SOURCES,
     DataSourceError,
@@ -143,7 +143,7 @@ def _write_embedded(images: np.ndarray, out: np.ndarray, size: int, channels: in
         if size != im.shape[-1]:
             im = np.asarray(Image.fromarray(im[0]).resize((size, size), Image.Resampling.BICUBIC))[None]
         out[i] = np.repeat(im, channels, axis=0) if channels == 3 else im
-    return store.pixel_sums(np.asarray(out))
+    return pixel_sums(np.asarray(out))
 
 
 # ------------------------------------------------------------ previous store
@@ -375,6 +375,7 @@ def run(cfg: Config) -> dict:
             raise DataSourceError(f"data.source: no readable images found in {d.source} ({len(cands.skipped)} skipped)")
 
         ok = np.flatnonzero(keep)
+        decoded = int(keep[todo].sum())  # new and changed files that decoded
         labels = np.asarray(cands.labels, dtype=np.int64)[ok]
         fixed = np.asarray([-1 if s is None else s for s in cands.fixed_split], dtype=np.int64)[ok]
         keys = [cands.keys[i] for i in ok]
@@ -417,8 +418,8 @@ def run(cfg: Config) -> dict:
             "shards": writer.names,
             "shard_hashes": writer.hashes,
             "reused": {
-                "images": int(keep.sum()) - len([i for i in todo if keep[i]]),
-                "decoded": len([i for i in todo if keep[i]]),
+                "images": int(keep.sum()) - decoded,
+                "decoded": decoded,
                 "shards_linked": len(linked),
                 "unused_rows": writer.rows() - len(where),
             },

@@ -407,6 +407,14 @@ class StudyConfig(_Section):
         description="params key -> values; every other key as in the params",
     )
     finetune_epochs: int = Field(15, ge=0, description="a short fine-tune per setting (0: k-NN and linear probe only)")
+    finetune_warmup_epochs: float | None = Field(
+        None, ge=0.0, description="the short fine-tune's warm-up; null: finetune.warmup_epochs scaled to its length"
+    )
+    seeds: list[int] = Field(
+        default_factory=lambda: [0], min_length=1,
+        description="each setting pre-trained and probed once per seed (pretrain.seed, finetune.seed); "
+        "tables show the mean, the checks pair every seed's predictions image by image",
+    )  # fmt: skip
     knn_k: int = Field(20, ge=1, description="k of the k-NN score (fixed: no choice made on the validation split)")
     models_dir: str = "models/study"
     reports_dir: str = "reports/study"

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 
 from mae_ops.errors import UserError
-from mae_ops.images import eval_side
+from mae_ops.images import center_crop, eval_side
 from mae_ops.store import EvalView, ShardedImages, open_images
 
 SPLITS = {"train": 0, "val": 1, "test": 2, "unlabeled": 3}  # codes in split.npy
@@ -191,8 +191,8 @@ def center_view(x: torch.Tensor, img_size: int, crop_pct: float) -> torch.Tensor
     side = eval_side(img_size, crop_pct)
     if x.shape[-1] != side:
         x = F.interpolate(x, size=(side, side), mode="bicubic", antialias=True, align_corners=False)
-    off = round((side - img_size) / 2)
-    return x[..., off : off + img_size, off : off + img_size]
+    crop = center_crop(side, img_size)
+    return x[..., crop, crop]
 
 
 def random_resized_crop(

@@ -165,11 +165,14 @@ def train_finetune(
     init: str,
     epochs: int,
     eval_every: int | None = None,
+    eval_from: int = 1,
     report: ReportFn | None = None,
     checkpointer: Checkpointer | None = None,
     desc: str = "finetune",
 ) -> TrainResult:
-    """Fine-tune the whole network on the labelled training subset."""
+    """Fine-tune the whole network on the labelled training subset; validate every
+    ``eval_every`` epochs from epoch ``eval_from`` on (and after the last), passing the
+    score to ``report``."""
     _seed_everything(ft.seed)
     model, args = make_classifier(cfg, ft, data, init)
     model.to(rt.device)
@@ -250,7 +253,7 @@ def train_finetune(
         if not np.isfinite(train_loss):
             raise FloatingPointError(f"fine-tuning loss is {train_loss} at epoch {epoch + 1}: lower finetune.base_lr")
         last = epoch + 1 == epochs
-        if (epoch + 1) % eval_every == 0 or last:
+        if ((epoch + 1) % eval_every == 0 and epoch + 1 >= eval_from) or last:
             val_top1 = accuracy(model, data, val_ids, rt.device)
             if report is not None:
                 report(epoch + 1, val_top1)

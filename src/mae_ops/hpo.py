@@ -157,6 +157,17 @@ def fail_dead_trials(study: optuna.Study) -> list[int]:
     return failed
 
 
+def first_pruning_epoch(hc: HpoConfig) -> int:
+    """The first epoch whose score the pruner can act on: trials validate from there on
+    (a validation pass costs a third of a training epoch at 350 labels). The median
+    pruner ignores steps before ``n_warmup_steps`` and compares a trial with the others
+    at the same step; hyperband's first rung is ``min_resource``; with no pruner only
+    the final score counts. So the searches decide exactly as when every epoch was scored."""
+    if hc.pruner == "none":
+        return hc.epochs
+    return max(1, hc.warmup_epochs)
+
+
 def suggest(trial: optuna.Trial, space: dict[str, SearchDim]) -> dict[str, Any]:
     params: dict[str, Any] = {}
     for name, dim in space.items():
@@ -185,7 +196,8 @@ def objective_for(cfg: Config, data: PreparedData, rt: runtime.Runtime):
                 raise optuna.TrialPruned(f"val top-1 {val_top1:.3f} at epoch {epoch}")
 
         result = train_finetune(cfg, ft, data, rt, init=ft.init, epochs=cfg.hpo.epochs, eval_every=1,
-                                report=report, desc=f"trial {trial.number}")  # fmt: skip
+                                eval_from=first_pruning_epoch(cfg.hpo), report=report,
+                                desc=f"trial {trial.number}")  # fmt: skip
         if not cfg.hpo.retrain:
             path = _trial_model_path(cfg, trial.study.study_name, trial.number)
             save_result(result, path)

@@ -85,6 +85,13 @@ def eval_side(img_size: int, crop_pct: float) -> int:
     return max(img_size, int(img_size / crop_pct + 1e-6))
 
 
+def center_crop(side: int, img_size: int) -> slice:
+    """Rows (and columns) of the centre ``img_size`` crop of a ``side`` square, as timm cuts it;
+    numpy here, torch on the device (data.center_view) cut the same pixels."""
+    off = round((side - img_size) / 2)
+    return slice(off, off + img_size)
+
+
 def eval_view(batch: np.ndarray, img_size: int, crop_pct: float) -> np.ndarray:
     """timm's evaluation transform on stored squares, (n, C, S, S) uint8 -> (n, C, img_size,
     img_size): resize to ``eval_side`` (only when the store has another side), centre crop."""
@@ -95,8 +102,8 @@ def eval_view(batch: np.ndarray, img_size: int, crop_pct: float) -> np.ndarray:
             for c, ch in enumerate(img):
                 resized[i, c] = np.asarray(Image.fromarray(ch).resize((side, side), Image.Resampling.BICUBIC))
         batch = resized
-    off = round((side - img_size) / 2)
-    return np.ascontiguousarray(batch[..., off : off + img_size, off : off + img_size])
+    crop = center_crop(side, img_size)
+    return np.ascontiguousarray(batch[..., crop, crop])
 
 
 def load_eval_image(path: str | Path, img_size: int, channels: int, crop_pct: float) -> np.ndarray:

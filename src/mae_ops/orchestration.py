@@ -26,7 +26,7 @@ from mae_ops.atomic import file_lock, free_bytes, write_text
 from mae_ops.config import Config, apply_overrides, redact, validate
 from mae_ops.errors import UserError
 from mae_ops.reporting import file_sha256
-from mae_ops.sources import EMBEDDED_SOURCES, check_sources, dep_path, listed_source_deps, source_folders
+from mae_ops.sources import check_sources, dep_path, listed_source_deps, rooted_data, source_folders
 
 STAGES = ("prepare", "pretrain", "finetune", "baselines", "evaluate", "export")
 LOCK_FILE = ".dvc/tmp/mae-ops-pipeline.lock"
@@ -175,10 +175,7 @@ def preflight(repo: Path, cfg: Config, stages: list[str], overrides: list[str], 
         return
     touches_data = any(item.strip().startswith("data.") for item in overrides)
     if force or touches_data or stage_status(repo, "prepare"):
-        d = cfg.data  # relative folders are relative to the project, where DVC runs the stage
-        if d.source not in EMBEDDED_SOURCES:
-            d = d.model_copy(update={"source": str(repo / d.source)})
-        check_sources(d.model_copy(update={"unlabeled_dirs": [str(repo / u) for u in d.unlabeled_dirs]}))
+        check_sources(rooted_data(repo, cfg.data))
 
 
 def sync_source_deps(repo: Path, cfg: Config, log: Callable[[str], None] | None = None) -> list[str]:

@@ -61,14 +61,19 @@ def learning_curve(history: list[dict], keys: list[str], dest: str | Path, title
     save_figure(fig, dest)
 
 
-def sweep_plot(labels: list[str], series: dict[str, list[float | None]], dest: str | Path, title: str = "") -> None:
-    """Validation top-1 of each score against the values of one swept setting."""
+def sweep_plot(labels: list[str], series: dict[str, list[float | None]], dest: str | Path, title: str = "",
+               errors: dict[str, list[float | None]] | None = None) -> None:  # fmt: skip
+    """Validation top-1 of each score against the values of one swept setting, with
+    error bars (e.g. each accuracy's 95 % interval) where ``errors`` gives them."""
     fig, ax = plt.subplots(figsize=(5, 3.2))
     x = np.arange(len(labels))
     for name, values in series.items():
-        points = [(i, v) for i, v in zip(x, values, strict=True) if v is not None]
+        errs = (errors or {}).get(name) or [None] * len(values)
+        points = [(i, v, e or 0.0) for i, v, e in zip(x, values, errs, strict=True) if v is not None]
         if points:
-            ax.plot(*zip(*points, strict=True), marker="o", label=name.removesuffix("_top1").replace("_", " "))
+            xs, ys, es = zip(*points, strict=True)
+            ax.errorbar(xs, ys, yerr=es if errors else None, marker="o", capsize=3,
+                        label=name.removesuffix("_top1").replace("_", " "))  # fmt: skip
     ax.set_xticks(x, labels)
     ax.set_ylabel("validation top-1")
     ax.grid(alpha=0.3)

@@ -59,9 +59,21 @@ def source_folders(d: DataConfig) -> list[Path]:
     return [Path(p) for p in ([] if d.source in EMBEDDED_SOURCES else [d.source]) + list(d.unlabeled_dirs)]
 
 
+def rooted(repo: Path, folder: Path) -> Path:
+    """A folder as DVC sees it: relative folders are relative to the project, where DVC runs."""
+    return (repo / folder).resolve()  # an absolute folder stays itself
+
+
+def rooted_data(repo: Path, d: DataConfig) -> DataConfig:
+    """``d`` with its image folders rooted at the project (the embedded source stays a name)."""
+    source = d.source if d.source in EMBEDDED_SOURCES else str(rooted(repo, Path(d.source)))
+    extra = [str(rooted(repo, Path(u))) for u in d.unlabeled_dirs]
+    return d.model_copy(update={"source": source, "unlabeled_dirs": extra})
+
+
 def dep_path(repo: Path, folder: Path) -> str:
     """How dvc.yaml names a folder: relative inside the project, absolute outside it."""
-    path = (repo / folder).resolve() if not folder.is_absolute() else folder.resolve()
+    path = rooted(repo, folder)
     try:
         return path.relative_to(repo.resolve()).as_posix()
     except ValueError:

@@ -15,6 +15,9 @@ Ways to run the same MAE step, per preset (``--modes``, each ``name`` or
   fast       the stage's default on CUDA (``pretrain.fast: auto``): plus
              torch.compile (``--compile-mode``), fused AdamW, data on the device
   fast_fp8   fast plus ``pretrain.fp8`` (torchao float8 matmuls, sm89+ only)
+  fast_cudagraphs, fast_autotune
+             fast compiled with ``reduce-overhead`` (CUDA graphs) or
+             ``max-autotune-no-cudagraphs`` in place of ``--compile-mode``
 
 Before timing, each mode trains ``--curve-steps`` steps from the same initial
 weights on the same batches and masks (structured synthetic images, so the loss
@@ -70,6 +73,10 @@ MODES = {
     "fast": {"amp": torch.bfloat16, "fast": True, "sdpa": True, "sync_per_step": False},
     "fast_fp8": {"amp": torch.bfloat16, "fast": True, "sdpa": True, "sync_per_step": False, "fp8": True},
 }
+# fast with another torch.compile mode: CUDA graphs (no launch gaps), or Inductor's autotuned
+# matmul / attention kernels (minutes of compilation at ViT-L)
+MODES["fast_cudagraphs"] = {**MODES["fast"], "compile_mode": "reduce-overhead"}
+MODES["fast_autotune"] = {**MODES["fast"], "compile_mode": "max-autotune-no-cudagraphs"}
 CURVE_SMOOTHING = 10  # steps: a curve is compared by its moving mean
 
 
@@ -194,7 +201,8 @@ class StepBench:
         self.fp8_layers = use_fp8(self.model, device) if self.spec.get("fp8") else 0
         self.optimizer = build_optimizer(self.model, 1e-4, 0.05, fused=self.spec["fast"])
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp == torch.float16)
-        self.step_model = compile_model(self.model, compile_mode) if self.spec["fast"] else self.model
+        self.compile_mode = self.spec.get("compile_mode", compile_mode) if self.spec["fast"] else None
+        self.step_model = compile_model(self.model, self.compile_mode) if self.compile_mode else self.model
 
     @classmethod
     def create(cls, preset: str, mode: str, batch_size: int, device: str = "auto", compile_mode: str = "default"):
@@ -268,7 +276,7 @@ def bench_mode(args, preset: str, mode: str, batch_size: int, data: PreparedData
     precision = str(amp).removeprefix("torch.") if amp else "fp32"
     result: dict = {"mode": mode, "batch_size": batch_size, "precision": precision,
                     "fp8_linear_layers": bench.fp8_layers,
-                    "compile": spec["fast"] and args.compile_mode, "fused_adamw": spec["fast"],
+                    "compile": bench.compile_mode or False, "fused_adamw": spec["fast"],
                     "attention": "sdpa" if spec["sdpa"] else "explicit", "data_on_device": bench.on_device}  # fmt: skip
     flops = bench.flops
     t0 = time.perf_counter()  # the curve: fresh batches from the same start in every mode (compiles on step 1)

@@ -110,6 +110,11 @@ def test_curve_gap_and_mode_parsing() -> None:
     assert bench.parse_mode("fast_fp8", 256) == ("fast_fp8", 256)
     with pytest.raises(SystemExit, match="unknown mode"):
         bench.parse_mode("turbo", 256)
+    # the compile-mode variants compile with their own mode, the others with --compile-mode or not at all
+    modes = {m: bench.StepBench.create(PRESET, m, BATCH, "cpu", compile_mode="default").compile_mode
+             for m in ("plain", "fast", "fast_cudagraphs", "fast_autotune")}  # fmt: skip
+    assert modes == {"plain": None, "fast": "default", "fast_cudagraphs": "reduce-overhead",
+                     "fast_autotune": "max-autotune-no-cudagraphs"}  # fmt: skip
     flat = [1.0] * 20
     assert bench.curve_gap(flat, flat) == 0.0
     assert bench.curve_gap([1.1] * 20, flat) == pytest.approx(0.1)

@@ -56,6 +56,7 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     val_top1: float = 0.0
     train_time_s: float = 0.0
+    val_pred: np.ndarray | None = None  # the predicted class of each validation image at the last validation
 
 
 # ------------------------------------------------------------------- helpers
@@ -104,11 +105,12 @@ def predict_proba(
     return np.concatenate(out) if out else np.zeros((0, len(data.classes)), dtype=np.float32)
 
 
-def accuracy(model: nn.Module, data: PreparedData, ids: np.ndarray, device: torch.device) -> float:
-    if len(ids) == 0:
-        return float("nan")
-    probs = predict_proba(model, data, ids, device)
-    return float((probs.argmax(1) == data.labels[ids]).mean())
+def validate_model(
+    model: nn.Module, data: PreparedData, ids: np.ndarray, device: torch.device
+) -> tuple[float, np.ndarray]:
+    """(top-1, predicted class of each image) on un-augmented images; top-1 is nan without images."""
+    pred = predict_proba(model, data, ids, device).argmax(1)
+    return (float((pred == data.labels[ids]).mean()) if len(ids) else float("nan")), pred
 
 
 def _randaugment_batch(imgs: torch.Tensor, transform: Callable) -> torch.Tensor:
@@ -217,7 +219,7 @@ def train_finetune(
             log.info("resumed %s from %s at epoch %d/%d", desc, checkpointer.path, start_epoch, epochs)
 
     eval_every = eval_every or ft.eval_every
-    val_top1 = history[-1]["val_top1"] if history else float("nan")
+    val_top1, val_pred = (history[-1]["val_top1"] if history else float("nan")), None
     t0 = time.perf_counter()
     bar = tqdm(range(start_epoch, epochs), desc=desc, unit="epoch", leave=False)
     for epoch in bar:
@@ -254,7 +256,7 @@ def train_finetune(
             raise FloatingPointError(f"fine-tuning loss is {train_loss} at epoch {epoch + 1}: lower finetune.base_lr")
         last = epoch + 1 == epochs
         if ((epoch + 1) % eval_every == 0 and epoch + 1 >= eval_from) or last:
-            val_top1 = accuracy(model, data, val_ids, rt.device)
+            val_top1, val_pred = validate_model(model, data, val_ids, rt.device)
             if report is not None:
                 report(epoch + 1, val_top1)
         history.append({"epoch": epoch + 1, "train_loss": round(train_loss, 5), "val_top1": round(val_top1, 5),
@@ -265,7 +267,7 @@ def train_finetune(
                                "scaler": scaler.state_dict(), "epoch": epoch,
                                "args": {"history": history}})  # fmt: skip
     model.eval()
-    return TrainResult(model, args, history, val_top1, time.perf_counter() - t0)
+    return TrainResult(model, args, history, val_top1, time.perf_counter() - t0, val_pred)
 
 
 @torch.no_grad()
@@ -327,9 +329,9 @@ def train_linprobe(
             total += float(loss.detach())
         history.append({"epoch": epoch + 1, "train_loss": round(total / steps, 5)})
     model.eval()
-    val_top1 = accuracy(model, data, val_ids, rt.device)
+    val_top1, val_pred = validate_model(model, data, val_ids, rt.device)
     history[-1]["val_top1"] = round(val_top1, 5)
-    return TrainResult(model, args, history, val_top1, time.perf_counter() - t0)
+    return TrainResult(model, args, history, val_top1, time.perf_counter() - t0, val_pred)
 
 
 def save_result(result: TrainResult, dest: Path) -> None:

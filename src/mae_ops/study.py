@@ -98,10 +98,12 @@ def _unpaired(a: float, b: float, n: int) -> dict:
             "p": None, "pairs": n}  # fmt: skip
 
 
-def _compare(groups: dict, key: str, va: Any, vb: Any, score: str) -> dict:
-    a_rows, b_rows = groups[key][va]["rows"], groups[key][vb]["rows"]
-    return paired(a_rows, b_rows, score) or _unpaired(groups[key][va][score], groups[key][vb][score],
-                                                       min(int(r["num_val"]) for r in a_rows + b_rows))  # fmt: skip
+def _compare(name: str, groups: dict, key: str, va: Any, vb: Any, score: str) -> dict:
+    """Setting ``va`` of ``key`` against ``vb`` on ``score``: paired where the predictions
+    were kept, else unpaired."""
+    a, b = groups[key][va], groups[key][vb]
+    test = paired(a["rows"], b["rows"], score) or _unpaired(a[score], b[score], min(a["num_val"], b["num_val"]))
+    return {"check": name, "score": score, "setting_a": va, "setting_b": vb, **test}
 
 
 def _said(c: dict) -> str:
@@ -125,12 +127,11 @@ def directions(groups: dict[str, dict[Any, dict]]) -> tuple[list[str], list[dict
     score = "finetune_top1" if all(g.get("finetune_top1") is not None for g in every) else "linprobe_top1"
     lines, tests = [], []
 
-    def check(name: str, key: str, va: Any, vb: Any, s: str, paper: str) -> dict:
-        c = {"check": name, "score": s, "setting_a": va, "setting_b": vb, **_compare(groups, key, va, vb, s)}
+    def check(name: str, key: str, va: Any, vb: Any, s: str, paper: str) -> None:
+        c = _compare(name, groups, key, va, vb, s)
         verdict = f"as the paper ({paper})" if c["diff"] > 0 else "no gap" if c["diff"] == 0 else "NOT as the paper"
         lines.append(f"{name} ({s}): {c['a']:.2%} vs {c['b']:.2%}, {verdict}, {_said(c)}")
         tests.append(c)
-        return c
 
     mask = groups.get("pretrain.mask_ratio", {})
     if len(mask) >= 2:
@@ -145,8 +146,7 @@ def directions(groups: dict[str, dict[Any, dict]]) -> tuple[list[str], list[dict
         spans = {}
         for s in ("linprobe_top1", "finetune_top1"):
             best, worst = max(dec, key=lambda v: dec[v][s]), min(dec, key=lambda v: dec[v][s])
-            spans[s] = {"check": f"decoder depth {best} vs {worst}", "score": s, "setting_a": best, "setting_b": worst,
-                        **_compare(groups, "model.decoder_depth", best, worst, s)}  # fmt: skip
+            spans[s] = _compare(f"decoder depth {best} vs {worst}", groups, "model.decoder_depth", best, worst, s)
             tests.append(spans[s])
         lp, ft = spans["linprobe_top1"], spans["finetune_top1"]
         verdict = "as the paper (the probe is the sensitive one)" if lp["diff"] > ft["diff"] else "NOT as the paper"
@@ -158,9 +158,8 @@ def directions(groups: dict[str, dict[Any, dict]]) -> tuple[list[str], list[dict
         order = sorted(ep)
         curve = [ep[e]["linprobe_top1"] for e in order]
         shape = "still rising at the longest" if curve[-1] >= max(curve) else "peaked earlier"
-        c = {"check": f"epochs {order[-1]} vs {order[0]}", "score": "linprobe_top1", "setting_a": order[-1],
-             "setting_b": order[0],
-             **_compare(groups, "pretrain.epochs", order[-1], order[0], "linprobe_top1")}  # fmt: skip
+        c = _compare(f"epochs {order[-1]} vs {order[0]}", groups, "pretrain.epochs", order[-1], order[0],
+                     "linprobe_top1")  # fmt: skip
         tests.append(c)
         lines.append(f"pre-training epochs {order}: linear probe {', '.join(f'{v:.2%}' for v in curve)}, {shape}; "
                      f"longest vs shortest {_said(c)}")  # fmt: skip

@@ -27,7 +27,7 @@ from mae_ops.atomic import atomic_path, write_json
 from mae_ops.classical import knn_proba, mae_features
 from mae_ops.config import Config, InputError
 from mae_ops.data import PreparedData
-from mae_ops.finetuning import predict_proba, train_finetune, train_linprobe
+from mae_ops.finetuning import train_finetune, train_linprobe
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +54,12 @@ def _probe(cfg: Config, encoder: Path, out: Path, rt: runtime.Runtime) -> dict:
     x, xv = mae_features(pcfg, data, train, rt.device), mae_features(pcfg, data, val, rt.device)
     k = min(cfg.study.knn_k, len(train))
     preds = {"knn": knn_proba(x, data.labels[train], xv, k, "cosine", len(data.classes)).argmax(1)}
-    linprobe = train_linprobe(pcfg, ft, data, rt, init=str(encoder))
-    preds["linprobe"] = predict_proba(linprobe.model, data, val, rt.device).argmax(1)
+    preds["linprobe"] = train_linprobe(pcfg, ft, data, rt, init=str(encoder)).val_pred
     result = {"encoder": str(encoder), "knn_k": k}
     if cfg.study.finetune_epochs > 0:
         tuned = train_finetune(pcfg, ft, data, rt, init=str(encoder), epochs=cfg.study.finetune_epochs,
                                eval_every=cfg.study.finetune_epochs, desc="probe finetune")  # fmt: skip
-        preds["finetune"] = predict_proba(tuned.model, data, val, rt.device).argmax(1)
+        preds["finetune"] = tuned.val_pred  # validated after the last epoch
         result["finetune_epochs"], result["finetune_warmup_epochs"] = cfg.study.finetune_epochs, ft.warmup_epochs
     for name, pred in preds.items():
         result[f"{name}_top1"] = round(float((pred == data.labels[val]).mean()), 5)

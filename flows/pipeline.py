@@ -26,6 +26,7 @@ from mae_ops.orchestration import (
     run_summary,
     sync_source_deps,
     write_overrides,
+    write_run_record,
 )
 
 
@@ -64,6 +65,7 @@ def pipeline(
         write_overrides(root, overrides or [], get_run_logger().info)
         sync_source_deps(root, cfg, get_run_logger().info)  # DVC hashes the image folders
         results = [dvc_stage(stage, str(root), force) for stage in STAGES if stage in wanted]
+        write_run_record(root, results)
     create_markdown_artifact(run_summary(root, results), key="mae-ops-run-summary",
                              description="data, pre-training, search, test accuracy, export")  # fmt: skip
     return results

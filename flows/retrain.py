@@ -2,8 +2,9 @@
 
 Each run asks DVC whether anything changed since the production model was built:
 the `prepare` stage out of date (an image folder, a data param or the prepare
-code changed: the folders are DVC deps, hashed by DVC with its state cache) or
-prepared data other than the champion's (DVC's hash in dvc.lock). If nothing
+code changed: the folders are DVC deps, hashed by DVC with its state cache), and
+whether the prepared data are other than the champion's (their `content_hash`,
+which a fresh and an incremental prepare of the same images share). If nothing
 changed it does nothing (unless forced). Otherwise it runs the pipeline flow,
 registers the new model, promotes it only if it is at least as good as the
 champion on the same current test split, records dvc.lock and pushes DVC outputs
@@ -30,10 +31,11 @@ def _pipeline_flow():
 
 @task(cache_policy=NO_CACHE)
 def record_run(repo: str, remote: str, commit: bool) -> list[str]:
-    """git-commit dvc.lock, params and reports; `dvc push` to the remote."""
+    """git-commit dvc.lock with the dvc.yaml it belongs to (the flow lists the image folders
+    there), params and reports; `dvc push` to the remote."""
     root, done = Path(repo), []
     if commit and (root / ".git").exists():
-        subprocess.run(["git", "add", "dvc.lock", "params.yaml", "reports"], cwd=root, check=False)
+        subprocess.run(["git", "add", "dvc.yaml", "dvc.lock", "params.yaml", "reports"], cwd=root, check=False)
         msg = "mae-ops retrain: record dvc.lock and reports"
         env = tool_env()
         has_identity = subprocess.run(["git", "config", "user.email"], cwd=root, capture_output=True).stdout.strip()
@@ -41,7 +43,7 @@ def record_run(repo: str, remote: str, commit: bool) -> list[str]:
             env.update(GIT_AUTHOR_NAME="mae-ops", GIT_AUTHOR_EMAIL="mae-ops@localhost",
                        GIT_COMMITTER_NAME="mae-ops", GIT_COMMITTER_EMAIL="mae-ops@localhost")  # fmt: skip
         if subprocess.run(["git", "commit", "-q", "-m", msg], cwd=root, env=env).returncode == 0:
-            done.append("committed dvc.lock")
+            done.append("committed dvc.yaml and dvc.lock")
     if remote:
         env = tool_env()
         if "://" not in remote:  # a local folder: absolute, so every clone pushes to the same place
@@ -62,7 +64,9 @@ def retrain(repo: str = ".", force: bool = False, overrides: list[str] | None = 
     champion = registry.production(reg)
     sync_source_deps(root, cfg, logger.info)  # the configured folders are the deps DVC checks
     stale = stage_status(root, "prepare")
-    same_data = champion is not None and champion["info"].get("data_dvc_hash") == registry.prepared_data_hash(root)
+    same_data = champion is not None and champion["info"].get("data_content_hash") == registry.prepared_content_hash(
+        root / cfg.data.out_dir
+    )
     if champion and same_data and not stale and not overrides and not force:
         logger.info("DVC: data unchanged since production model %s: nothing to do", champion["version"])
         return {"action": "skipped", "production": champion["version"]}

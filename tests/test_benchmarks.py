@@ -154,3 +154,27 @@ def test_profile_names_the_step_s_operators(tmp_path: Path) -> None:
     assert any(op in ("aten::mm", "aten::addmm", "aten::bmm") for op in ops), ops  # matmuls dominate a ViT step
     shares = [row["share"] for row in profile["top"]]
     assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1.0001
+
+
+def test_trust_check_on_a_real_folder_history_finds_nothing(tmp_path: Path) -> None:
+    """benchmarks/trust_check.py renames, relabels, duplicates, swaps same-size files, changes
+    the decoder and prepares fresh, through the real `mae-ops prepare`: every check passes."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in range(8):
+        for i in range(12):  # BMP: one size for one shape, so same-size swaps exist
+            path = tmp_path / "photos" / f"class{c}" / f"{i}.bmp"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (10, 10, 3), dtype=np.uint8)).save(path)
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "trust_check.py"), str(tmp_path / "photos"),
+                           "--img-size", "8", "--files", "4"], timeout=600, capture_output=True, text=True,
+                          env=subprocess_env())  # fmt: skip
+    report = json.loads(proc.stdout)
+    assert proc.returncode == 0 and report["ok"], report
+    assert set(report["checks"]) == {"rename_class_folder", "relabel", "rename_files", "duplicates",
+                                     "same_size_replacement", "decoder_change", "fresh_vs_incremental",
+                                     "user_dependency"}  # fmt: skip
+    assert report["checks"]["same_size_replacement"]["files_swapped"] == 4
+    assert report["checks"]["decoder_change"]["decoded"] == report["images"]

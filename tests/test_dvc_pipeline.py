@@ -95,3 +95,43 @@ def test_every_stage_lists_every_module_it_imports_as_a_dep() -> None:
         deps = {d for d in stage["deps"] if str(d).startswith("src/")}
         missing = _imported_modules(f"mae_ops.stages.{name}") - deps
         assert not missing, f"stage {name} imports {sorted(missing)} but dvc.yaml does not list them as deps"
+
+
+def test_listing_the_image_folders_keeps_the_users_own_deps_and_comments(tmp_path: Path) -> None:
+    """`mae-ops pipeline` lists the configured folders as deps of `prepare` (marked as its
+    own) and changes only those: a dependency the user added, and its comments, stay."""
+    from mae_ops.config import load_params
+    from mae_ops.orchestration import SOURCE_DEP_MARK, sync_source_deps
+    from mae_ops.sources import missing_source_deps
+    from tests.conftest import git_dvc_repo
+
+    repo = git_dvc_repo(tmp_path / "repo")
+    text = (REPO / "dvc.yaml").read_text()
+    user = ("      # label fixes from the review team\n"
+            "      - labels/overrides.csv   # one row per corrected image\n")  # fmt: skip
+    text = text.replace("      - src/mae_ops/atomic.py\n", user + "      - src/mae_ops/atomic.py\n", 1)
+    (repo / "dvc.yaml").write_text(text)
+    for folder in ("labels", "photos_a/c0", "photos_a/c1", "photos_b/c0", "photos_b/c1", "extra"):
+        (repo / folder).mkdir(parents=True)
+    (repo / "labels/overrides.csv").write_text("file,label\n")
+
+    def deps() -> list[str]:
+        return yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]["prepare"]["deps"]
+
+    first = load_params(REPO / "params.yaml", ["data.source=photos_a", "data.unlabeled_dirs=[extra]"])
+    assert sync_source_deps(repo, first) == ["photos_a", "extra"]
+    assert deps()[-2:] == ["photos_a", "extra"] and "labels/overrides.csv" in deps()
+    second = load_params(REPO / "params.yaml", ["data.source=photos_b"])
+    assert sync_source_deps(repo, second) == ["photos_b"]
+    after = (repo / "dvc.yaml").read_text()
+    assert user in after  # the user's entry and both of its comments, where they were
+    assert "photos_a" not in after and "extra" not in deps()
+    marked = [line.split("#")[0].strip() for line in after.splitlines() if SOURCE_DEP_MARK in line]
+    assert marked == ["- photos_b"]
+    assert not missing_source_deps(repo, second.data)
+    assert sync_source_deps(repo, second) == ["photos_b"] and (repo / "dvc.yaml").read_text() == after  # stable
+    # DVC itself reads the edited file: the user's dep is still one of the stage's
+    status = _run([str(BIN / "dvc"), "status", "prepare", "--json"], repo)
+    assert "labels/overrides.csv" in status
+    assert sync_source_deps(repo, load_params(REPO / "params.yaml", [])) == []  # the embedded digits
+    assert (repo / "dvc.yaml").read_text() == text  # back to the user's file, to the byte

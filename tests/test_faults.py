@@ -189,7 +189,7 @@ def _image_folder(root: Path, n: int) -> Path:
     for i in range(n):
         path = root / ("a" if i % 2 else "b") / f"{i}.jpg"
         path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.roll(base, i, axis=1)).save(path, quality=90)
+        Image.fromarray(np.roll(base, (i // 160, i % 160), axis=(0, 1))).save(path, quality=90)  # all distinct
     return root
 
 
@@ -361,7 +361,8 @@ def test_fp16_fine_tuning_scales_its_loss(run_root: Path) -> None:
 
 
 def test_kept_trial_models_missing_here_are_retrained(run_root: Path) -> None:
-    cfg = ft_config(run_root, "hpo.enabled=true", "hpo.n_trials=2", "hpo.epochs=1", "hpo.retrain=false")
+    cfg = ft_config(run_root, "hpo.enabled=true", "hpo.n_trials=2", "hpo.epochs=1", "hpo.retrain=false",
+                    "hpo.pruner=none")  # every trial finishes and keeps its model  # fmt: skip
     finetune.run(cfg)
     kept = list((run_root / "checkpoints/finetune/hpo").rglob("trial-*.pth"))
     assert len(kept) == 2  # kept in hpo.trial_dir, under the study's name

@@ -35,7 +35,7 @@ def test_flow_runs_every_stage_then_skips_them(tmp_path: Path) -> None:
 
     # after a run the retraining flow records dvc.lock in git and pushes the outputs to the DVC remote
     done = load_flow_module("retrain").record_run.fn(str(repo), "dvc-store", True)
-    assert done == ["committed dvc.lock", f"pushed to {(repo / 'dvc-store').resolve()}"]
+    assert done == ["committed dvc.yaml and dvc.lock", f"pushed to {(repo / 'dvc-store').resolve()}"]
     pushed = [p for p in (repo / "dvc-store").rglob("*") if p.is_file()]
     assert len(pushed) > 10  # the prepared data, checkpoints and ONNX files
     log = subprocess.run(["git", "log", "--name-only", "-1"], cwd=repo, capture_output=True, text=True).stdout

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -10,10 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mae_ops import preparing
+from mae_ops.config import load_params
 from mae_ops.data import SPLITS, PreparedData
 from mae_ops.stages import prepare
 from mae_ops.stages.prepare import DataSourceError
-from tests.conftest import tiny_config
+from tests.conftest import REPO, tiny_config
 
 
 def _load(root: Path) -> dict:
@@ -119,8 +123,7 @@ def test_messy_folder_converts_or_skips_and_never_crashes(tmp_path: Path, messy_
     assert d["images"].shape == (18, 3, 18, 18)
     assert PreparedData(tmp_path / "run" / "data" / "prepared").eval_images.shape == (18, 3, 16, 16)
     assert manifest["classes"] == ["cat", "dog"]
-    files = json.loads((tmp_path / "run" / "data" / "prepared" / "files.json").read_text())
-    by_name = {Path(f).name: i for i, f in enumerate(files)}
+    by_name = {Path(r["file"]).name: i for i, r in enumerate(_rows(tmp_path / "run" / "data" / "prepared"))}
     assert np.all(d["images"][by_name["rgba.png"]] == 255)  # transparent -> white
     assert np.all(d["images"][by_name["sixteen.png"]] == 255)  # 16-bit scaled, not clipped to garbage
     assert d["labels"][by_name["bilevel.bmp"]] == 1  # nested file keeps its class
@@ -130,23 +133,25 @@ def test_messy_folder_converts_or_skips_and_never_crashes(tmp_path: Path, messy_
 def test_sixteen_bit_is_scaled_not_clipped(tmp_path: Path) -> None:
     root = tmp_path / "src"
     ramp = (np.arange(16 * 16, dtype=np.uint16).reshape(16, 16) * 256).astype(np.uint16)
-    for cls in ("a", "b"):
-        _save(Image.fromarray(ramp), root / cls / "ramp.png")
+    _save(Image.fromarray(ramp), root / "a" / "ramp.png")
+    _save(Image.fromarray(ramp[::-1].copy()), root / "b" / "ramp.png")
     prepare.run(tiny_config(tmp_path / "run", f"data.source={root}", "data.img_size=16", "data.crop_pct=1",
                             "data.test_fraction=0", "data.val_fraction=0"))  # fmt: skip
-    img = PreparedData(tmp_path / "run" / "data" / "prepared").images[0][0]
+    data = PreparedData(tmp_path / "run" / "data" / "prepared")
+    img = data.images[[r["file"] for r in _rows(data.root)].index("a/ramp.png")][0]
     assert img.dtype == np.uint8 and img.shape == (16, 16)
     np.testing.assert_allclose(img.astype(float), ramp / 257.0, atol=1.0)
 
 
 def test_split_folders_and_unlabeled_pool(tmp_path: Path) -> None:
     root, extra = tmp_path / "labelled", tmp_path / "unlabeled"
+    rng = np.random.default_rng(7)
     for split, n in (("train", 8), ("test", 3)):
         for cls in ("x", "y"):
             for i in range(n):
-                _save(Image.fromarray(np.full((10, 10), i * 20, np.uint8)), root / split / cls / f"{i}.png")
+                _save(Image.fromarray(rng.integers(0, 255, (10, 10), np.uint8)), root / split / cls / f"{i}.png")
     for i in range(5):
-        _save(Image.fromarray(np.full((12, 12), 7, np.uint8)), extra / "deep" / f"u{i}.jpg")
+        _save(Image.fromarray(rng.integers(0, 255, (12, 12), np.uint8)), extra / "deep" / f"u{i}.png")
     manifest = prepare.run(tiny_config(tmp_path / "run", f"data.source={root}", f"data.unlabeled_dirs=[{extra}]",
                                        "data.img_size=8", "data.val_fraction=0.25"))  # fmt: skip
     d = _load(tmp_path / "run" / "data" / "prepared")
@@ -156,8 +161,8 @@ def test_split_folders_and_unlabeled_pool(tmp_path: Path) -> None:
     # val: about 25% of the labelled images, taken from train/ by each file's identity
     assert 1 <= manifest["counts"]["val"] <= 8 and manifest["counts"]["val"] + manifest["counts"]["train"] == 16
     assert np.all(d["labels"][d["split"] == SPLITS["unlabeled"]] == -1)
-    files = json.loads((tmp_path / "run" / "data" / "prepared" / "files.json").read_text())
-    assert all("/test/" in files[i] for i in np.flatnonzero(d["split"] == SPLITS["test"]))
+    files = [r["file"] for r in _rows(tmp_path / "run" / "data" / "prepared")]
+    assert all(files[i].startswith("test/") for i in np.flatnonzero(d["split"] == SPLITS["test"]))
 
 
 def test_bad_sources_fail_clearly_and_keep_the_old_output(tmp_path: Path, prepared_mnist: Path) -> None:
@@ -184,15 +189,31 @@ def test_bad_sources_fail_clearly_and_keep_the_old_output(tmp_path: Path, prepar
     with pytest.raises(DataSourceError, match="no readable images"):
         prepare.run(tiny_config(tmp_path / "run", f"data.source={junk}"))
     assert (out / "manifest.json").read_text() == before
-    assert sorted(p.name for p in out.parent.iterdir() if not p.name.endswith(".lock")) == ["prepared"]  # no temps
+    leftovers = sorted(p.name for p in out.parent.iterdir() if not p.name.endswith((".lock", ".state.npy")))
+    assert leftovers == ["prepared"]  # no temps
 
 
-def _index(root: Path) -> dict[str, tuple[str, str, str]]:
-    import csv
+def _rows(root: Path) -> list[dict[str, str]]:
+    with open(root / "index.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
 
-    with open(root / "index.csv") as fh:
-        rows = list(csv.DictReader(fh))
-    return {r["path"]: (r["split"], r["label"], r["labelled"]) for r in rows}
+
+def _index(root: Path) -> dict[str, dict[str, str]]:
+    """index.csv by sample identity."""
+    return {r["sample_id"]: r for r in _rows(root)}
+
+
+def _placement(root: Path) -> dict[str, tuple[str, str]]:
+    """sample identity -> (split, labelled)."""
+    return {k: (r["split"], r["labelled"]) for k, r in _index(root).items()}
+
+
+def _noise(rng: np.random.Generator, shape=(12, 12, 3)) -> Image.Image:
+    return Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8))
+
+
+def _micro(root: Path, src: Path, *extra: str):
+    return tiny_config(root, f"data.source={src}", "data.img_size=8", "model.preset=mae_vit_micro_patch4", *extra)
 
 
 def test_splits_do_not_move_when_the_folder_grows_or_is_reordered(tmp_path: Path) -> None:
@@ -200,38 +221,210 @@ def test_splits_do_not_move_when_the_folder_grows_or_is_reordered(tmp_path: Path
     rng = np.random.default_rng(0)
     src = tmp_path / "photos"
     for i in range(600):
-        _save(Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)), src / f"c{i % 3}" / f"{i}.png")
-    cfg = [f"data.source={src}", "data.img_size=8", "data.label_fraction=0.3", "model.preset=mae_vit_micro_patch4"]
-    prepare.run(tiny_config(tmp_path / "a", *cfg))
-    before = _index(tmp_path / "a" / "data" / "prepared")
-    assert len(before) == 600 and {s for s, _, _ in before.values()} == {"train", "val", "test"}
-
+        _save(_noise(rng), src / f"c{i % 3}" / f"{i}.png")
+    cfg = ["data.label_fraction=0.3"]
+    prepare.run(_micro(tmp_path / "a", src, *cfg))
+    before = _placement(tmp_path / "a" / "data" / "prepared")
+    assert len(before) == 600 and {s for s, _ in before.values()} == {"train", "val", "test"}
     for i in range(600, 606):  # 1% more, in every class
-        _save(Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)), src / f"c{i % 3}" / f"{i}.png")
-    (src / "c0" / "0.png").rename(src / "c0" / "zz_0.png")  # renamed files are new files ...
-    prepare.run(tiny_config(tmp_path / "b", *cfg))
-    after = _index(tmp_path / "b" / "data" / "prepared")
-    moved = {name for name in before if name in after and after[name] != before[name]}
-    assert not moved, moved  # ... but nothing that stayed moved
-    assert len(after) == 606
+        _save(_noise(rng), src / f"c{i % 3}" / f"{i}.png")
+    prepare.run(_micro(tmp_path / "b", src, *cfg))
+    after = _placement(tmp_path / "b" / "data" / "prepared")
+    assert len(after) == 606 and all(after[k] == v for k, v in before.items())
+
+
+def test_renames_moves_and_relabels_never_move_a_sample(tmp_path: Path) -> None:
+    """A sample is its content: renaming a class folder, renaming a file or moving it to
+    another class (a fixed label) keeps its split and labelled status, fresh or incremental."""
+    rng = np.random.default_rng(2)
+    src = tmp_path / "photos"
+    for i in range(150):
+        _save(_noise(rng), src / f"c{i % 3}" / f"{i}.png")
+    out = tmp_path / "run" / "data" / "prepared"
+    prepare.run(_micro(tmp_path / "run", src, "data.label_fraction=0.3"))
+    before = _index(out)
+    (src / "c0").rename(src / "cat")  # a class folder renamed: 50 files get other paths
+    (src / "c1" / "1.png").rename(src / "c2" / "1.png")  # a label fixed: moved to another class
+    (src / "c2" / "2.png").rename(src / "c2" / "renamed.png")
+    again = prepare.run(_micro(tmp_path / "run", src, "data.label_fraction=0.3"))
+    fresh = prepare.run(_micro(tmp_path / "fresh", src, "data.label_fraction=0.3"))
+    assert again["reused"]["decoded"] == 0 and again["reused"]["images"] == 150  # pixels known by content
+    for root in (out, tmp_path / "fresh" / "data" / "prepared"):
+        after = _index(root)
+        assert after.keys() == before.keys()
+        moved = [k for k in before if (after[k]["split"], after[k]["labelled"]) != (before[k]["split"],
+                                                                                   before[k]["labelled"])]  # fmt: skip
+        assert not moved, [after[k]["file"] for k in moved]
+        by_file = {r["file"]: r for r in after.values()}
+        assert by_file["c2/1.png"]["label"] == "c2" and by_file["cat/0.png"]["label"] == "cat"
+    assert again["content_hash"] == fresh["content_hash"]
+
+
+def test_exact_duplicates_are_one_sample_and_label_conflicts_are_reported(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    src = tmp_path / "photos"
+    for i in range(20):
+        for split in ("train", "test"):
+            _save(_noise(rng), src / split / f"c{i % 2}" / f"{i}.png")
+    same = (src / "train" / "c0" / "0.png").read_bytes()
+    (src / "train" / "c0" / "copy of 0.png").write_bytes(same)  # a duplicate, same label
+    (src / "test" / "c0" / "leaked.png").write_bytes(same)  # the same photo in the test folder
+    twin = (src / "train" / "c1" / "1.png").read_bytes()
+    (src / "train" / "c0" / "mislabelled.png").write_bytes(twin)  # the same photo under two labels
+    held = (src / "test" / "c1" / "3.png").read_bytes()
+    (src / "train" / "c0" / "held.png").write_bytes(held)  # two labels, one copy in test/
+    extra = tmp_path / "unlabeled"
+    extra.mkdir()
+    (extra / "u.png").write_bytes((src / "train" / "c0" / "2.png").read_bytes())  # also in a class folder
+    manifest = prepare.run(_micro(tmp_path / "run", src, f"data.unlabeled_dirs=[{extra}]"))
+    index = {r["file"]: r for r in _index(tmp_path / "run" / "data" / "prepared").values()}
+    assert manifest["num_images"] == 40 - 1  # 45 image files, 40 contents; 1 content left out
+    groups = {tuple(g["files"]) for g in manifest["duplicates"]["groups"]}
+    assert ("test/c0/leaked.png", "train/c0/0.png", "train/c0/copy of 0.png") in groups
+    assert index["test/c0/leaked.png"]["split"] == "test" and index["test/c0/leaked.png"]["copies"] == "3"
+    assert [(c["files"], c["split"]) for c in manifest["split_conflicts"]] == [
+        (["test/c0/leaked.png", "train/c0/0.png", "train/c0/copy of 0.png"], "test"),
+        (["test/c1/3.png", "train/c0/held.png"], "test")] or len(manifest["split_conflicts"]) == 2  # fmt: skip
+    conflicts = {tuple(c["files"]): c for c in manifest["label_conflicts"]}
+    mislabelled = conflicts[("train/c0/mislabelled.png", "train/c1/1.png")]
+    assert mislabelled["labels"] == ["c0", "c1"] and mislabelled["kept_as"] == "unlabeled"
+    assert (
+        index["train/c0/mislabelled.png"]["split"] == "unlabeled" and index["train/c0/mislabelled.png"]["label"] == ""
+    )
+    assert conflicts[("test/c1/3.png", "train/c0/held.png")]["kept_as"].startswith("left out")
+    assert "test/c1/3.png" not in index and "train/c0/held.png" not in index
+    assert index["train/c0/2.png"]["label"] == "c0" and index["train/c0/2.png"]["copies"] == "2"  # label wins
+    assert manifest["duplicates"]["extra_files"] == 5
+
+
+def test_a_file_replaced_with_the_same_size_and_mtime_is_decoded_again(tmp_path: Path) -> None:
+    """`cp -p`, `rsync -a`, tar: other bytes, the same size and modification time. The
+    state cache also keys on ctime, so the file is hashed again; --force re-decodes all."""
+    rng = np.random.default_rng(5)
+    src = tmp_path / "photos"
+    for i in range(30):
+        _save(_noise(rng), src / f"c{i % 2}" / f"{i}.bmp")  # BMP: a fixed size for a fixed shape
+    cfg = _micro(tmp_path / "run", src, "data.crop_pct=1")
+    prepare.run(cfg)
+    target = src / "c0" / "0.bmp"
+    st = target.stat()
+    _save(Image.fromarray(np.full((12, 12, 3), 77, np.uint8)), target)
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert target.stat().st_size == st.st_size and target.stat().st_mtime_ns == st.st_mtime_ns
+    again = prepare.run(cfg)
+    assert again["reused"]["decoded"] == 1 and again["reused"]["files_hashed"] == 1
+    data = PreparedData(cfg.data.out_dir)
+    row = [r["file"] for r in _rows(data.root)].index("c0/0.bmp")
+    assert np.array_equal(data.images[row], np.full((3, 8, 8), 77, np.uint8))
+    forced = prepare.run(cfg, force=True)
+    assert forced["reused"]["decoded"] == 30 and forced["reused"]["files_hashed"] == 30 and forced["reused"]["forced"]
+    assert forced["content_hash"] == again["content_hash"]
+    os.environ[preparing.FORCE_ENV] = "1"  # what `mae-ops pipeline --force` sets for DVC's run of the stage
+    try:
+        assert prepare.run(cfg)["reused"]["decoded"] == 30
+    finally:
+        del os.environ[preparing.FORCE_ENV]
+
+
+def test_a_decoder_change_re_decodes_every_stored_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows decoded by another Pillow (or other decoding code) are never mixed with new ones."""
+    import PIL
+
+    from mae_ops import images
+
+    rng = np.random.default_rng(6)
+    src = tmp_path / "photos"
+    for i in range(20):
+        _save(_noise(rng, (20, 30, 3)), src / f"c{i % 2}" / f"{i}.png")
+    cfg = _micro(tmp_path / "run", src)
+    first = prepare.run(cfg)
+    assert prepare.run(cfg)["reused"]["decoded"] == 0
+    monkeypatch.setattr(PIL, "__version__", "0.0-another")  # another Pillow, another resampling
+    monkeypatch.setattr(images, "fit_square", lambda img, size: img.resize((size, size), Image.Resampling.NEAREST))
+    again = prepare.run(cfg)
+    assert again["reused"]["decoded"] == 20 and again["content_hash"] != first["content_hash"]
+    data = PreparedData(cfg.data.out_dir)
+    for i, row in enumerate(_rows(data.root)):
+        with Image.open(src / row["file"]) as img:
+            expected = np.asarray(img.convert("RGB").resize((9, 9), Image.Resampling.NEAREST)).transpose(2, 0, 1)
+        assert np.array_equal(data.images[i], expected), row["file"]
+
+
+def _store_files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_fresh_and_incremental_prepares_give_the_same_data_and_the_same_model(tmp_path: Path) -> None:
+    """The same images, however the folder got there, give the same samples in the same
+    order, splits, labels, pixels, mean/std and content_hash, and pre-training on either
+    gives bit-identical weights. Two fresh prepares of copies of the folder elsewhere
+    give byte-identical stores (so the same DVC hash)."""
+    import shutil
+
+    import torch
+
+    from mae_ops.stages import pretrain
+
+    rng = np.random.default_rng(8)
+    history = tmp_path / "history" / "photos"
+    for i in range(90):
+        _save(_noise(rng), history / f"c{i % 3}" / f"{i}.png")
+    grown = _micro(tmp_path / "history", history)
+    prepare.run(grown)
+    (history / "c0" / "0.png").unlink()
+    (history / "c1").rename(history / "one")
+    for i in range(90, 120):
+        _save(_noise(rng), history / f"c{i % 3 if i % 3 != 1 else 2}" / f"{i}.png")
+    incremental = prepare.run(grown)
+    assert incremental["reused"]["images"] > 0 and incremental["reused"]["shards_linked"] == 1
+
+    stores = []
+    for name in ("fresh_a", "fresh_b"):  # copies of the final folder, prepared from their own folders
+        shutil.copytree(history, tmp_path / name / "photos")
+        os.chdir(tmp_path / name)
+        relative = ["data.source=photos", "data.out_dir=data/prepared", "data.img_size=8",
+                    "model.preset=mae_vit_micro_patch4"]  # fmt: skip
+        prepare.run(load_params(REPO / "params.yaml", relative))
+        stores.append(tmp_path / name / "data" / "prepared")
+    os.chdir(tmp_path)
+    assert _store_files(stores[0]) == _store_files(stores[1])  # byte for byte: one DVC hash
+
+    a, b = PreparedData(grown.data.out_dir), PreparedData(stores[0])
+    assert a.manifest["content_hash"] == b.manifest["content_hash"]
+    assert a.manifest["mean"] == b.manifest["mean"] and a.manifest["std"] == b.manifest["std"]
+    assert [(r["sample_id"], r["split"], r["label"], r["labelled"]) for r in _rows(a.root)] == [
+        (r["sample_id"], r["split"], r["label"], r["labelled"]) for r in _rows(b.root)]  # fmt: skip
+    for name in ("labels", "split", "labelled"):
+        assert np.array_equal(getattr(a, name), getattr(b, name))
+    assert np.array_equal(a.images[:], b.images[:])
+    assert a.manifest["shards"] != b.manifest["shards"]  # the grown store kept its old shard: another layout
+
+    weights = []
+    for root, data_dir in ((tmp_path / "train_a", a.root), (tmp_path / "train_b", b.root)):
+        pretrain.run(tiny_config(root, f"data.out_dir={data_dir}", "data.img_size=8", "pretrain.epochs=1",
+                                 "pretrain.batch_size=32", "pretrain.device=cpu"))  # fmt: skip
+        weights.append(torch.load(root / "models/pretrain/mae.pth", weights_only=True)["model"])
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
 def test_index_csv_and_the_store_agree(tmp_path: Path, messy_folder: Path) -> None:
+    from mae_ops.images import load_image
+
     cfg = tiny_config(tmp_path / "run", f"data.source={messy_folder}", "data.img_size=16",
                       "data.test_fraction=0.25", "data.val_fraction=0.25")  # fmt: skip
     prepare.run(cfg)
     root = tmp_path / "run" / "data" / "prepared"
     d = _load(root)
-    files = json.loads((root / "files.json").read_text())
-    index = _index(root)
-    assert len(index) == len(files) == len(d["images"]) == 18  # skipped files compacted out of the shard
-    for i, f in enumerate(files):  # every row is its own file's pixels (rows moved up past the skipped ones)
-        from mae_ops.images import load_image
-
-        assert np.array_equal(d["images"][i], load_image(f, 18, 3)), f
-        split, label, labelled = index[f]
-        assert split == {v: k for k, v in SPLITS.items()}[int(d["split"][i])]
-        assert label == d["manifest"]["classes"][d["labels"][i]] and labelled == str(int(d["labelled"][i]))
+    rows = _rows(root)
+    assert len(rows) == len(d["images"]) == 18  # skipped files compacted out of the shard
+    assert [r["sample_id"] for r in rows] == sorted(r["sample_id"] for r in rows)  # stored in identity order
+    for i, r in enumerate(rows):  # every row is its own file's pixels (rows moved up past the skipped ones)
+        path = messy_folder / r["file"]
+        assert r["sample_id"] == hashlib.md5(path.read_bytes()).hexdigest()
+        assert np.array_equal(d["images"][i], load_image(path, 18, 3)), r["file"]
+        assert r["split"] == {v: k for k, v in SPLITS.items()}[int(d["split"][i])]
+        assert r["label"] == d["manifest"]["classes"][d["labels"][i]] and r["labelled"] == str(int(d["labelled"][i]))
 
 
 def test_re_prepare_decodes_only_new_and_changed_files(tmp_path: Path) -> None:
@@ -246,44 +439,43 @@ def test_re_prepare_decodes_only_new_and_changed_files(tmp_path: Path) -> None:
 
     for i in range(400):
         add(i)
-    cfg = tiny_config(tmp_path / "run", f"data.source={src}", "data.img_size=8", "model.preset=mae_vit_micro_patch4")
+    cfg = _micro(tmp_path / "run", src)
     first = prepare.run(cfg)
-    assert first["reused"] == {"images": 0, "decoded": 400, "shards_linked": 0, "unused_rows": 0}
-    before = _index(tmp_path / "run" / "data" / "prepared")
-    old_shard = tmp_path / "run" / "data" / "prepared" / "shards" / first["shards"][0]
-    inode = old_shard.stat().st_ino
+    assert first["reused"] == {"images": 0, "decoded": 400, "files_hashed": 400, "shards_linked": 0,
+                               "unused_rows": 0, "forced": False}  # fmt: skip
+    root = tmp_path / "run" / "data" / "prepared"
+    before = _placement(root)
+    inode = (root / "shards" / first["shards"][0]).stat().st_ino
 
     for i in range(400, 404):  # 1% more
         add(i)
     (src / "c1" / "1.png").unlink()
     changed = src / "c0" / "0.png"
     _save(Image.fromarray(np.full((14, 10, 3), 200, np.uint8)), changed)
-    os.utime(changed, ns=(changed.stat().st_atime_ns, changed.stat().st_mtime_ns + 10**9))
     again = prepare.run(cfg)
     assert again["reused"]["decoded"] == 5 and again["reused"]["images"] == 398  # 4 new + 1 changed
+    assert again["reused"]["files_hashed"] == 5  # the other 398 files known by their inode, size, mtime, ctime
     assert again["reused"]["shards_linked"] == 1 and again["reused"]["unused_rows"] == 2  # removed + changed
-    root = tmp_path / "run" / "data" / "prepared"
     assert (root / "shards" / first["shards"][0]).stat().st_ino == inode  # linked, not copied
-    after = _index(root)
-    assert not {k for k in before if k in after and after[k] != before[k]}  # nothing moved between splits
+    after = _placement(root)
+    assert all(after[k] == v for k, v in before.items() if k in after)  # nothing moved between splits
     assert len(after) == 403
 
-    fresh = prepare.run(tiny_config(tmp_path / "fresh", *[f"data.source={src}", "data.img_size=8",
-                                                         "model.preset=mae_vit_micro_patch4"]))  # fmt: skip
+    fresh = prepare.run(_micro(tmp_path / "fresh", src))
     a, b = PreparedData(root), PreparedData(tmp_path / "fresh" / "data" / "prepared")
-    files_a = json.loads((root / "files.json").read_text())
-    files_b = json.loads((b.root / "files.json").read_text())
-    assert files_a == files_b
+    assert _rows(a.root) == _rows(b.root)
     assert np.array_equal(a.images[:], b.images[:])  # the same pixels, decoded or reused
-    assert np.array_equal(a.images[files_a.index(str(changed))], np.full((3, 9, 9), 200, np.uint8))  # 8 / 0.875
+    row = [r["file"] for r in _rows(a.root)].index("c0/0.png")
+    assert np.array_equal(a.images[row], np.full((3, 9, 9), 200, np.uint8))  # 8 / 0.875
     assert again["mean"] == fresh["mean"] and again["std"] == fresh["std"]
+    assert again["content_hash"] == fresh["content_hash"]
     for name in ("labels", "split", "labelled"):
         assert np.array_equal(np.load(root / f"{name}.npy"), np.load(b.root / f"{name}.npy"))
 
-    unchanged = prepare.run(cfg)  # nothing changed: nothing decoded
-    assert unchanged["reused"]["decoded"] == 0 and unchanged["content_hash"] == again["content_hash"]
-    other_size = prepare.run(tiny_config(tmp_path / "run", f"data.source={src}", "data.img_size=12",
-                                         "model.preset=mae_vit_micro_patch4"))  # fmt: skip
+    unchanged = prepare.run(cfg)  # nothing changed: nothing decoded, nothing read
+    assert unchanged["reused"]["decoded"] == 0 and unchanged["reused"]["files_hashed"] == 0
+    assert unchanged["content_hash"] == again["content_hash"]
+    other_size = prepare.run(_micro(tmp_path / "run", src, "data.img_size=12"))
     assert other_size["reused"]["decoded"] == 403  # other pixels: nothing to reuse
 
 
@@ -307,7 +499,7 @@ def test_store_keeps_more_pixels_and_evaluation_follows_timm(tmp_path: Path) -> 
     assert (manifest["img_size"], manifest["store_size"], manifest["crop_pct"]) == (64, 73, 0.875)
     data = PreparedData(tmp_path / "run" / "data" / "prepared")
     assert data.images.shape[1:] == (3, 73, 73) and data.eval_images.shape[1:] == (3, 64, 64)
-    files = json.loads((data.root / "files.json").read_text())
+    files = [str(src / r["file"]) for r in _rows(data.root)]
 
     def timm_eval(img: Image.Image, crop_pct: float) -> np.ndarray:
         transform = timm.data.create_transform(64, crop_pct=crop_pct, interpolation="bicubic", mean=(0,) * 3,

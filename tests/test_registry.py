@@ -71,6 +71,23 @@ def test_promotes_better_keeps_champion_against_worse_and_rolls_back(project: Pa
     assert not list(reg.glob("*.tmp")) and not list(reg.glob(".production*"))
 
 
+def test_refuses_to_compare_models_prepared_under_other_split_definitions(project: Path) -> None:
+    """data.seed (or a split fraction) changed between champion and challenger: the test
+    split of one holds training images of the other, so no comparison is made."""
+    reg, data = project / "registry", project / "data/prepared"
+    champion = registry.register(project, reg)["version"]
+    assert registry.challenge(reg, champion, data)["promoted"]
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["split_definition"]["seed"] += 1  # what a re-prepare with another data.seed records
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    challenger = registry.register(project, reg)["version"]
+    with pytest.raises(registry.RegistryError, match=r"other split definitions .*seed 0 vs 1") as refused:
+        registry.challenge(reg, challenger, data)
+    assert "\n" not in str(refused.value) and champion in str(refused.value)
+    assert registry.production(reg)["version"] == champion  # nothing changed
+    assert [e["event"] for e in registry.history(reg)].count("promoted") == 1
+
+
 def test_retrain_asks_dvc_whether_the_image_folder_changed(tmp_path: Path) -> None:
     """The image folder is a DVC dep of `prepare` (listed by the flow): retraining does
     nothing while DVC says it is unchanged, and re-prepares (decoding only the new files)
@@ -95,7 +112,7 @@ def test_retrain_asks_dvc_whether_the_image_folder_changed(tmp_path: Path) -> No
         add(i)
     repo = tiny_project(tmp_path / "project", data={"source": "images", "img_size": 16},  # stored at 18 px
                         finetune={"crop_scale": [0.08, 1.0], "hflip": True},
-                        retrain={"dvc_remote": "", "commit_lock": False})  # fmt: skip
+                        retrain={"dvc_remote": "", "commit_lock": True})  # fmt: skip
     # a folder named in params.yaml by hand but not in dvc.yaml: `dvc repro` refuses, naming the fix
     proc = subprocess.run([str(BIN / "dvc"), "repro", "prepare"], cwd=repo, capture_output=True, text=True,
                           env=subprocess_env())  # fmt: skip
@@ -106,6 +123,12 @@ def test_retrain_asks_dvc_whether_the_image_folder_changed(tmp_path: Path) -> No
         first = retrain(repo=str(repo))
         assert first["action"] == "promoted"
         assert "images" in yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]["prepare"]["deps"]
+        # the lock was committed with the dvc.yaml that names the folder it records
+        committed = subprocess.run(["git", "show", "HEAD:dvc.yaml"], cwd=repo, capture_output=True, text=True).stdout
+        assert "images" in yaml.safe_load(committed)["stages"]["prepare"]["deps"]
+        status = subprocess.run(["git", "status", "--porcelain", "dvc.yaml", "dvc.lock"], cwd=repo,
+                                capture_output=True, text=True)  # fmt: skip
+        assert status.returncode == 0 and status.stdout == ""
         assert retrain(repo=str(repo))["action"] == "skipped"
 
         for i in range(160, 163):

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from scipy.stats import binomtest
+from scipy.stats import t as t_dist
 
 from mae_ops import study as plan
 from tests.conftest import load_flow_module, tiny_config
@@ -47,7 +48,11 @@ def test_study_runs_each_setting_once_scores_it_and_resumes(mnist_root: Path) ->
             assert (reports / f"{key}.png").read_bytes()[:4] == b"\x89PNG"
         summary = (reports / "summary.md").read_text()
         assert "## pretrain.mask_ratio" in summary and "Against the paper" in summary
-        assert len(result["directions"]) == 3 and all(" vs " in d or "spans" in d for d in result["directions"])
+        # the planned checks: mask, norm-pix, and decoder depth on the probe and on fine-tuning
+        assert [(t["key"], t["score"]) for t in result["tests"]] == [
+            ("pretrain.mask_ratio", "finetune_top1"), ("pretrain.norm_pix_loss", "finetune_top1"),
+            ("model.decoder_depth", "linprobe_top1"), ("model.decoder_depth", "finetune_top1")]  # fmt: skip
+        assert all(t["p_holm"] >= t["p"] for t in result["tests"]) and len(result["directions"]) == 4
         probe = json.loads(next((reports / "runs").glob("*/probe-*.json")).read_text())
         assert probe["num_val"] > 0 and probe["knn_k"] == 20
         # the 1-epoch probe fine-tune warms up for the full fine-tune's share of its epochs, not 5 epochs
@@ -79,7 +84,7 @@ def _probe_files(tmp: Path, name: str, seed: int, labels: np.ndarray, right: np.
     }
 
 
-def test_paired_check_counts_the_images_only_one_setting_gets_right(tmp_path: Path) -> None:
+def test_paired_check_counts_each_image_once_and_the_spread_between_seeds(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 10, 400)
     both = rng.random(400) < 0.6
@@ -90,18 +95,34 @@ def test_paired_check_counts_the_images_only_one_setting_gets_right(tmp_path: Pa
     rows_a = [_probe_files(tmp_path, "a", 0, labels, a_right)]
     rows_b = [_probe_files(tmp_path, "b", 0, labels, b_right)]
     c = plan.paired(rows_a, rows_b, "linprobe_top1")
-    assert (c["only_a"], c["only_b"], c["pairs"]) == (40, 10, 400)
+    seed0 = c["per_seed"][0]
+    assert (seed0["only_a"], seed0["only_b"], c["pairs"], c["seeds"]) == (40, 10, 400, 1)
     assert c["diff"] == pytest.approx(30 / 400)
-    assert c["p"] == pytest.approx(binomtest(40, 50, 0.5).pvalue) and c["p"] < 0.001
-    # the paired interval is narrower than two independent accuracies' interval
-    unpaired = plan._unpaired(c["a"], c["b"], 400)
-    assert c["ci95"] < unpaired["ci95"] / 2
-    # two seeds pool their pairs; seeds are matched, not rows' order
+    assert seed0["p"] == pytest.approx(binomtest(40, 50, 0.5).pvalue) and c["p"] < 0.001
+    d = a_right.astype(float) - b_right
+    assert c["ci95"] == pytest.approx(t_dist.ppf(0.975, 399) * d.std(ddof=1) / 20)  # the paired t interval
+    assert c["ci95"] < plan._unpaired(c["a"], c["b"], 400)["ci95"] / 2  # narrower than two independent accuracies
+
+    # the same predictions again as a second seed add no evidence: an image counts once
     rows_a.append(_probe_files(tmp_path, "a", 1, labels, a_right))
-    rows_b.insert(0, _probe_files(tmp_path, "b", 1, labels, b_right))
-    c2 = plan.paired(rows_a, rows_b, "linprobe_top1")
-    assert (c2["only_a"], c2["only_b"], c2["pairs"]) == (80, 20, 800)
-    assert c2["per_seed"] == pytest.approx([30 / 400, 30 / 400]) and "the same sign in every seed" in plan._said(c2)
+    rows_b.insert(0, _probe_files(tmp_path, "b", 1, labels, b_right))  # seeds are matched, not rows' order
+    copied = plan.paired(rows_a, rows_b, "linprobe_top1")
+    assert (copied["pairs"], copied["seeds"]) == (400, 2)
+    assert copied["p"] == pytest.approx(c["p"]) and copied["ci95"] == pytest.approx(c["ci95"])
+    assert "the same sign in every seed" in plan._said(copied)
+
+    # a second seed that disagrees: the run-to-run spread widens the interval, the gap is not significant
+    flipped = [_probe_files(tmp_path, "a", 1, labels, b_right), _probe_files(tmp_path, "b", 1, labels, a_right)]
+    noisy = plan.paired([rows_a[0], flipped[0]], [rows_b[1], flipped[1]], "linprobe_top1")
+    assert noisy["diff"] == pytest.approx(0.0) and noisy["p"] > 0.5 and noisy["se_seeds"] > noisy["se_images"]
+    assert "the sign changes between seeds" in plan._said(noisy)
+    spread = [_probe_files(tmp_path, "a", 1, labels, a_right & (rng.random(400) < 0.9)), rows_b[0]]
+    wide = plan.paired([rows_a[0], spread[0]], [rows_b[1], spread[1]], "linprobe_top1")
+    gaps = [s["diff"] for s in wide["per_seed"]]
+    assert wide["se_seeds"] == pytest.approx(np.std(gaps, ddof=1) / 2**0.5) and wide["se_seeds"] > 0
+    se = (wide["se_images"] ** 2 + wide["se_seeds"] ** 2) ** 0.5  # both noise sources in the interval
+    assert wide["ci95"] == pytest.approx(t_dist.ppf(0.975, wide["df"]) * se) and wide["df"] < 399
+
     # predictions of another validation split cannot be paired: the check falls back, unpaired
     z = dict(np.load(rows_b[0]["predictions"]))
     z["val_ids"] = z["val_ids"] + 1
@@ -111,6 +132,18 @@ def test_paired_check_counts_the_images_only_one_setting_gets_right(tmp_path: Pa
     groups = plan.group(rows_a + rows_b)
     g = groups["pretrain.mask_ratio"]["a"]
     assert g["seeds"] == 2 and g["linprobe_top1"] == pytest.approx(a_right.mean()) and g["linprobe_top1_std"] == 0
+    # the error bar counts each validation image once, whatever the number of seeds
+    acc = a_right.mean()
+    assert plan.accuracy_halfwidth(g, "linprobe_top1") == pytest.approx(1.96 * (acc * (1 - acc) / 400) ** 0.5)
+
+
+def test_holm_and_planned_pairs_do_not_depend_on_the_scores() -> None:
+    assert plan.holm([0.01, None, 0.04, 0.03]) == [pytest.approx(0.03), None, pytest.approx(0.06),
+                                                   pytest.approx(0.06)]  # fmt: skip
+    base = {"rows": [], "num_val": 100, "seeds": 1}
+    dec = {v: {**base, "linprobe_top1": top1, "finetune_top1": 0.5} for v, top1 in ((1, 0.3), (2, 0.1), (4, 0.2))}
+    tests = plan.directions({"model.decoder_depth": dec})[1]
+    assert {(t["setting_a"], t["setting_b"]) for t in tests} == {(4, 1)}  # deepest vs shallowest, not best vs worst
 
 
 def test_seeds_multiply_the_runs_and_fine_tuning_params_rescore(tmp_path: Path) -> None:

@@ -66,14 +66,19 @@ def _run_stage(params: Path, overrides: list[str] | None, stage: Callable[[Confi
 
 
 @app.command()
-def prepare(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+def prepare(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    force: Annotated[bool, typer.Option(help="hash and decode every file again (reuse nothing)")] = False,
+) -> None:
     """Ingest the data source into data/prepared/ (fixed size, splits, manifest)."""
     from mae_ops.stages import prepare as stage
 
-    cfg, manifest = _run_stage(params, set_, stage.run)
+    cfg, manifest = _run_stage(params, set_, lambda c: stage.run(c, force=force))
     typer.echo(
         f"prepared {manifest['num_images']} images {manifest['counts']} "
-        f"({manifest['num_skipped']} skipped) -> {cfg.data.out_dir}"
+        f"({manifest['duplicates']['extra_files']} duplicate files, {len(manifest['label_conflicts'])} label "
+        f"conflicts, {manifest['num_skipped']} skipped) -> {cfg.data.out_dir}"
     )
 
 

@@ -14,9 +14,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampl
 
 from mae_ops.errors import UserError
 from mae_ops.images import center_crop, eval_side
-from mae_ops.store import EvalView, ShardedImages, open_images
-
-SPLITS = {"train": 0, "val": 1, "test": 2, "unlabeled": 3}  # codes in split.npy
+from mae_ops.store import SPLITS, EvalView, ShardedImages, open_images
 
 
 class PreparedData:

@@ -22,11 +22,12 @@ import yaml
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
-from mae_ops.atomic import file_lock, free_bytes, write_text
+from mae_ops.atomic import file_lock, free_bytes, write_json, write_text
 from mae_ops.config import Config, apply_overrides, redact, validate
 from mae_ops.errors import UserError
+from mae_ops.preparing import FORCE_ENV
 from mae_ops.reporting import file_sha256
-from mae_ops.sources import check_sources, dep_path, listed_source_deps, rooted_data, source_folders
+from mae_ops.sources import check_sources, dep_path, rooted_data, source_folders
 
 STAGES = ("prepare", "pretrain", "finetune", "baselines", "evaluate", "export")
 LOCK_FILE = ".dvc/tmp/mae-ops-pipeline.lock"
@@ -73,14 +74,17 @@ class StageResult:
     seconds: float
 
 
-def tool_env(error_file: Path | None = None) -> dict[str, str]:
+def tool_env(error_file: Path | None = None, force: bool = False) -> dict[str, str]:
     """Environment in which `dvc` finds this environment's `mae-ops`, without progress
-    bars; a stage command that stops on a user error writes its one line to ``error_file``."""
+    bars; a stage command that stops on a user error writes its one line to ``error_file``;
+    ``force``: `prepare` re-decodes everything (DVC runs the stage's fixed command)."""
     bin_dir = str(Path(sys.executable).parent)
     # the stages log one line per epoch; progress bars only garble a captured log
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "TQDM_DISABLE": "1"}
     if error_file is not None:
         env[ERROR_FILE_ENV] = str(error_file)
+    if force:
+        env[FORCE_ENV] = "1"
     return env
 
 
@@ -110,7 +114,7 @@ def run_dvc_stage(stage: str, repo: Path, log: Callable[[str], None], force: boo
     error_file = repo / ".dvc" / "tmp" / f"mae-ops-{stage}-{os.getpid()}.error"
     error_file.parent.mkdir(parents=True, exist_ok=True)
     error_file.unlink(missing_ok=True)
-    proc = subprocess.Popen(cmd, cwd=repo, env=tool_env(error_file), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, cwd=repo, env=tool_env(error_file, force), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, bufsize=1)  # fmt: skip
     tail: list[str] = []
     assert proc.stdout is not None
@@ -178,10 +182,20 @@ def preflight(repo: Path, cfg: Config, stages: list[str], overrides: list[str], 
         check_sources(rooted_data(repo, cfg.data))
 
 
+SOURCE_DEP_MARK = "mae-ops: an image folder of data.source / data.unlabeled_dirs"
+
+
+def _ours(deps: CommentedSeq, i: int) -> bool:
+    """Whether entry ``i`` of a deps list is one this tool added (its end-of-line comment)."""
+    token = (deps.ca.items.get(i) or [None])[0]
+    return token is not None and SOURCE_DEP_MARK in token.value
+
+
 def sync_source_deps(repo: Path, cfg: Config, log: Callable[[str], None] | None = None) -> list[str]:
-    """List the image folders of ``cfg.data`` (source and unlabeled_dirs) as the deps of
-    `prepare` in dvc.yaml, in place of the ones listed before (comments and layout kept),
-    so that DVC hashes them and sees them change; returns the folders now listed.
+    """List the image folders of ``cfg.data`` (source and unlabeled_dirs) as deps of
+    `prepare` in dvc.yaml, so that DVC hashes them and sees them change; returns the
+    folders now listed. Only the entries this tool added (marked with
+    ``SOURCE_DEP_MARK``) are replaced: every other entry and comment of the user's stays.
     DVC's templating cannot turn a list param into deps, hence this step."""
     path = repo / "dvc.yaml"
     rt = YAML()
@@ -190,13 +204,16 @@ def sync_source_deps(repo: Path, cfg: Config, log: Callable[[str], None] | None 
     doc = rt.load(path.read_text())
     deps = doc["stages"]["prepare"]["deps"]
     wanted = [dep_path(repo, f) for f in source_folders(cfg.data)]
-    old = listed_source_deps(list(deps))
+    ours = [i for i in range(len(deps)) if _ours(deps, i)]
+    old = [str(deps[i]) for i in ours]
     if old == wanted:
         return wanted
-    for d in old:
-        deps.remove(d)
-    for i, d in enumerate(wanted):
-        deps.insert(i, d)
+    for i in reversed(ours):
+        del deps[i]
+    for folder in wanted:
+        if folder not in deps:  # the user listed it already: theirs
+            deps.append(folder)
+            deps.yaml_add_eol_comment(SOURCE_DEP_MARK, len(deps) - 1)
     buf = io.StringIO()
     rt.dump(doc, buf)
     write_text(path, buf.getvalue())
@@ -237,6 +254,18 @@ def write_overrides(repo: Path, overrides: list[str], log: Callable[[str], None]
     if log is not None and changes:
         log("params.yaml now has " + "; ".join(changes) + " (kept for later runs; dvc.lock records them)")
     return changes
+
+
+RUN_RECORD = "reports/pipeline/run.json"
+
+
+def write_run_record(repo: Path, results: list[StageResult]) -> dict:
+    """What the last pipeline run did, stage by stage (the README's demo timing is read from
+    the committed one): which stages ran, their seconds, on how many cores."""
+    stages = [{"stage": r.stage, "ran": r.ran, "seconds": round(r.seconds, 1)} for r in results]
+    record = {"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "cores": os.cpu_count(), "stages": stages}
+    write_json(repo / RUN_RECORD, record)
+    return record
 
 
 def _read_json(path: Path) -> dict:

@@ -115,6 +115,7 @@ def _register(repo: Path, registry: Path) -> dict[str, Any]:
         "test_top1": metrics["finetune"]["top1"],
         "data_dvc_hash": prepared_data_hash(repo),  # DVC's hash of data/prepared, from dvc.lock
         "data_content_hash": manifest["content_hash"],
+        "split_definition": manifest.get("split_definition"),  # which image lands in which split
         "git_revision": git_revision(repo) or "unknown",
         "files": [],
     }
@@ -145,6 +146,14 @@ def prepared_data_hash(repo: Path, out: str = "data/prepared") -> str | None:
         if entry.get("path") == out:
             return entry.get("md5") or entry.get("hash")
     return None
+
+
+def prepared_content_hash(data_dir: Path) -> str | None:
+    """The identity of the prepared data's content (None before any prepare)."""
+    try:
+        return json.loads((data_dir / "manifest.json").read_text()).get("content_hash")
+    except (OSError, ValueError):
+        return None
 
 
 def accuracy_on_test_split(model: Path, data_dir: Path) -> float:
@@ -185,8 +194,26 @@ def challenge(registry: Path, challenger: str, data_dir: Path, tolerance: float 
         return _challenge(registry, challenger, data_dir, tolerance)
 
 
+def _same_splits(champion: dict[str, Any], challenger: dict[str, Any], data_dir: Path) -> None:
+    """Refuse to compare two models unless both were prepared under the split definition
+    of the current data: otherwise the test split may hold images one of them trained on."""
+    current = json.loads((data_dir / "manifest.json").read_text()).get("split_definition")
+    for who, info in (("champion", champion), ("challenger", challenger)):
+        theirs = info.get("split_definition")
+        if theirs != current:
+            diff = ", ".join(f"{k} {theirs.get(k)!r} vs {v!r}" for k, v in (current or {}).items()
+                             if (theirs or {}).get(k) != v) if theirs else "none recorded"  # fmt: skip
+            raise RegistryError(
+                f"cannot compare challenger {challenger['version']} with champion {champion['version']}: the "
+                f"{who} {info['version']} was prepared under other split definitions than {data_dir} ({diff}), so "
+                "the test split may hold images it trained on; decide by hand with `mae-ops registry promote VERSION`"
+            )
+
+
 def _challenge(registry: Path, challenger: str, data_dir: Path, tolerance: float) -> dict[str, Any]:
     champion = production(registry)
+    if champion is not None:
+        _same_splits(get_version(registry, champion["version"]), get_version(registry, challenger), data_dir)
     chal_acc = accuracy_on_test_split(_versions_dir(registry) / challenger / "model.onnx", data_dir)
     if champion is None:
         _promote(registry, challenger, f"first production model (test top-1 {chal_acc:.4f})", None)

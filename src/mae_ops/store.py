@@ -19,11 +19,9 @@ is hard-linked, not copied.
 from __future__ import annotations
 
 import errno
-import hashlib
 import io
 import os
 import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +31,8 @@ from mae_ops.reporting import file_sha256
 
 SHARD_DIR = "shards"
 SHARD_BYTES = 256 << 20
-STORE_VERSION = 2
+STORE_VERSION = 3  # 3: samples are file contents (index.csv sample_id), content-named shards
+SPLITS = {"train": 0, "val": 1, "test": 2, "unlabeled": 3}  # codes in split.npy
 
 
 def rows_per_shard(row_shape: tuple[int, ...], shard_bytes: int = SHARD_BYTES) -> int:
@@ -141,7 +140,8 @@ def compact(path: Path, keep: np.ndarray, chunk_bytes: int = 64 << 20) -> None:
 class StoreWriter:
     """Builds the shards of a new store in ``root`` (a temporary folder that replaces
     the old store when complete): new shards to decode into, or old ones taken over
-    by hard link."""
+    by hard link. A shard is named by its content (the start of its SHA-256), so the
+    same images decoded the same way give the same files, whatever machine made them."""
 
     def __init__(self, root: Path, row_shape: tuple[int, int, int]) -> None:
         self.dir = root / SHARD_DIR
@@ -149,26 +149,25 @@ class StoreWriter:
         self.row_shape = row_shape
         self.names: list[str] = []
         self.hashes: list[str] = []
-        self._run = uuid.uuid4().hex[:8]
 
     def link(self, src: Path, sha256: str) -> int:
         """Take over an unchanged shard of the previous store (same bytes, no copy)."""
         dest = self.dir / src.name
-        try:
-            os.link(src, dest)
-        except OSError:  # a file system without hard links
-            shutil.copyfile(src, dest)
+        if not dest.exists():
+            try:
+                os.link(src, dest)
+            except OSError:  # a file system without hard links
+                shutil.copyfile(src, dest)
         self.names.append(src.name)
         self.hashes.append(sha256)
         return len(self.names) - 1
 
     def new(self, rows: int) -> tuple[int, Path]:
-        """A new shard of ``rows`` zeroed rows, its disk space reserved."""
-        name = f"{self._run}-{len(self.names):05d}.npy"
-        path = self.dir / name
+        """A new shard of ``rows`` zeroed rows, its disk space reserved (named when sealed)."""
+        path = self.dir / f".new-{len(self.names):05d}.npy"
         np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(rows, *self.row_shape)).flush()
         _reserve(path)
-        self.names.append(name)
+        self.names.append(path.name)
         self.hashes.append("")
         return len(self.names) - 1, path
 
@@ -177,11 +176,17 @@ class StoreWriter:
         return sum(np.load(self.dir / n, mmap_mode="r").shape[0] for n in self.names)
 
     def seal(self, shard: int, keep: np.ndarray | None = None) -> None:
-        """Finish a new shard: drop the rows of files that failed to decode, record its hash."""
+        """Finish a new shard: drop the rows of files that failed to decode, name it by its hash."""
         path = self.dir / self.names[shard]
         if keep is not None and not keep.all():
             compact(path, keep)
-        self.hashes[shard] = file_sha256(path)
+        digest = file_sha256(path)
+        name = f"{digest[:24]}.npy"
+        if (self.dir / name).exists():  # the same bytes are there already (a linked shard)
+            path.unlink()
+        else:
+            os.replace(path, self.dir / name)
+        self.names[shard], self.hashes[shard] = name, digest
 
 
 def write_table(root: Path, where: np.ndarray, sums: np.ndarray) -> None:
@@ -207,14 +212,3 @@ def channel_stats(sums: np.ndarray, pixels_per_channel: int) -> tuple[list[float
     mean = total[:, 0] / count / 255.0
     var = total[:, 1] / count / 255.0**2 - mean**2
     return mean.round(6).tolist(), np.sqrt(np.maximum(var, 1e-12)).round(6).tolist()
-
-
-def content_hash(root: Path, shard_hashes: list[str], arrays: list[str]) -> str:
-    """Identity of a store's content: its shards' hashes (computed once, when each was
-    written) and the small per-sample arrays."""
-    digest = hashlib.sha256()
-    for h in shard_hashes:
-        digest.update(h.encode())
-    for name in arrays:
-        digest.update(file_sha256(root / name).encode())
-    return digest.hexdigest()

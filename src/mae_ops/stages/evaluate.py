@@ -140,8 +140,8 @@ def run(cfg: Config) -> dict:
     write_json(ev.metrics_file, results)
     main_pred = preds["finetune"].argmax(1)
     write_text(out / "per_class.csv", per_class_table(labels, main_pred, data.classes).to_csv(index=False))
-    files = json.loads((data.root / "files.json").read_text())
-    table = pd.DataFrame({"index": test_ids, "file": [files[i] for i in test_ids],
+    files = pd.read_csv(data.root / "index.csv", usecols=["file"], keep_default_na=False)["file"].to_numpy()
+    table = pd.DataFrame({"index": test_ids, "file": files[test_ids],
                           "label": [data.classes[i] for i in labels]})  # fmt: skip
     for name, probs in preds.items():
         table[f"{name}_pred"] = [data.classes[i] for i in probs.argmax(1)]

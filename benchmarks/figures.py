@@ -44,6 +44,12 @@ def _n(x: float) -> str:
     return f"{x:,.0f}"
 
 
+def _table(head: list[str], rows: list[list[Any]]) -> list[str]:
+    """A markdown table's lines."""
+    return ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)] + ["| " + " | ".join(map(str, r)) + " |"
+                                                                          for r in rows]  # fmt: skip
+
+
 def _mmss(seconds: float) -> str:
     return f"{int(seconds // 60)}:{round(seconds % 60):02d}"
 
@@ -99,15 +105,11 @@ def export_table(root: Path) -> str:
         f"On the demo model, {bench['cores']} CPU cores ({bench['cpu']}), measured by the export stage on "
         f"{bench['measured'][:10]} (`reports/export/benchmark.json`):",
         "",
-        "| model | batch 1 p50 | vs torch | batch 32 | vs torch |",
-        "| --- | --- | --- | --- | --- |",
     ]
-    for key, r in bench["results"].items():
-        name = names.get(key, key) + (" (published)" if key == published else "")
-        lines.append(
-            f"| {name} | {r['batch1_p50_ms']:.2f} ms | {r['batch1_speedup_vs_torch']:.2f}× | "
-            f"{_n(r['batch32_images_per_s'])} img/s | {r['batch32_speedup_vs_torch']:.2f}× |"
-        )
+    rows = [[names.get(key, key) + (" (published)" if key == published else ""), f"{r['batch1_p50_ms']:.2f} ms",
+             f"{r['batch1_speedup_vs_torch']:.2f}×", f"{_n(r['batch32_images_per_s'])} img/s",
+             f"{r['batch32_speedup_vs_torch']:.2f}×"] for key, r in bench["results"].items()]  # fmt: skip
+    lines += _table(["model", "batch 1 p50", "vs torch", "batch 32", "vs torch"], rows)
     return "\n".join(lines) + "\n"
 
 
@@ -115,18 +117,16 @@ def export_table(root: Path) -> str:
 @block
 def prepare_scale(root: Path) -> str:
     r = _json(root, f"{RESULTS}/cpu-prepare_scale-224px.json")
-    lines = [
-        "| images (distinct JPEGs) | prepare | images/s | peak RSS (stage + workers) | store | +1 % re-prepare "
-        "| ratio | files hashed / decoded | moved between splits |",
-        "|" + " --- |" * 9,
-    ]
+    head = ["images (distinct JPEGs)", "prepare", "images/s", "peak RSS (stage + workers)", "store",
+            "+1 % re-prepare", "ratio", "files hashed / decoded", "moved between splits"]  # fmt: skip
+    rows = []
     for n, run in r["runs"].items():
         g = run["re_prepare_1pct"]
-        lines.append(
-            f"| {int(n):,} | {run['seconds']:.1f} s | {run['images_per_s']:.0f} | {run['peak_rss_tree_mb']:,} MB "
-            f"| {run['store_mb'] / 1024:.1f} GB | {g['seconds']:.1f} s | {100 * g['ratio_to_full']:.1f} % "
-            f"| {g['hashed']:,} / {g['decoded']:,} | {g['moved_between_splits']} |"
-        )
+        rows.append([f"{int(n):,}", f"{run['seconds']:.1f} s", f"{run['images_per_s']:.0f}",
+                     f"{run['peak_rss_tree_mb']:,} MB", f"{run['store_mb'] / 1024:.1f} GB", f"{g['seconds']:.1f} s",
+                     f"{100 * g['ratio_to_full']:.1f} %", f"{g['hashed']:,} / {g['decoded']:,}",
+                     g["moved_between_splits"]])  # fmt: skip
+    lines = _table(head, rows)
     cold = all(run.get("page_cache_dropped") for run in r["runs"].values())
     lines += [
         "",
@@ -159,14 +159,12 @@ def trust_check(root: Path) -> str:
         f"`benchmarks/trust_check.py` on {r['images']:,} CIFAR-10 JPEGs ({r['classes']} class folders), "
         f"`benchmarks/results/cpu-trust_check-cifar10.json`: " + ("every check passed" if r["ok"] else "**FAILED**"),
         "",
-        "| check | passed | moved between splits | stored pixels not the file's | files hashed | decoded |",
-        "| --- | --- | --- | --- | --- | --- |",
     ]
-    for name, c in r["checks"].items():
-        lines.append(
-            f"| {name.replace('_', ' ')} | {'yes' if c['ok'] else 'NO'} | {c.get('moved_between_splits', '–')} "
-            f"| {c.get('pixels_not_the_files', '–')} | {c.get('hashed', '–')} | {c.get('decoded', '–')} |"
-        )
+    rows = [[name.replace("_", " "), "yes" if c["ok"] else "NO", c.get("moved_between_splits", "–"),
+             c.get("pixels_not_the_files", "–"), c.get("hashed", "–"), c.get("decoded", "–")]
+            for name, c in r["checks"].items()]  # fmt: skip
+    lines += _table(["check", "passed", "moved between splits", "stored pixels not the file's", "files hashed",
+                     "decoded"], rows)  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -210,17 +208,14 @@ def _study_table(r: dict, scores: tuple[str, ...]) -> list[str]:
     for row in r["rows"]:
         groups.setdefault(row["key"], {}).setdefault(row["value"], []).append(row)
     head = {"knn_top1": "k-NN", "linprobe_top1": "linear probe", "finetune_top1": "fine-tune"}
-    lines = [
-        "| setting (mean over seeds) | " + " | ".join(head[s] for s in scores) + " | final loss |",
-        "|" + " --- |" * (len(scores) + 2),
-    ]
+    rows = []
     for key, by in groups.items():
         values = list(by)
-        cells = [
-            " / ".join(f"{100 * sum(x[s] for x in by[v]) / len(by[v]):.1f}" for v in values) + " %" for s in scores
-        ]
+        cells = [" / ".join(f"{100 * sum(x[s] for x in by[v]) / len(by[v]):.1f}" for v in values) + " %"
+                 for s in scores]  # fmt: skip
         loss = " / ".join(f"{sum(x['final_loss'] for x in by[v]) / len(by[v]):.3f}" for v in values)
-        lines.append(f"| {key} {' / '.join(_label(v) for v in values)} | " + " | ".join(cells) + f" | {loss} |")
+        rows.append([f"{key} {' / '.join(_label(v) for v in values)}", *cells, loss])
+    lines = _table(["setting (mean over seeds)", *(head[s] for s in scores), "final loss"], rows)
     return lines
 
 
@@ -266,18 +261,11 @@ def gpu_throughput(root: Path) -> str:
     }
     lines = []
     for preset, run in _runs(root).items():
-        lines += [
-            f"| {preset} on an {data['device_name']} ({data['torch']}) | batch | images/s "
-            f"| MFU ({data['peak_tflops']:.0f}) "
-            "| peak GiB |",
-            "| --- | --- | --- | --- | --- |",
-        ]
-        for r in run["results"]:
-            lines.append(
-                f"| {names.get(r['mode'], r['mode'])} | {r['batch_size']} | {_n(r['images_per_s'])} | "
-                f"{100 * r['mfu']:.1f} % | {r['peak_memory_gib']:.1f} |"
-            )
-        lines.append("")
+        head = [f"{preset} on an {data['device_name']} ({data['torch']})", "batch", "images/s",
+                f"MFU ({data['peak_tflops']:.0f})", "peak GiB"]  # fmt: skip
+        rows = [[names.get(r["mode"], r["mode"]), r["batch_size"], _n(r["images_per_s"]), f"{100 * r['mfu']:.1f} %",
+                 f"{r['peak_memory_gib']:.1f}"] for r in run["results"]]  # fmt: skip
+        lines += [*_table(head, rows), ""]
     return "\n".join(lines)
 
 
@@ -405,8 +393,7 @@ def results_index(root: Path) -> str:
         ("`study-cifar10/`", "same", "see `results.json`", _study_line(root, "study-cifar10")),
         ("`study-digits/`", "same", "see `results.json`", _study_line(root, "study-digits")),
     ]
-    lines = ["| file | card, torch | code | what |", "| --- | --- | --- | --- |"]
-    lines += [f"| {f} | {card} | {code} | {what} |" for f, card, code, what in rows]
+    lines = _table(["file", "card, torch", "code", "what"], [list(r) for r in rows])
     return "\n".join(lines) + "\n"
 
 

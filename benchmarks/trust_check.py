@@ -11,7 +11,8 @@ labelled subset and that every stored image is its file's pixels:
   relabel               files moved to another class folder (a label fixed)
   rename_files          files renamed in place
   duplicates            files copied under new names, in their class and in another class
-  same_size_replacement files overwritten by other bytes of the same size, mtime restored (`cp -p`, rsync -a)
+  same_size_replacement files overwritten by other bytes of the same size, mtime restored (`cp -p`,
+                        rsync -a): pairs of files swapped, and JPEGs given other pixels in as many bytes
   decoder_change        another Pillow / decoding code (simulated in-process): every row decoded again
   fresh_vs_incremental  a fresh prepare of the final folder: the same samples, splits, pixels, content_hash
   user_dependency       dvc.yaml with a dependency of the user's: kept when the image folders are listed
@@ -74,6 +75,22 @@ def _pixels_are_the_files(root: Path, source: Path, size: int) -> int:
         for i, r in enumerate(rows[start : start + 1024]):
             wrong += not np.array_equal(block[i], images.load_image(source / r["file"], size, data.channels))
     return wrong
+
+
+def _requantize(path: Path) -> bool:
+    """Other pixels in the same number of bytes: one entry of a JPEG's quantization table
+    changed (a valid file that decodes differently), the file's mtime put back. False for
+    a file that is not a JPEG with an 8-bit table."""
+    data = bytearray(path.read_bytes())
+    at = data.find(b"\xff\xdb")
+    if at < 0 or data[at + 4] >> 4 != 0:
+        return False
+    entry = at + 5 + 10  # a mid-frequency coefficient of the first table
+    data[entry] = data[entry] + 7 if data[entry] < 200 else data[entry] - 7
+    st = path.stat()
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    return True
 
 
 def main() -> None:
@@ -156,7 +173,12 @@ def main() -> None:
         b.write_bytes(da)
         os.utime(a, ns=(sa.st_atime_ns, sa.st_mtime_ns))
         os.utime(b, ns=(sb.st_atime_ns, sb.st_mtime_ns))
-    step("same_size_replacement", files_swapped=2 * len(pairs), ok_some=bool(pairs))
+    edited = [f for f in files(classes[7])[: args.files] if _requantize(f)]  # new pixels, same size and mtime
+    step("same_size_replacement", files_swapped=2 * len(pairs), files_with_new_pixels=len(edited),
+         ok_some=bool(pairs) or bool(edited))  # fmt: skip
+    report["checks"]["same_size_replacement"]["ok"] &= report["checks"]["same_size_replacement"]["decoded"] == len(
+        edited
+    )
 
     cfg = load_params(REPO / "params.yaml", [f"data.source={src}", f"data.img_size={args.img_size}",
                                              "data.crop_pct=1", f"data.out_dir={work / 'prepared'}",

@@ -18,8 +18,8 @@ A previous store's row is reused only when it is provably the same: the same
 content (its identity) decoded by the same decoder (``decoder_fingerprint``: store
 version and side, channels, the decoding code, Pillow and its codec libraries). The
 identity of an unchanged file comes from a state cache beside the store (inode,
-size, mtime and ctime, as DVC's state keeps them); any other file is hashed again,
-and its hash has the final word.
+size and mtime, as DVC's state keys it, and ctime, which `cp -p` or rsync cannot set
+back); any other file is hashed again, and its hash has the final word.
 """
 
 from __future__ import annotations

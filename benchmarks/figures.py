@@ -50,6 +50,10 @@ def _table(head: list[str], rows: list[list[Any]]) -> list[str]:
                                                                           for r in rows]  # fmt: skip
 
 
+def _count(value: int | None) -> str:
+    return "–" if value is None else f"{value:,}"
+
+
 def _mmss(seconds: float) -> str:
     return f"{int(seconds // 60)}:{round(seconds % 60):02d}"
 
@@ -161,7 +165,7 @@ def trust_check(root: Path) -> str:
         "",
     ]
     rows = [[name.replace("_", " "), "yes" if c["ok"] else "NO", c.get("moved_between_splits", "–"),
-             c.get("pixels_not_the_files", "–"), c.get("hashed", "–"), c.get("decoded", "–")]
+             c.get("pixels_not_the_files", "–"), _count(c.get("hashed")), _count(c.get("decoded"))]
             for name, c in r["checks"].items()]  # fmt: skip
     lines += _table(["check", "passed", "moved between splits", "stored pixels not the file's", "files hashed",
                      "decoded"], rows)  # fmt: skip
@@ -315,7 +319,8 @@ def _prepare_line(root: Path) -> str:
 def _study_line(root: Path, name: str) -> str:
     r = _json(root, f"{RESULTS}/{name}/results.json")
     significant = sum(1 for t in r["tests"] if t.get("p_holm") is not None and t["p_holm"] < 0.05)
-    return f"{len(r['rows'])} runs, {len(r['tests'])} planned checks, {significant} significant after Holm"
+    runs = len({row["run"] for row in r["rows"]})
+    return f"{runs} pre-training runs, {len(r['tests'])} planned checks, {significant} significant after Holm"
 
 
 @block
@@ -372,7 +377,7 @@ def results_index(root: Path) -> str:
             "`cpu-large_export-vit_h14.json`",
             "2-core CPU, 24 GiB, torch 2.14",
             "its commit",
-            f"ViT-H/14 with external data: max |diff| {large['max_abs_diff']:.1e}",
+            f"ViT-H/14 with external data: max abs diff {large['max_abs_diff']:.1e}",
         ),
         ("`cpu-store_size-224px.json`", "same", "its commit", "PSNR of pre-training crops per stored side"),
         ("`cpu-prepare_scale-224px.json`", "same", "see its `code`", _prepare_line(root)),

@@ -25,6 +25,7 @@ from mae_ops.orchestration import (
     run_dvc_stage,
     run_summary,
     sync_source_deps,
+    with_upstream,
     write_overrides,
     write_run_record,
 )
@@ -55,10 +56,10 @@ def pipeline(
 ) -> list[StageResult]:
     """prepare -> pretrain -> finetune (Optuna) -> baselines -> evaluate -> export."""
     root = Path(repo).resolve()
-    wanted = list(stages or STAGES)
-    unknown = sorted(set(wanted) - set(STAGES))
+    unknown = sorted(set(stages or []) - set(STAGES))
     if unknown:
         raise InputError(f"unknown stages {unknown}; stages are {list(STAGES)}")
+    wanted = with_upstream(root, stages)  # a named stage comes with what it needs, as `dvc repro STAGE`
     with pipeline_lock(root, lock_wait_s):
         cfg, _ = plan_overrides(root, overrides or [])
         preflight(root, cfg, wanted, overrides or [], force)  # before params.yaml or any output changes

@@ -82,3 +82,23 @@ def test_overrides_are_validated_and_written(tmp_path: Path) -> None:
     assert [i for i, (a, b) in enumerate(zip(before, after, strict=True)) if a != b] == [
         i for i, line in enumerate(before) if line.lstrip().startswith(("epochs: 40", "crop_scale: [0.35"))
     ]
+
+
+def test_a_named_stage_comes_with_the_stages_upstream_of_it(tmp_path: Path) -> None:
+    """`mae-ops pipeline pretrain` in a fresh clone prepares first, as `dvc repro pretrain`
+    would; which stage needs which comes from dvc.yaml."""
+    from mae_ops.orchestration import with_upstream
+
+    assert with_upstream(REPO, ["pretrain"]) == ["prepare", "pretrain"]
+    assert with_upstream(REPO, ["export"]) == ["prepare", "pretrain", "finetune", "export"]  # not the baselines
+    assert with_upstream(REPO, ["evaluate"]) == ["prepare", "pretrain", "finetune", "baselines", "evaluate"]
+    assert with_upstream(REPO, None) == with_upstream(REPO, ["evaluate", "export"])
+
+    from tests.conftest import BIN, subprocess_env
+
+    repo = tiny_project(tmp_path / "project")
+    proc = subprocess.run([str(BIN / "mae-ops"), "pipeline", "pretrain"], cwd=repo, capture_output=True, text=True,
+                          env=subprocess_env(), timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "2 stage(s) ran (prepare, pretrain)" in proc.stdout
+    assert (repo / "models/pretrain/encoder.pth").exists() and not (repo / "models/finetune").exists()

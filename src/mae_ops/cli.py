@@ -229,14 +229,24 @@ def _load_flow(name: str, attr: str):
 
 @app.command()
 def pipeline(
-    stages: Annotated[list[str] | None, typer.Argument(help="stages to bring up to date (default: all)")] = None,
+    stages: Annotated[
+        list[str] | None,
+        typer.Argument(help="stages to bring up to date, with the stages upstream of them (default: all)"),
+    ] = None,
     set_: SetOpt = None,
     force: Annotated[bool, typer.Option(help="re-run the stages even if nothing changed")] = False,
     lock_wait: Annotated[float, typer.Option(help="seconds to wait for another run to finish")] = 0.0,
 ) -> None:
     """Run the pipeline as a Prefect flow over the DVC stages: only what changed runs.
     --set overrides are written into params.yaml, comments kept (and so recorded in dvc.lock)."""
-    from mae_ops.orchestration import STAGES, configure_prefect, pipeline_lock, plan_overrides, preflight
+    from mae_ops.orchestration import (
+        STAGES,
+        configure_prefect,
+        pipeline_lock,
+        plan_overrides,
+        preflight,
+        with_upstream,
+    )
 
     root = Path.cwd()
     cfg, _ = plan_overrides(root, set_ or [])  # bad overrides stop here, before any flow starts
@@ -248,7 +258,7 @@ def pipeline(
     setup_logging()
     # the lock and the checks come before Prefect starts: a refused run is one line, not a flow traceback
     with pipeline_lock(root, lock_wait):
-        preflight(root, cfg, list(stages or STAGES), set_ or [], force)
+        preflight(root, cfg, with_upstream(root, stages), set_ or [], force)
         results = flow(repo=".", stages=stages, overrides=set_, force=force, lock_wait_s=lock_wait)
     ran = [r.stage for r in results if r.ran]
     typer.echo(f"pipeline done: {len(ran)} stage(s) ran ({', '.join(ran) or 'none'}), "

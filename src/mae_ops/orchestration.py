@@ -74,6 +74,31 @@ class StageResult:
     seconds: float
 
 
+def with_upstream(repo: Path, stages: list[str] | None) -> list[str]:
+    """The named stages and every stage upstream of them, in pipeline order (all when none
+    are named), as `dvc repro STAGE` brings them up to date: a stage is upstream when one
+    of its outputs is a dependency of a named stage or of another upstream one. dvc.yaml
+    is the one place that says which stage needs which."""
+    if not stages:
+        return list(STAGES)
+    defined = (yaml.safe_load((repo / "dvc.yaml").read_text()) or {}).get("stages", {})
+
+    def paths(entries: list) -> set[str]:
+        return {str(next(iter(e)) if isinstance(e, dict) else e).rstrip("/") for e in entries or []}
+
+    outs = {
+        name: paths(st.get("outs", []) + st.get("metrics", []) + st.get("plots", [])) for name, st in defined.items()
+    }
+    needed, todo = set(stages), list(stages)
+    while todo:
+        deps = paths(defined.get(todo.pop(), {}).get("deps", []))
+        for name, produced in outs.items():
+            if name not in needed and any(d == o or d.startswith(o + "/") for d in deps for o in produced):
+                needed.add(name)
+                todo.append(name)
+    return [s for s in STAGES if s in needed]
+
+
 def tool_env(error_file: Path | None = None, force: bool = False) -> dict[str, str]:
     """Environment in which `dvc` finds this environment's `mae-ops`, without progress
     bars; a stage command that stops on a user error writes its one line to ``error_file``;

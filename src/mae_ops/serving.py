@@ -121,6 +121,17 @@ def run_logits(session: ort.InferenceSession, pixels: np.ndarray, batch_size: in
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
 
 
+def batch_spread(session: ort.InferenceSession, pixels: np.ndarray, output: str = "probabilities",
+                 batch_sizes: tuple[int, ...] = (1, 7, 256)) -> float:  # fmt: skip
+    """The largest difference in ``output`` for the same images scored in batches of each
+    size: 0 for a model whose answer for an image does not depend on the other images of
+    its batch (dynamic int8, which takes its activation scale from the whole batch, fails)."""
+    name = session.get_inputs()[0].name
+    runs = [np.concatenate([session.run([output], {name: pixels[i : i + b]})[0] for i in range(0, len(pixels), b)])
+            for b in batch_sizes]  # fmt: skip
+    return max(float(np.abs(r - runs[0]).max()) for r in runs[1:])
+
+
 def top1_accuracy(session: ort.InferenceSession, images: np.ndarray, labels: np.ndarray, ids: np.ndarray,
                   batch_size: int = 256) -> float:  # fmt: skip
     """Top-1 of the model on ``images[ids]`` (uint8, e.g. a memmap), read in batches:

@@ -3,8 +3,11 @@
 The graph is fused by onnxruntime's transformer optimizer (attention, LayerNorm,
 GELU: see mae_ops/deploy.py); int8 comes two ways, dynamic and static with
 calibration on training images, and the faster one that loses at most
-``export.max_int8_drop`` of validation top-1 is published; the stage then times
-every variant against PyTorch on this machine.
+``export.max_int8_drop`` of validation top-1 *and* gives every image one answer
+(the same probabilities alone and in batches of 7 and 256, within
+``export.max_batch_diff``: dynamic int8 takes its activation scales from the whole
+batch, so it does not) is published; every other published model passes the same
+check. The stage then times every variant against PyTorch on this machine.
 
 Outputs:
   models/export/model.onnx       fp32 classifier (fused), dynamic batch, one file, metadata inside
@@ -59,7 +62,7 @@ from mae_ops.models.checkpoint import encoder_state_dict, load_state_dict
 from mae_ops.models.classifier import load_classifier
 from mae_ops.models.presets import preset_config
 from mae_ops.reporting import file_sha256
-from mae_ops.serving import open_session, run_logits, top1_accuracy
+from mae_ops.serving import batch_spread, open_session, run_logits, top1_accuracy
 
 log = logging.getLogger(__name__)
 
@@ -118,10 +121,22 @@ def _calibration(data: PreparedData, count: int, seed: int) -> Iterator[np.ndarr
     return (x for x, _ in _batches(data, pick, 64))
 
 
+def _spread(path: Path, ex: ExportConfig, images: np.ndarray, output: str = "probabilities") -> float:
+    """How far a model's answer for an image moves with the other images of its batch."""
+    return batch_spread(open_session(path, "cpu", ex.threads), images, output)
+
+
 def _int8_variants(
-    ex: ExportConfig, fp32: Path, tmp: Path, data: PreparedData, gate_ids: np.ndarray, fp32_gate_top1: float
+    ex: ExportConfig,
+    fp32: Path,
+    tmp: Path,
+    data: PreparedData,
+    gate_ids: np.ndarray,
+    fp32_gate_top1: float,
+    spread_images: np.ndarray,
 ) -> dict[str, dict[str, Any]]:
-    """Dynamic and calibrated static int8, each scored on the gate split (validation)."""
+    """Dynamic and calibrated static int8, each scored on the gate split (validation) and
+    checked for one answer per image (the same probabilities alone and in any batch)."""
     made: dict[str, Path] = {}
     quantize_int8(fp32, tmp / "int8-dynamic.onnx", ex.per_channel)
     made["dynamic"] = tmp / "int8-dynamic.onnx"
@@ -131,8 +146,9 @@ def _int8_variants(
     report: dict[str, dict[str, Any]] = {}
     for name, path in made.items():
         top1 = _top1(open_session(path, "cpu", ex.threads), data, gate_ids)
-        drop = fp32_gate_top1 - top1
-        report[name] = {"path": path, "gate_top1": top1, "drop": drop, "passed": drop <= ex.max_int8_drop}
+        drop, spread = fp32_gate_top1 - top1, _spread(path, ex, spread_images)
+        report[name] = {"path": path, "gate_top1": top1, "drop": drop, "batch_max_prob_diff": spread,
+                        "passed": drop <= ex.max_int8_drop and spread <= ex.max_batch_diff}  # fmt: skip
     return report
 
 
@@ -193,6 +209,14 @@ def run(cfg: Config) -> dict:
                 f"ONNX parity failed: max |logit diff| {parity['max_abs_diff']:.2e} (allowed {ex.max_abs_diff:.0e}), "
                 f"top-1 agreement {parity['top1_agreement']:.4f}; {out} left as it was"
             )
+        # --- one answer per image: the same probabilities alone and in batches of 7 and 256 -----
+        spread_images = np.asarray(data.eval_images[np.resize(gate_ids, 256)], dtype=np.float32) / 255.0
+        parity["batch_max_prob_diff"] = {"model.onnx": _spread(tmp / "model.onnx", ex, spread_images)}
+        if parity["batch_max_prob_diff"]["model.onnx"] > ex.max_batch_diff:
+            write_json(reports / "parity.json", parity)
+            spread = parity["batch_max_prob_diff"]["model.onnx"]
+            raise ParityError(f"model.onnx scores an image differently in another batch (probabilities differ by "
+                              f"{spread:.1e} > export.max_batch_diff)")  # fmt: skip
         published = {"model.onnx": tmp / "model.onnx"}
         runners = {"torch_eager": lambda x: _torch_logits(deployable, x),
                    "onnxruntime_fp32": _onnx_runner(tmp / "model.onnx", ex.threads)}  # fmt: skip
@@ -201,7 +225,7 @@ def run(cfg: Config) -> dict:
         variants: dict[str, dict[str, Any]] = {}
         if ex.quantize:
             fp32_gate = _top1(open_session(tmp / "model.onnx", "cpu", ex.threads), data, gate_ids)
-            variants = _int8_variants(ex, tmp / "model.onnx", tmp, data, gate_ids, fp32_gate)
+            variants = _int8_variants(ex, tmp / "model.onnx", tmp, data, gate_ids, fp32_gate, spread_images)
             runners.update({f"onnxruntime_int8_{n}": _onnx_runner(v["path"], ex.threads) for n, v in variants.items()})
         # every model timed in one interleaved run on this machine
         timings = measure_all(runners, one, batch, ex.benchmark_runs) if ex.benchmark_runs else {}
@@ -216,11 +240,14 @@ def run(cfg: Config) -> dict:
                               "variants": report}  # fmt: skip
             write_json(reports / "parity.json", parity)
             if chosen is None:
+                found = {
+                    n: f"drop {v['drop']:.4f}, batch diff {v['batch_max_prob_diff']:.0e}" for n, v in variants.items()
+                }
                 raise ParityError(
-                    f"no int8 model loses at most {ex.max_int8_drop:.2%} {gate_split} top-1 "
-                    f"({ {n: round(v['drop'], 4) for n, v in variants.items()} }); "
-                    "set export.quantize=false or export.per_channel=true"
+                    f"no int8 model loses at most {ex.max_int8_drop:.2%} {gate_split} top-1 and scores an image "
+                    f"alike in any batch ({found}); set export.quantize=false or raise export.calibration_images"
                 )
+            parity["batch_max_prob_diff"]["model.int8.onnx"] = variants[chosen]["batch_max_prob_diff"]
             parity["int8_top1"] = _top1(open_session(variants[chosen]["path"], "cpu", ex.threads), data, test_ids)
             parity.update(int8_drop=parity["onnx_top1"] - parity["int8_top1"], int8_max_drop=ex.max_int8_drop,
                           int8_method=chosen)  # fmt: skip
@@ -231,6 +258,10 @@ def run(cfg: Config) -> dict:
 
             proto = convert_float_to_float16(onnx.load(str(tmp / "model.onnx")), keep_io_types=True)
             save_model(proto, tmp / "model.fp16.onnx", external)
+            parity["batch_max_prob_diff"]["model.fp16.onnx"] = _spread(tmp / "model.fp16.onnx", ex, spread_images)
+            if parity["batch_max_prob_diff"]["model.fp16.onnx"] > ex.max_batch_diff:
+                raise ParityError("model.fp16.onnx scores an image differently in another batch (probabilities "
+                                  f"differ by {parity['batch_max_prob_diff']['model.fp16.onnx']:.1e})")  # fmt: skip
             published["model.fp16.onnx"] = tmp / "model.fp16.onnx"
 
         # --- the pre-trained encoder as a feature extractor -----------------------
@@ -245,6 +276,10 @@ def run(cfg: Config) -> dict:
             parity["encoder_max_abs_diff"] = float(np.abs(f_got - f_ref).max())
             if parity["encoder_max_abs_diff"] > ex.max_abs_diff:
                 raise ParityError(f"encoder ONNX parity failed: {parity['encoder_max_abs_diff']:.2e}")
+            parity["batch_max_prob_diff"]["encoder.onnx"] = _spread(tmp / "encoder.onnx", ex, spread_images, "features")
+            if parity["batch_max_prob_diff"]["encoder.onnx"] > ex.max_batch_diff:
+                raise ParityError("encoder.onnx gives an image other features in another batch (they differ by "
+                                  f"{parity['batch_max_prob_diff']['encoder.onnx']:.1e})")  # fmt: skip
             published["encoder.onnx"] = tmp / "encoder.onnx"
 
         for name, src in published.items():  # every gate passed: publish

@@ -370,10 +370,6 @@ class ExportConfig(_Section):
         1536, ge=0, description="weights above this go to <name>.onnx.data beside each model (protobuf's 2 GiB limit)"
     )
     max_abs_diff: float = Field(1e-4, gt=0.0, description="parity gate on logits, fp32")
-    max_batch_diff: float = Field(
-        1e-4, gt=0.0, description="gate on every published model: an image's probabilities alone and in batches of "
-        "7 and 256 differ by at most this (one image, one answer)",
-    )  # fmt: skip
     threads: int = Field(2, ge=1)
     out_dir: str = "models/export"
     reports_dir: str = "reports/export"

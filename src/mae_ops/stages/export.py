@@ -5,7 +5,7 @@ GELU: see mae_ops/deploy.py); int8 comes two ways, dynamic and static with
 calibration on training images, and the faster one that loses at most
 ``export.max_int8_drop`` of validation top-1 *and* gives every image one answer
 (the same probabilities alone and in batches of 7 and 256, within
-``export.max_batch_diff``: dynamic int8 takes its activation scales from the whole
+``export.max_abs_diff``: dynamic int8 takes its activation scales from the whole
 batch, so it does not) is published; every other published model passes the same
 check. The stage then times every variant against PyTorch on this machine.
 
@@ -148,7 +148,7 @@ def _int8_variants(
         top1 = _top1(open_session(path, "cpu", ex.threads), data, gate_ids)
         drop, spread = fp32_gate_top1 - top1, _spread(path, ex, spread_images)
         report[name] = {"path": path, "gate_top1": top1, "drop": drop, "batch_max_prob_diff": spread,
-                        "passed": drop <= ex.max_int8_drop and spread <= ex.max_batch_diff}  # fmt: skip
+                        "passed": drop <= ex.max_int8_drop and spread <= ex.max_abs_diff}  # fmt: skip
     return report
 
 
@@ -212,11 +212,11 @@ def run(cfg: Config) -> dict:
         # --- one answer per image: the same probabilities alone and in batches of 7 and 256 -----
         spread_images = np.asarray(data.eval_images[np.resize(gate_ids, 256)], dtype=np.float32) / 255.0
         parity["batch_max_prob_diff"] = {"model.onnx": _spread(tmp / "model.onnx", ex, spread_images)}
-        if parity["batch_max_prob_diff"]["model.onnx"] > ex.max_batch_diff:
+        if parity["batch_max_prob_diff"]["model.onnx"] > ex.max_abs_diff:
             write_json(reports / "parity.json", parity)
             spread = parity["batch_max_prob_diff"]["model.onnx"]
             raise ParityError(f"model.onnx scores an image differently in another batch (probabilities differ by "
-                              f"{spread:.1e} > export.max_batch_diff)")  # fmt: skip
+                              f"{spread:.1e} > export.max_abs_diff)")  # fmt: skip
         published = {"model.onnx": tmp / "model.onnx"}
         runners = {"torch_eager": lambda x: _torch_logits(deployable, x),
                    "onnxruntime_fp32": _onnx_runner(tmp / "model.onnx", ex.threads)}  # fmt: skip
@@ -259,7 +259,7 @@ def run(cfg: Config) -> dict:
             proto = convert_float_to_float16(onnx.load(str(tmp / "model.onnx")), keep_io_types=True)
             save_model(proto, tmp / "model.fp16.onnx", external)
             parity["batch_max_prob_diff"]["model.fp16.onnx"] = _spread(tmp / "model.fp16.onnx", ex, spread_images)
-            if parity["batch_max_prob_diff"]["model.fp16.onnx"] > ex.max_batch_diff:
+            if parity["batch_max_prob_diff"]["model.fp16.onnx"] > ex.max_abs_diff:
                 raise ParityError("model.fp16.onnx scores an image differently in another batch (probabilities "
                                   f"differ by {parity['batch_max_prob_diff']['model.fp16.onnx']:.1e})")  # fmt: skip
             published["model.fp16.onnx"] = tmp / "model.fp16.onnx"
@@ -277,7 +277,7 @@ def run(cfg: Config) -> dict:
             if parity["encoder_max_abs_diff"] > ex.max_abs_diff:
                 raise ParityError(f"encoder ONNX parity failed: {parity['encoder_max_abs_diff']:.2e}")
             parity["batch_max_prob_diff"]["encoder.onnx"] = _spread(tmp / "encoder.onnx", ex, spread_images, "features")
-            if parity["batch_max_prob_diff"]["encoder.onnx"] > ex.max_batch_diff:
+            if parity["batch_max_prob_diff"]["encoder.onnx"] > ex.max_abs_diff:
                 raise ParityError("encoder.onnx gives an image other features in another batch (they differ by "
                                   f"{parity['batch_max_prob_diff']['encoder.onnx']:.1e})")  # fmt: skip
             published["encoder.onnx"] = tmp / "encoder.onnx"

@@ -62,17 +62,24 @@ def test_metadata_round_trip(exported: Path) -> None:
     assert info.metadata["data_hash"] == manifest["content_hash"] and len(info.metadata["params_hash"]) == 16
 
 
-@pytest.mark.parametrize("name", ["model.onnx", "model.int8.onnx"])
-def test_dynamic_batch_sizes(exported: Path, name: str) -> None:
+@pytest.mark.parametrize("name", ["model.onnx", "model.int8.onnx", "encoder.onnx"])
+def test_every_published_model_gives_one_image_one_answer(exported: Path, name: str) -> None:
+    """The same images alone, in batches of 7 and in one batch of 256: the same probabilities
+    (features for the encoder) to 1e-4. Dynamic int8, which takes its activation scale from
+    the whole batch, would answer differently; it is not published."""
     session = open_session(exported / "models/export" / name, "cpu")
     images, _ = _test_arrays(exported)
-    pixels = images[:7].astype(np.float32) / 255.0
-    seven = session.run(["logits", "probabilities"], {"pixels": pixels})
-    one = session.run(["logits"], {"pixels": pixels[:1]})[0]
-    assert seven[0].shape == (7, 10) and one.shape == (1, 10)
-    # dynamic int8 quantises activations with the range of the whole batch: close, not equal
-    np.testing.assert_allclose(one[0], seven[0][0], atol=1e-4 if name == "model.onnx" else 2e-2)
-    np.testing.assert_allclose(seven[1].sum(1), 1.0, atol=1e-5)
+    pixels = np.resize(images, (256, *images.shape[1:])).astype(np.float32) / 255.0
+    output = "features" if name == "encoder.onnx" else "probabilities"
+    runs = {size: np.concatenate([session.run([output], {"pixels": pixels[i : i + size]})[0]
+                                  for i in range(0, 256, size)]) for size in (1, 7, 256)}  # fmt: skip
+    assert runs[7].shape[0] == 256
+    for size in (7, 256):
+        np.testing.assert_allclose(runs[size], runs[1], rtol=0, atol=1e-4, err_msg=f"batch {size} vs alone")
+    if output == "probabilities":
+        np.testing.assert_allclose(runs[256].sum(1), 1.0, atol=1e-5)
+    parity = json.loads((exported / "reports/export/parity.json").read_text())
+    assert parity["batch_max_prob_diff"][name] <= 1e-4  # the stage's own gate said so too
 
 
 def test_int8_accuracy_is_measured_on_the_test_split(exported: Path) -> None:
@@ -193,6 +200,8 @@ def test_export_fuses_attention_and_keeps_the_faster_int8(exported: Path) -> Non
     assert int8["gate_split"] == "val" and set(int8["variants"]) == {"dynamic", "static"}
     passing = {n: v for n, v in int8["variants"].items() if v["passed"]}
     assert int8["chosen"] == min(passing, key=lambda n: passing[n]["batch1_p50_ms"])
+    dynamic = int8["variants"]["dynamic"]  # one image, several answers: never published
+    assert dynamic["batch_max_prob_diff"] > 1e-4 and not dynamic["passed"] and int8["chosen"] == "static"
     ops8 = Counter(n.op_type for n in onnx.load(str(exported / "models/export/model.int8.onnx")).graph.node)
     marker = "QuantizeLinear" if int8["chosen"] == "static" else "DynamicQuantizeLinear"
     assert ops8[marker] > 0

@@ -198,13 +198,24 @@ def quantize_int8(src: Path, dest: Path, per_channel: bool) -> None:
     set_metadata(dest, metadata_of(src))
 
 
+def _output_nodes(path: Path) -> list[str]:
+    """The nodes that make or read a graph output (the head and its softmax)."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    outputs = {o.name for o in graph.output}
+    return [n.name for n in graph.node if outputs & {*n.output, *n.input}]
+
+
 def quantize_static_int8(src: Path, dest: Path, calibration: Iterator[np.ndarray]) -> None:
     """Static int8 in QDQ format: per-channel int8 weights, activation ranges calibrated
-    (MinMax) on training images."""
+    (MinMax) on training images, fixed afterwards, so an image's answer does not depend on
+    its batch. The head and the softmax stay fp32: logits and probabilities keep their
+    resolution (a quantized softmax would sum to 1 only within 1/255 per class)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+    shaped = _with_shapes(src)
     quantize_static(
-        str(_with_shapes(src)), str(dest), _Calibration(calibration), quant_format=QuantFormat.QDQ,
+        str(shaped), str(dest), _Calibration(calibration), quant_format=QuantFormat.QDQ,
+        nodes_to_exclude=_output_nodes(shaped),
         per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
         calibrate_method=CalibrationMethod.MinMax, use_external_data_format=is_external(src),
         extra_options={**_QUANT_OPTIONS, "ActivationSymmetric": False, "WeightSymmetric": True},

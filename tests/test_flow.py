@@ -102,3 +102,18 @@ def test_a_named_stage_comes_with_the_stages_upstream_of_it(tmp_path: Path) -> N
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "2 stage(s) ran (prepare, pretrain)" in proc.stdout
     assert (repo / "models/pretrain/encoder.pth").exists() and not (repo / "models/finetune").exists()
+
+
+def test_pipeline_force_reaches_the_prepare_command(tmp_path: Path) -> None:
+    """DVC runs the stage's fixed command, so `mae-ops pipeline --force` tells prepare to reuse
+    nothing through its environment; a normal run does not."""
+    from mae_ops.orchestration import tool_env
+    from mae_ops.preparing import FORCE_ENV
+
+    repo = git_dvc_repo(tmp_path / "repo")
+    stage = {"cmd": f"echo forced=${FORCE_ENV} > seen.txt && cat seen.txt", "outs": ["seen.txt"]}
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"show": stage}}))
+    lines: list[str] = []
+    run_dvc_stage("show", repo, lines.append, force=True)
+    assert any("forced=1" in line for line in lines), lines
+    assert FORCE_ENV not in tool_env()

@@ -113,6 +113,7 @@ def run_prepare(source: Path, out: Path, img_size: int) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"prepare failed:\n{output[-3000:]}")
     manifest = json.loads((out / "manifest.json").read_text())
+    manifest["reused"] = json.loads((out.parent / f".{out.name}.last-run.json").read_text())["reused"]
     return {"images": manifest["num_images"], "seconds": round(seconds, 1),
             "images_per_s": round(manifest["num_images"] / seconds, 1),
             "peak_rss_main_mb": round(peak_main / 2**20), "peak_rss_tree_mb": round(peak_tree / 2**20),

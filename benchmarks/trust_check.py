@@ -50,7 +50,9 @@ def _prepare(work: Path, source: Path, img_size: int, out: str = "prepared") -> 
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     if proc.returncode != 0:
         raise SystemExit(f"prepare failed:\n{proc.stdout}\n{proc.stderr}")
-    return json.loads((work / out / "manifest.json").read_text()), time.perf_counter() - t0
+    manifest = json.loads((work / out / "manifest.json").read_text())
+    manifest["reused"] = json.loads(preparing.last_run_path(work / out).read_text())["reused"]
+    return manifest, time.perf_counter() - t0
 
 
 def _index(root: Path) -> dict[str, dict[str, str]]:

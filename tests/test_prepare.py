@@ -472,8 +472,10 @@ def test_re_prepare_decodes_only_new_and_changed_files(tmp_path: Path) -> None:
     for name in ("labels", "split", "labelled"):
         assert np.array_equal(np.load(root / f"{name}.npy"), np.load(b.root / f"{name}.npy"))
 
-    unchanged = prepare.run(cfg)  # nothing changed: nothing decoded, nothing read
+    stored = _store_files(root)
+    unchanged = prepare.run(cfg)  # nothing changed: nothing decoded, nothing read, not a byte of the store
     assert unchanged["reused"]["decoded"] == 0 and unchanged["reused"]["files_hashed"] == 0
+    assert _store_files(root) == stored  # so DVC's hash, and every stage after prepare, stay as they were
     assert unchanged["content_hash"] == again["content_hash"]
     other_size = prepare.run(_micro(tmp_path / "run", src, "data.img_size=12"))
     assert other_size["reused"]["decoded"] == 403  # other pixels: nothing to reuse

@@ -137,7 +137,8 @@ def test_retrain_asks_dvc_whether_the_image_folder_changed(tmp_path: Path) -> No
         again = retrain(repo=str(repo))
     assert again["action"] in ("promoted", "kept champion")
     manifest = json.loads((repo / "data/prepared/manifest.json").read_text())
-    assert manifest["num_images"] == 163 and manifest["reused"]["decoded"] == 3
+    last_run = json.loads((repo / "data/.prepared.last-run.json").read_text())
+    assert manifest["num_images"] == 163 and last_run["reused"]["decoded"] == 3
     assert len(registry.list_versions(repo / "registry")) == 2
     assert not stage_status(repo, "prepare")
 

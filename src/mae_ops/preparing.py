@@ -171,6 +171,14 @@ def state_path(out_dir: str | Path) -> Path:
     return out.parent / f".{out.name}.state.npy"
 
 
+def last_run_path(out_dir: str | Path) -> Path:
+    """What the last prepare of ``out_dir`` did (decoded, reused, hashed): beside the store,
+    not in it, so that preparing unchanged images again leaves the store byte for byte as
+    it was (and DVC's hash of it, and the stages after it, unchanged)."""
+    out = Path(out_dir)
+    return out.parent / f".{out.name}.last-run.json"
+
+
 def read_state(path: Path) -> dict[tuple[int, int], tuple[int, int, int, str]]:
     """(device, inode) -> (size, mtime_ns, ctime_ns, md5) from the last prepare; empty if unreadable."""
     try:
@@ -314,15 +322,21 @@ def read_previous(root: Path, fingerprint: dict) -> Previous:
         if manifest.get("decoder") != fingerprint:
             return prev
         with open(root / "index.csv", newline="") as fh:
-            rows = list(csv.DictReader(fh))
+            reader = csv.reader(fh)
+            if next(reader) != INDEX_FIELDS:
+                return prev
+            ids, gray = [], []  # two columns only: a few dozen bytes per sample
+            for row in reader:
+                ids.append(row[0])
+                gray.append(row[6])
         where, sums = np.load(root / "where.npy"), np.load(root / "pixel_sums.npy")
-    except (OSError, ValueError, KeyError):  # no previous store, or one this version cannot read
+    except (OSError, ValueError, KeyError, StopIteration, IndexError):  # none, or one this version cannot read
         return prev
-    if not (len(rows) == len(where) == len(sums)) or (rows and "sample_id" not in rows[0]):
+    if not len(ids) == len(where) == len(sums):
         return prev
     prev.channels, prev.shards, prev.shard_hashes = manifest["channels"], manifest["shards"], manifest["shard_hashes"]
-    prev.rows = {r["sample_id"]: i for i, r in enumerate(rows)}
-    prev.gray = {r["sample_id"]: r["gray"] == "1" for r in rows if r["gray"] in ("0", "1")}
+    prev.rows = {sample_id: i for i, sample_id in enumerate(ids)}
+    prev.gray = {sample_id: g == "1" for sample_id, g in zip(ids, gray, strict=True) if g in ("0", "1")}
     prev.where, prev.sums = where, sums
     return prev
 

@@ -11,9 +11,11 @@ Outputs (one folder, replaced atomically):
   index.csv       every sample, in store order: sample_id (MD5 of the file's bytes), file (its path
                   inside its source folder), copies, split, label, labelled, gray
   manifest.json   counts, classes, mean/std, shards, the decoder fingerprint, content_hash, the
-                  split definition, what was reused, duplicates, label conflicts, every skipped file and why
-and beside the folder, .<name>.state.npy: this machine's state cache (inode, size, mtime,
-ctime -> MD5 of each file), so that an unchanged file is not read again.
+                  split definition, duplicates, label conflicts, every skipped file and why
+and beside the folder (not in it: preparing unchanged images again leaves the folder byte
+for byte as it was): .<name>.state.npy, this machine's state cache (inode, size, mtime,
+ctime -> MD5 of each file), so that an unchanged file is not read again, and
+.<name>.last-run.json, what the last prepare decoded, reused and hashed (also returned).
 
 A sample is its content (see mae_ops.preparing): the same images give the same store
 content, splits and ``content_hash`` however the folder got there. Preparing again
@@ -130,12 +132,14 @@ def run(cfg: Config, force: bool = False) -> dict:
             "split_definition": preparing.split_definition(d, bool(not embedded and split_dirs(Path(d.source)))),
             "decoder": fingerprint, "channels": channels, "mean": mean, "std": std, **header,
             "shards": writer.names, "shard_hashes": writer.hashes,
-            "reused": {"images": len(samples) - decoded - len(from_package), "decoded": decoded,
-                       "files_hashed": hashed, "shards_linked": linked, "unused_rows": writer.rows() - len(samples),
-                       "forced": force},
         })  # fmt: skip
         write_json(tmp / "manifest.json", manifest)
+        unused_rows = writer.rows() - len(samples)
     preparing.write_state(state_file, [f for f in found.files if not f.from_package])
+    reused = {"images": len(samples) - decoded - len(from_package), "decoded": decoded, "files_hashed": hashed,
+              "shards_linked": linked, "unused_rows": unused_rows, "forced": force}  # fmt: skip
+    write_json(preparing.last_run_path(d.out_dir), {"out_dir": d.out_dir, "reused": reused})
+    manifest = {**manifest, "reused": reused}
     counts = manifest["counts"]
     log.info("prepared %d images (%s; %d decoded, %d reused, %d files hashed), %d duplicate files, "
              "%d label conflicts, %d skipped -> %s", len(samples), ", ".join(f"{k} {v}" for k, v in counts.items()),

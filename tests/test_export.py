@@ -256,3 +256,19 @@ def test_large_models_keep_their_tensors_beside_the_onnx_file(exported: Path, tm
     split = open_session(moved / "model.onnx", "cpu")
     assert ModelInfo.from_session(split).metadata == ModelInfo.from_session(single).metadata
     np.testing.assert_allclose(run_logits(split, pixels), run_logits(single, pixels), atol=1e-4)
+
+
+def test_no_passing_int8_publishes_fp32_alone(exported: Path, tmp_path: Path) -> None:
+    """Dynamic int8 alone (no calibration) scores an image differently in another batch: the
+    export still succeeds with fp32, removes the earlier int8 file and says why in parity.json."""
+    import shutil
+
+    for sub in ("data/prepared", "models"):
+        shutil.copytree(exported / sub, tmp_path / sub)
+    assert (tmp_path / "models/export/model.int8.onnx").exists()
+    parity = export.run(export_config(tmp_path, "export.calibration_images=0", "export.benchmark_runs=0"))
+    assert parity["passed"] and parity["int8"]["chosen"] is None
+    assert set(parity["int8"]["variants"]) == {"dynamic"} and not parity["int8"]["variants"]["dynamic"]["passed"]
+    assert "scores an image alike" in parity["int8"]["why_none"] and "int8_top1" not in parity
+    assert sorted(p.name for p in (tmp_path / "models/export").iterdir()) == ["encoder.onnx", "model.onnx"]
+    assert "model.int8.onnx" not in parity["batch_max_prob_diff"]

@@ -180,6 +180,11 @@ class PretrainConfig(_Section):
     fp8: bool = Field(
         False, description="FP8 matmuls in the blocks' large linear layers (torchao float8; fast path, CUDA >= sm89)"
     )
+    init: str | None = Field(
+        None,
+        description="continue pre-training from this MAE checkpoint ({'model': ...}: an official *_full.pth, "
+        "a mae.pth, or encoder-only); null: from scratch",
+    )
     seed: int = Field(0, ge=0)
     save_every: int = Field(5, ge=1, description="checkpoint every N epochs (and at the end)")
     auto_resume: bool = Field(True, description="continue a matching interrupted run")

@@ -208,43 +208,58 @@ def preflight(repo: Path, cfg: Config, stages: list[str], overrides: list[str], 
 
 
 SOURCE_DEP_MARK = "mae-ops: an image folder of data.source / data.unlabeled_dirs"
+INIT_DEP_MARK = "mae-ops: the checkpoint of pretrain.init"
 
 
-def _ours(deps: CommentedSeq, i: int) -> bool:
+def _ours(deps: CommentedSeq, i: int, mark: str) -> bool:
     """Whether entry ``i`` of a deps list is one this tool added (its end-of-line comment)."""
     token = (deps.ca.items.get(i) or [None])[0]
-    return token is not None and SOURCE_DEP_MARK in token.value
+    return token is not None and mark in token.value
+
+
+def _replace_marked(deps: CommentedSeq, wanted: list[str], mark: str) -> list[str] | None:
+    """Make the entries marked ``mark`` the ``wanted`` paths; the old ones if they changed."""
+    ours = [i for i in range(len(deps)) if _ours(deps, i, mark)]
+    old = [str(deps[i]) for i in ours]
+    if old == wanted:
+        return None
+    for i in reversed(ours):
+        del deps[i]
+    for path in wanted:
+        if path not in deps:  # the user listed it already: theirs
+            deps.append(path)
+            deps.yaml_add_eol_comment(mark, len(deps) - 1)
+    return old
 
 
 def sync_source_deps(repo: Path, cfg: Config, log: Callable[[str], None] | None = None) -> list[str]:
     """List the image folders of ``cfg.data`` (source and unlabeled_dirs) as deps of
-    `prepare` in dvc.yaml, so that DVC hashes them and sees them change; returns the
-    folders now listed. Only the entries this tool added (marked with
-    ``SOURCE_DEP_MARK``) are replaced: every other entry and comment of the user's stays.
-    DVC's templating cannot turn a list param into deps, hence this step."""
+    `prepare` in dvc.yaml, and the checkpoint of ``pretrain.init`` as a dep of
+    `pretrain`, so that DVC hashes them and sees them change; returns the folders now
+    listed. Only the entries this tool added (marked with ``SOURCE_DEP_MARK`` or
+    ``INIT_DEP_MARK``) are replaced: every other entry and comment of the user's stays.
+    DVC's templating cannot turn a param into deps, hence this step."""
     path = repo / "dvc.yaml"
     rt = YAML()
     rt.width = 4096
     rt.indent(mapping=2, sequence=4, offset=2)
     doc = rt.load(path.read_text())
-    deps = doc["stages"]["prepare"]["deps"]
-    wanted = [dep_path(repo, f) for f in source_folders(cfg.data)]
-    ours = [i for i in range(len(deps)) if _ours(deps, i)]
-    old = [str(deps[i]) for i in ours]
-    if old == wanted:
-        return wanted
-    for i in reversed(ours):
-        del deps[i]
-    for folder in wanted:
-        if folder not in deps:  # the user listed it already: theirs
-            deps.append(folder)
-            deps.yaml_add_eol_comment(SOURCE_DEP_MARK, len(deps) - 1)
-    buf = io.StringIO()
-    rt.dump(doc, buf)
-    write_text(path, buf.getvalue())
-    if log is not None:
-        log(f"dvc.yaml: the prepare stage now depends on {wanted or 'the embedded data only'} (was {old or 'none'})")
-    return wanted
+    folders = [dep_path(repo, f) for f in source_folders(cfg.data)]
+    init = [dep_path(repo, Path(cfg.pretrain.init))] if cfg.pretrain.init else []
+    changed = False
+    for stage, wanted, mark in (("prepare", folders, SOURCE_DEP_MARK), ("pretrain", init, INIT_DEP_MARK)):
+        deps = doc["stages"].get(stage, {}).get("deps")
+        old = None if deps is None else _replace_marked(deps, wanted, mark)
+        if old is not None:
+            changed = True
+            if log is not None:
+                log(f"dvc.yaml: the {stage} stage now depends on {wanted or 'no file of mae-ops'} "
+                    f"(was {old or 'none'})")  # fmt: skip
+    if changed:
+        buf = io.StringIO()
+        rt.dump(doc, buf)
+        write_text(path, buf.getvalue())
+    return folders
 
 
 def write_overrides(repo: Path, overrides: list[str], log: Callable[[str], None] | None = None) -> list[str]:

@@ -19,6 +19,7 @@ from mae_ops.atomic import write_json, write_text
 from mae_ops.config import Config, apply_overrides, semantic_params, validate
 from mae_ops.models.presets import preset_config
 from mae_ops.plots import sweep_plot
+from mae_ops.reporting import weights_sha256
 
 SCORES = ("knn_top1", "linprobe_top1", "finetune_top1")
 NOT_PROBE_KEYS = ("sweeps", "seeds", "models_dir", "reports_dir")  # the study's keys that change no score
@@ -42,7 +43,9 @@ def settings(cfg: Config, data_hash: str) -> list[dict[str, Any]]:
                 one = validate(apply_overrides(raw, sets))
                 depth = one.model.decoder_depth or preset_config(one.model.preset)["decoder_depth"]
                 run = _hash({"model": {**one.model.model_dump(mode="json"), "decoder_depth": depth},  # as built
-                             "data": data_hash, "pretrain": semantic_params(one.pretrain)})  # fmt: skip
+                             "data": data_hash, "pretrain": semantic_params(one.pretrain),
+                             **({"init": weights_sha256(one.pretrain.init, "pretrain.init")}
+                                if one.pretrain.init else {})})  # fmt: skip
                 scored = _hash({"run": run, "finetune": semantic_params(one.finetune),
                                 "study": one.study.model_dump(mode="json", exclude=set(NOT_PROBE_KEYS))})  # fmt: skip
                 models, reports = Path(cfg.study.models_dir) / run, Path(cfg.study.reports_dir) / "runs" / run

@@ -40,10 +40,10 @@ from mae_ops import runtime
 from mae_ops.atomic import save_with, write_json
 from mae_ops.config import Config, InputError, PretrainConfig, semantic_params
 from mae_ops.data import DeviceBatches, PreparedData, batch_loader, normalize, random_resized_crop, set_epoch
-from mae_ops.models.checkpoint import encoder_state_dict
+from mae_ops.models.checkpoint import continue_from, encoder_state_dict
 from mae_ops.models.mae import MaskedAutoencoderViT, create_mae
 from mae_ops.plots import learning_curve, reconstruction_grid
-from mae_ops.reporting import write_history
+from mae_ops.reporting import weights_sha256, write_history
 from mae_ops.training import Checkpointer, ResumeError, cosine_schedule, fingerprint
 
 log = logging.getLogger(__name__)
@@ -53,10 +53,11 @@ log = logging.getLogger(__name__)
 NO_WEIGHT_DECAY: tuple[str, ...] = ()
 
 
-def run_fingerprint(cfg: Config, data_hash: str) -> str:
-    """Identity of a pre-training run: a checkpoint resumes only a run with the same one."""
+def run_fingerprint(cfg: Config, data_hash: str, init: str | None) -> str:
+    """Identity of a pre-training run: a checkpoint resumes only a run with the same one
+    (the same starting weights included: ``init`` is pretrain.init's SHA-256)."""
     return fingerprint({"model": cfg.model.model_dump(mode="json"), "pretrain": semantic_params(cfg.pretrain),
-                        "data": data_hash})  # fmt: skip
+                        "data": data_hash, **({"init_sha256": init} if init else {})})  # fmt: skip
 
 
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, fused: bool) -> torch.optim.AdamW:
@@ -192,9 +193,16 @@ def _train(cfg: Config, rt: runtime.Runtime, resume: bool) -> dict:
         )
     ids = data.indices("train", "unlabeled")
     torch.manual_seed(p.seed)  # identical initial weights on every rank
-    model = create_mae(cfg.model.preset, data.img_size, data.channels, p.norm_pix_loss,
-                       cfg.model.decoder_depth).to(rt.device)  # fmt: skip
-    run_id = run_fingerprint(cfg, data.manifest["content_hash"])
+    model = create_mae(cfg.model.preset, data.img_size, data.channels, p.norm_pix_loss, cfg.model.decoder_depth)
+    if p.init is not None:  # continued pre-training: a checkpoint below resumes this run, not the init
+        for note in continue_from(model, p.init):
+            if rt.is_main:
+                log.warning("pretrain.init: %s", note)
+        if rt.is_main:
+            log.info("pretrain.init: continuing from %s", p.init)
+    model.to(rt.device)
+    init_sha = weights_sha256(p.init, "pretrain.init")
+    run_id = run_fingerprint(cfg, data.manifest["content_hash"], init_sha)
 
     # a batch larger than the data is the data: the lr follows the batch really used
     batch = min(p.batch_size, -(-len(ids) // rt.world_size))
@@ -311,16 +319,17 @@ def _train(cfg: Config, rt: runtime.Runtime, resume: bool) -> dict:
 
     if not rt.is_main:
         return {}
-    return _write_outputs(cfg, model, data, history, run_id, train_time, start_epoch, len(ids), eff_batch, lr)
+    return _write_outputs(cfg, model, data, history, run_id, train_time, start_epoch, len(ids), eff_batch, lr,
+                          init_sha)  # fmt: skip
 
 
 def _write_outputs(
     cfg: Config, model: MaskedAutoencoderViT, data: PreparedData, history: list[dict], run_id: str,
-    train_time: float, start_epoch: int, num_images: int, eff_batch: int, lr: float,
+    train_time: float, start_epoch: int, num_images: int, eff_batch: int, lr: float, init_sha: str | None,
 ) -> dict:  # fmt: skip
     p = cfg.pretrain
     out, reports = Path(p.out_dir), Path(p.reports_dir)
-    args = {"fingerprint": run_id, "config": cfg.model_dump(mode="json"),
+    args = {"fingerprint": run_id, "config": cfg.model_dump(mode="json"), "init_sha256": init_sha,
             "img_size": data.img_size, "in_chans": data.channels, "mean": data.mean, "std": data.std}  # fmt: skip
     state = model.state_dict()
     save_with(out / "mae.pth", lambda tmp: torch.save({"model": state, "epoch": p.epochs - 1, "args": args}, tmp))
@@ -335,6 +344,8 @@ def _write_outputs(
         "first_loss": history[0]["loss"],
         "epochs": p.epochs,
         "resumed_from_epoch": start_epoch,
+        "init": p.init,
+        "init_sha256": args["init_sha256"],
         "num_images": num_images,
         "effective_batch": eff_batch,
         "lr": lr,

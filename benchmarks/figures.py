@@ -20,6 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mae_ops.study import label
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ("README.md", "benchmarks/results/README.md")
 BLOCK = re.compile(r"(<!-- figures:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /figures:(?P=name) -->)", re.S)
@@ -195,18 +197,6 @@ def predict_throughput(root: Path) -> str:
 
 
 # ------------------------------------------------------------------- the study
-def _label(value: Any) -> str:
-    return (
-        "preset"
-        if value is None
-        else str(value).lower()
-        if isinstance(value, bool)
-        else f"{value:g}"
-        if isinstance(value, float)
-        else str(value)
-    )
-
-
 def _study_table(r: dict, scores: tuple[str, ...]) -> list[str]:
     groups: dict[str, dict[Any, list[dict]]] = {}
     for row in r["rows"]:
@@ -218,7 +208,7 @@ def _study_table(r: dict, scores: tuple[str, ...]) -> list[str]:
         cells = [" / ".join(f"{100 * sum(x[s] for x in by[v]) / len(by[v]):.1f}" for v in values) + " %"
                  for s in scores]  # fmt: skip
         loss = " / ".join(f"{sum(x['final_loss'] for x in by[v]) / len(by[v]):.3f}" for v in values)
-        rows.append([f"{key} {' / '.join(_label(v) for v in values)}", *cells, loss])
+        rows.append([f"{key} {' / '.join(label(key, v) for v in values)}", *cells, loss])
     lines = _table(["setting (mean over seeds)", *(head[s] for s in scores), "final loss"], rows)
     return lines
 

@@ -273,6 +273,10 @@ def test_evaluate_matches_a_direct_computation(run_root: Path) -> None:
     assert f"({classical.NAMES.get(strongest, '') or ''}" in summary or strongest in ("scratch", "linprobe")
     assert f"by **{gain:+.1f} points**" in summary
     assert (run_root / "reports/eval/confusion_matrix.png").stat().st_size > 1000
+    near = pd.read_csv(run_root / "reports/data/near_duplicates.csv")  # the data check ran, across splits only
+    assert list(near.columns) == ["split_a", "file_a", "split_b", "file_b", "cosine"]
+    assert (near["split_a"] != near["split_b"]).all() and (near["cosine"] >= 0.995).all()
+    assert "## Data check" in summary and "near_duplicates.csv" in summary
     # the classical baselines were tuned on the validation split, and say with what
     tuned = json.loads((run_root / "reports/baselines/metrics.json").read_text())
     assert tuned["logreg_pixels"]["C"] in classical.LOGREG_C and tuned["knn_mae"]["k"] in classical.KNN_K

@@ -356,7 +356,15 @@ class EvaluateConfig(_Section):
     device: DeviceName = "auto"
     baselines_dir: str = "models/baselines"
     baselines_reports_dir: str = "reports/baselines"
+    near_duplicates: float | None = Field(
+        0.995,
+        ge=-1.0,
+        le=1.0,
+        description="report pairs of images in different splits whose pre-trained encoder "
+        "features have at least this cosine similarity (reports/data/near_duplicates.csv); null = off",
+    )
     reports_dir: str = "reports/eval"
+    data_reports_dir: str = "reports/data"
     metrics_file: str = "reports/metrics.json"
 
 

@@ -7,6 +7,7 @@ Outputs:
   reports/eval/per_class.csv    precision / recall / F1 / support of the fine-tuned model
   reports/eval/predictions.csv  every test image: label and each model's prediction
   reports/eval/confusion_matrix.png
+  reports/data/near_duplicates.csv  pairs of images in different splits the pre-trained encoder sees as one picture
 """
 
 from __future__ import annotations
@@ -18,16 +19,19 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 from sklearn.metrics import ConfusionMatrixDisplay, precision_recall_fscore_support, top_k_accuracy_score
 
 from mae_ops import classical
 from mae_ops.atomic import write_json, write_text
 from mae_ops.config import Config, InputError
 from mae_ops.data import PreparedData
-from mae_ops.finetuning import predict_proba
-from mae_ops.models.classifier import load_classifier
+from mae_ops.finetuning import features, predict_proba
+from mae_ops.models.classifier import feature_extractor, load_classifier
 from mae_ops.plots import save_figure
 from mae_ops.runtime import resolve_device
+from mae_ops.similarity import near_duplicates
+from mae_ops.store import SPLITS
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +72,7 @@ def model_paths(cfg: Config) -> dict[str, Path]:
     return paths
 
 
-def _summary(results: dict[str, dict], infos: dict[str, dict], manifest: dict) -> str:
+def _summary(results: dict[str, dict], infos: dict[str, dict], manifest: dict, near: dict | None) -> str:
     names = {"finetune": "MAE pre-trained, fine-tuned", "scratch": "same ViT from scratch, same budget",
              "linprobe": "MAE encoder frozen, linear probe", **classical.NAMES}  # fmt: skip
     has_top5 = any("top5" in r for r in results.values())
@@ -103,7 +107,41 @@ def _summary(results: dict[str, dict], infos: dict[str, dict], manifest: dict) -
         how = (f"tuned by its own search of {search['trials']} trials" if search.get("tuned")
                else "with the MAE model's params (no search)")  # fmt: skip
         lines += ["", f"Over the same ViT trained from scratch ({how}): {gain * 100:+.1f} points."]
+    if near is not None:
+        found = ", ".join(f"{n} {pair.replace('-', '–')}" for pair, n in near["pairs"].items()) or "none"
+        lines += ["", "## Data check", "",
+                  f"Near-duplicate pairs across splits among {near['images']} images (cosine ≥ {near['threshold']:g} "
+                  f"on the pre-trained encoder's features): {found}. Each is listed in "
+                  "`reports/data/near_duplicates.csv`; exact copies are one sample already."]  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def near_duplicate_report(cfg: Config, data: PreparedData, files: np.ndarray, device: torch.device) -> dict:
+    """Pairs of images in different splits that the pre-trained encoder sees as (nearly)
+    the same picture, cosine >= evaluate.near_duplicates: a test image with a twin in
+    training flatters the test score. Written to reports/data/near_duplicates.csv, most
+    similar first; returns the counts per pair of splits."""
+    threshold = cfg.evaluate.near_duplicates
+    encoder = feature_extractor(cfg.model.preset, data.img_size, data.channels,
+                                Path(cfg.pretrain.out_dir) / "encoder.pth").to(device)  # fmt: skip
+    names = {code: name for name, code in SPLITS.items()}
+    ids = np.flatnonzero(np.isin(data.split, [SPLITS[s] for s in ("train", "unlabeled", "val", "test")]))
+    with torch.inference_mode():
+        emb = features(encoder, data, ids, device).float().cpu().numpy()
+    emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    rows = []
+    for i, j, sim in near_duplicates(emb, threshold):
+        a, b = ids[i], ids[j]
+        if data.split[a] != data.split[b]:
+            pair = sorted([(names[int(data.split[a])], files[a]), (names[int(data.split[b])], files[b])])
+            rows.append({"split_a": pair[0][0], "file_a": pair[0][1], "split_b": pair[1][0], "file_b": pair[1][1],
+                         "cosine": round(sim, 5)})  # fmt: skip
+    table = pd.DataFrame(rows, columns=["split_a", "file_a", "split_b", "file_b", "cosine"])
+    table = table.sort_values("cosine", ascending=False, kind="stable")
+    write_text(Path(cfg.evaluate.data_reports_dir) / "near_duplicates.csv", table.to_csv(index=False))
+    counts = {f"{a}-{b}": int(n) for (a, b), n in table.groupby(["split_a", "split_b"]).size().items()}
+    log.info("near-duplicates across splits (cosine >= %g): %s", threshold, counts or "none")
+    return {"threshold": threshold, "images": len(ids), "pairs": counts}
 
 
 def run(cfg: Config) -> dict:
@@ -153,5 +191,6 @@ def run(cfg: Config) -> dict:
     )  # fmt: skip
     display.ax_.set_title(f"fine-tuned model, test top-1 {results['finetune']['top1']:.2%}")
     save_figure(display.figure_, out / "confusion_matrix.png")
-    write_text(out / "summary.md", _summary(results, infos, data.manifest))
+    near = near_duplicate_report(cfg, data, files, device) if ev.near_duplicates is not None else None
+    write_text(out / "summary.md", _summary(results, infos, data.manifest, near))
     return results

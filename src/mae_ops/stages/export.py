@@ -36,7 +36,6 @@ import onnx
 import onnxruntime as ort
 import torch
 import torch.nn as nn
-from timm.models.vision_transformer import VisionTransformer
 
 from mae_ops import __version__
 from mae_ops.atomic import write_json
@@ -58,8 +57,7 @@ from mae_ops.deploy import (
     weights_bytes,
 )
 from mae_ops.errors import UserError
-from mae_ops.models.checkpoint import encoder_state_dict, load_state_dict
-from mae_ops.models.classifier import load_classifier
+from mae_ops.models.classifier import feature_extractor, load_classifier
 from mae_ops.models.presets import preset_config
 from mae_ops.reporting import file_sha256
 from mae_ops.serving import batch_spread, open_session, run_logits, top1_accuracy
@@ -69,19 +67,6 @@ log = logging.getLogger(__name__)
 
 class ParityError(UserError, RuntimeError):
     """The exported model does not compute what the PyTorch model computes."""
-
-
-def encoder_extractor(cfg: Config, data: PreparedData) -> VisionTransformer:
-    """The pre-trained encoder as timm's ViT without head: mean of the patch tokens after the final norm."""
-    arch = preset_config(cfg.model.preset)
-    vit = VisionTransformer(
-        img_size=data.img_size, patch_size=int(arch["patch_size"]), in_chans=data.channels, num_classes=0,
-        embed_dim=int(arch["embed_dim"]), depth=int(arch["depth"]), num_heads=int(arch["num_heads"]),
-        mlp_ratio=float(arch["mlp_ratio"]), qkv_bias=True, global_pool="avg", fc_norm=False,
-    )  # fmt: skip
-    state = load_state_dict(Path(cfg.pretrain.out_dir) / "encoder.pth")
-    vit.load_state_dict(encoder_state_dict(state, grid_size=vit.patch_embed.grid_size[0]), strict=True)
-    return vit.eval()
 
 
 def _batches(data: PreparedData, ids: np.ndarray, size: int = 256) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -270,7 +255,10 @@ def run(cfg: Config) -> dict:
 
         # --- the pre-trained encoder as a feature extractor -----------------------
         if ex.encoder:
-            extractor = Features(encoder_extractor(cfg, data), args["mean"], args["std"]).eval()
+            encoder = feature_extractor(
+                cfg.model.preset, data.img_size, data.channels, Path(cfg.pretrain.out_dir) / "encoder.pth"
+            )
+            extractor = Features(encoder, args["mean"], args["std"]).eval()
             to_onnx(extractor, example, tmp / "encoder.onnx", ["features"], ex.opset,
                     {**metadata, "output": "features: float32 [batch, embed_dim]"}, external)  # fmt: skip
             with torch.no_grad():

@@ -333,3 +333,36 @@ def test_init_fits_the_checkpoint_to_the_model_or_names_the_key(tmp_path: Path) 
         continue_from(wider, path)
     with pytest.raises(CheckpointError, match=r"decoder_blocks.\d\S* is missing from the checkpoint"):
         continue_from(create_mae("mae_vit_micro_patch4", 28, 1, True, decoder_depth=3), path)
+
+
+def test_the_monitor_scores_the_encoder_during_pre_training(mnist_root: Path) -> None:
+    """pretrain.monitor_every=2 over 4 epochs: k-NN and linear-probe validation top-1 in
+    history.csv at epochs 2 and 4 (blank otherwise) and in metrics.json; the scores are
+    those of the saved encoder, whose unmasked features are the exported extractor's."""
+    import numpy as np
+
+    from mae_ops import monitor
+    from mae_ops.data import PreparedData
+    from mae_ops.models.classifier import feature_extractor
+    from mae_ops.models.mae import create_mae
+
+    metrics = pretrain.run(tiny_config(mnist_root, "pretrain.epochs=4", "pretrain.monitor_every=2"))
+    with open(mnist_root / "reports/pretrain/history.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [bool(r["knn_val_top1"]) for r in rows] == [False, True, False, True]
+    assert all(0.1 < float(rows[3][k]) <= 1.0 for k in ("knn_val_top1", "probe_val_top1"))  # above chance
+    assert metrics["probe_val_top1"] == float(rows[3]["probe_val_top1"]) and metrics["monitor_s"] > 0
+
+    data = PreparedData(mnist_root / "data/prepared")
+    model = create_mae("mae_vit_micro_patch4", 28, 1, True)
+    model.load_state_dict(_final_weights(mnist_root))
+    mean, std = torch.tensor(data.mean), torch.tensor(data.std)
+    ids = monitor.monitor_ids(data)
+    assert ids is not None
+    again = monitor.scores(model, data, ids, mean, std)
+    assert again == {k: float(rows[3][k]) for k in again}
+    extractor = feature_extractor("mae_vit_micro_patch4", 28, 1, mnist_root / "models/pretrain/encoder.pth")
+    x = (torch.from_numpy(data.eval_images[ids[1][:16]]).float() / 255 - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_features(x), extractor(x), atol=1e-5, rtol=1e-5)
+    assert np.isfinite(monitor.encoder_features(model, data, ids[1][:16], mean, std)).all()

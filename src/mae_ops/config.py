@@ -82,7 +82,7 @@ Precision = Annotated[Literal["auto", "bf16", "fp16", "off"], BeforeValidator(_y
 # keys that change how fast or where a run goes, not what it computes: left out
 # of the fingerprints that decide whether a checkpoint or a study can be resumed
 RUNTIME_KEYS = frozenset({"device", "amp", "fast", "compile_mode", "num_workers", "save_every", "auto_resume",
-                          "eval_every", "out_dir", "checkpoint_dir", "reports_dir"})  # fmt: skip
+                          "eval_every", "monitor_every", "out_dir", "checkpoint_dir", "reports_dir"})  # fmt: skip
 
 
 def semantic_params(section: BaseModel, *also_ignore: str) -> dict[str, Any]:
@@ -187,6 +187,12 @@ class PretrainConfig(_Section):
     )
     seed: int = Field(0, ge=0)
     save_every: int = Field(5, ge=1, description="checkpoint every N epochs (and at the end)")
+    monitor_every: int = Field(
+        5,
+        ge=0,
+        description="score the encoder every N epochs and at the end (k-NN and linear probe on the "
+        "validation split, in history.csv); 0 = off",
+    )
     auto_resume: bool = Field(True, description="continue a matching interrupted run")
     num_workers: int | Literal["auto"] = Field(
         "auto", description="host loader processes when the data is not on the device; auto: 0 on CPU, up to 8 on CUDA"

@@ -36,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from mae_ops import runtime
+from mae_ops import monitor, runtime
 from mae_ops.atomic import save_with, write_json
 from mae_ops.config import Config, InputError, PretrainConfig, semantic_params
 from mae_ops.data import DeviceBatches, PreparedData, batch_loader, normalize, random_resized_crop, set_epoch
@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 # as the reference code applies it: no decay on biases and norms (1-D), decay on everything
 # else, cls_token and mask_token included (the fixed sin-cos position embeddings are not trained)
 NO_WEIGHT_DECAY: tuple[str, ...] = ()
+MONITOR_KEYS = ("knn_val_top1", "probe_val_top1")  # history.csv columns the monitor fills
 
 
 def run_fingerprint(cfg: Config, data_hash: str, init: str | None) -> str:
@@ -271,6 +272,9 @@ def _train(cfg: Config, rt: runtime.Runtime, resume: bool) -> dict:
         checkpointer.save(state)
 
     mean, std = (torch.tensor(v, device=rt.device) for v in (data.mean, data.std))  # made once: no copy per step
+    monitored = monitor.monitor_ids(data) if p.monitor_every else None
+    if p.monitor_every and monitored is None and rt.is_main:
+        log.info("pretrain.monitor_every: no labelled training images or no validation split, nothing to score")
     num_patches = model.patch_embed.num_patches
     model.train()
     t_start = time.perf_counter()
@@ -308,11 +312,16 @@ def _train(cfg: Config, rt: runtime.Runtime, resume: bool) -> dict:
             "lr": float(f"{optimizer.param_groups[0]['lr']:.6g}"),
             "images_per_s": round(seen * rt.world_size / elapsed, 1),
         }
+        if rt.is_main and monitored is not None and (epoch + 1 == p.epochs or (epoch + 1) % p.monitor_every == 0):
+            t_monitor = time.perf_counter()
+            record.update(monitor.scores(model, data, monitored, mean, std, rt.autocast))
+            record["monitor_s"] = round(time.perf_counter() - t_monitor, 2)
         history.append(record)
         if rt.is_main:
             epochs_bar.set_postfix(loss=f"{mean_loss:.4f}")
-            log.info("epoch %d/%d loss %.4f lr %.2e %.0f img/s", epoch + 1, p.epochs, mean_loss,
-                     record["lr"], record["images_per_s"])  # fmt: skip
+            seen_by = "".join(f", {k.split('_')[0]} {record[k]:.2%}" for k in MONITOR_KEYS if k in record)
+            log.info("epoch %d/%d loss %.4f lr %.2e %.0f img/s%s", epoch + 1, p.epochs, mean_loss,
+                     record["lr"], record["images_per_s"], seen_by)  # fmt: skip
             if (epoch + 1) % p.save_every == 0 or epoch + 1 == p.epochs:
                 checkpoint(epoch)
     train_time = time.perf_counter() - t_start
@@ -338,7 +347,8 @@ def _write_outputs(
 
     save_reconstructions(model, data, p.mask_ratio, reports / "reconstruction.png", seed=p.seed)
     write_history(history, reports / "history.csv")
-    learning_curve(history, ["loss"], reports / "loss.png", title="MAE pre-training loss (masked patches)")
+    learning_curve(history, ["loss"], reports / "loss.png", title="MAE pre-training: loss (masked patches)",
+                   right=[k for k in MONITOR_KEYS if any(k in h for h in history)])  # fmt: skip
     metrics = {
         "final_loss": history[-1]["loss"],
         "first_loss": history[0]["loss"],
@@ -351,6 +361,7 @@ def _write_outputs(
         "lr": lr,
         "train_time_s": round(train_time, 2),
         "images_per_s": history[-1]["images_per_s"],
+        **{k: history[-1][k] for k in (*MONITOR_KEYS, "monitor_s") if k in history[-1]},
     }
     write_json(reports / "metrics.json", metrics)
     log.info("pre-training done: loss %.4f -> %.4f in %.1fs; wrote %s", metrics["first_loss"],

@@ -95,6 +95,24 @@ def demo(root: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+@block
+def pretrain_monitor(root: Path) -> str:
+    """The encoder scored during the demo's pre-training (reports/pretrain/history.csv)."""
+    import csv
+
+    with open(root / "reports/pretrain/history.csv") as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("probe_val_top1")]
+    pre = _json(root, "reports/pretrain/metrics.json")
+    cells = ", ".join(f"{r['epoch']}: {_pct(float(r['knn_val_top1']), 1)} / {_pct(float(r['probe_val_top1']), 1)}"
+                      for r in rows)  # fmt: skip
+    spent = sum(float(r["monitor_s"]) for r in rows)
+    return (
+        f"In the demo (`reports/pretrain/history.csv`), epoch: k-NN / linear probe validation top-1 — {cells}; "
+        f"the {len(rows)} scorings took {spent:.1f} s of the {pre['train_time_s']:.0f} s of pre-training "
+        f"({100 * spent / pre['train_time_s']:.1f} %).\n"
+    )
+
+
 # ----------------------------------------------------------------------- export
 @block
 def export_table(root: Path) -> str:

@@ -343,11 +343,14 @@ def run_summary(repo: Path, results: list[StageResult]) -> str:
     if metrics:
         lines += ["", "| model | test top-1 |", "| --- | --- |"]
         lines += [f"| {name} | {m['top1']:.2%} |" for name, m in metrics.items()]
+    deployed = _read_json(repo / "reports/eval/deployed.json")
+    if deployed:
+        lines += ["", f"**Deployed**: {deployed['model']} ({deployed['why']}; test top-1 {deployed['test_top1']:.2%})."]
     if parity:
         lines += ["", f"**Export**: parity max |diff| {parity['max_abs_diff']:.1e}, top-1 agreement "
                   f"{parity['top1_agreement']:.2%}" + (f", int8 top-1 {parity['int8_top1']:.2%}"
                                                        if "int8_top1" in parity else "") + "."]  # fmt: skip
-    model = repo / "models/finetune/model.pth"
+    model = repo / (deployed.get("checkpoint") or "models/finetune/model.pth")  # the model export shipped
     this_model = file_sha256(model) if model.exists() else None
     if bench and this_model and bench_report.get("model_sha256") == this_model:
         lines += [f"**Latency (batch 1, p50, {bench_report.get('cpu', '?')}, measured "

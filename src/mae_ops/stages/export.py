@@ -137,6 +137,26 @@ def _int8_variants(
     return report
 
 
+def deployed_checkpoint(cfg: Config) -> tuple[Path, str]:
+    """(checkpoint, name) of the model `evaluate` chose on the validation split
+    (reports/eval/deployed.json); the fine-tuned model, with a warning, before any evaluation."""
+    record = Path(cfg.evaluate.reports_dir) / "deployed.json"
+    if not record.exists():
+        path = Path(cfg.finetune.out_dir) / "model.pth"
+        if not path.exists():
+            raise InputError(f"{path} not found: run `mae-ops finetune` first")
+        log.warning("%s not found: exporting the fine-tuned model (run `mae-ops evaluate` first to ship the best "
+                    "model on the validation split)", record)  # fmt: skip
+        return path, "finetune"
+    deployed = json.loads(record.read_text())
+    path = Path(deployed["checkpoint"])
+    if not path.exists() or file_sha256(path) != deployed["checkpoint_sha256"]:
+        raise InputError(f"{record} names {path} as it was when evaluated, and it has changed or gone since: "
+                         "run `mae-ops evaluate` again")  # fmt: skip
+    log.info("exporting %s: %s", deployed["model"], deployed["why"])
+    return path, deployed["model"]
+
+
 def _onnx_runner(path: Path, threads: int) -> Callable[[np.ndarray], object]:
     session = open_session(path, "cpu", threads)
     return lambda x: session.run(["logits"], {"pixels": x})
@@ -145,9 +165,7 @@ def _onnx_runner(path: Path, threads: int) -> Callable[[np.ndarray], object]:
 def run(cfg: Config) -> dict:
     ex = cfg.export
     torch.set_num_threads(ex.threads)
-    model_path = Path(cfg.finetune.out_dir) / "model.pth"
-    if not model_path.exists():
-        raise InputError(f"{model_path} not found: run `mae-ops finetune` first")
+    model_path, chosen = deployed_checkpoint(cfg)
     model, args = load_classifier(model_path)
     data = PreparedData(cfg.data.out_dir)
     test_ids, val_ids = data.indices("test"), data.indices("val")
@@ -163,6 +181,7 @@ def run(cfg: Config) -> dict:
         "model_sha256": file_sha256(model_path), "params_hash": cfg.section_hash("model", "finetune", "hpo"),
         "data_hash": args.get("data_hash", ""), "mae_ops_version": __version__, "preset": args["preset"],
         "crop_pct": str(data.crop_pct),  # serving's transform: resize to img_size / crop_pct, centre crop
+        "deployed": chosen,  # which of the pipeline's classifiers this is (finetune | linprobe)
     }  # fmt: skip
     one = np.asarray(data.eval_images[test_ids[:1]], dtype=np.float32) / 255.0
     batch = np.asarray(data.eval_images[np.resize(test_ids, 32)], dtype=np.float32) / 255.0
@@ -188,6 +207,7 @@ def run(cfg: Config) -> dict:
         parity = _parity(deployable, open_session(tmp / "model.onnx", "cpu", ex.threads), data, test_ids,
                          ex.max_abs_diff)  # fmt: skip
         parity["fused_operators"] = fused
+        parity["deployed"] = chosen
         write_json(reports / "parity.json", parity)
         if not parity["passed"]:
             raise ParityError(

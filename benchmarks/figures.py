@@ -231,7 +231,9 @@ def _study_table(r: dict, scores: tuple[str, ...]) -> list[str]:
     return lines
 
 
-def _study(root: Path, name: str) -> str:
+def _study(
+    root: Path, name: str, checks: str = "The planned checks (the paper's directions, Holm-adjusted over the family):"
+) -> str:
     r = _json(root, f"{RESULTS}/{name}/results.json")
     seeds = sorted({row["seed"] for row in r["rows"]})
     n_val = r["rows"][0]["num_val"]
@@ -240,7 +242,7 @@ def _study(root: Path, name: str) -> str:
         "",
         *_study_table(r, ("knn_top1", "linprobe_top1", "finetune_top1")),
         "",
-        "The planned checks (the paper's directions, Holm-adjusted over the family):",
+        checks,
         "",
     ]
     lines += [f"- {d}" for d in r["directions"]]
@@ -255,6 +257,11 @@ def study_cifar10(root: Path) -> str:
 @block
 def study_digits(root: Path) -> str:
     return _study(root, "study-digits")
+
+
+@block
+def continue_cifar10(root: Path) -> str:
+    return _study(root, "continue-cifar10", "The planned checks (continued against scratch, Holm-adjusted):")
 
 
 # ------------------------------------------------------------------------- GPU

@@ -20,6 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mae_ops.study import label
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ("README.md", "benchmarks/results/README.md")
 BLOCK = re.compile(r"(<!-- figures:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /figures:(?P=name) -->)", re.S)
@@ -91,6 +93,24 @@ def demo(root: Path) -> str:
         + f" (the scratch ViT tuned by its own {base['scratch']['search']['trials']}-trial search).",
     ]
     return "\n".join(lines) + "\n"
+
+
+@block
+def pretrain_monitor(root: Path) -> str:
+    """The encoder scored during the demo's pre-training (reports/pretrain/history.csv)."""
+    import csv
+
+    with open(root / "reports/pretrain/history.csv") as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("probe_val_top1")]
+    pre = _json(root, "reports/pretrain/metrics.json")
+    cells = ", ".join(f"{r['epoch']}: {_pct(float(r['knn_val_top1']), 1)} / {_pct(float(r['probe_val_top1']), 1)}"
+                      for r in rows)  # fmt: skip
+    spent = sum(float(r["monitor_s"]) for r in rows)
+    return (
+        f"In the demo (`reports/pretrain/history.csv`), epoch: k-NN / linear probe validation top-1 — {cells}; "
+        f"the {len(rows)} scorings took {spent:.1f} s of the {pre['train_time_s']:.0f} s of pre-training "
+        f"({100 * spent / pre['train_time_s']:.1f} %).\n"
+    )
 
 
 # ----------------------------------------------------------------------- export
@@ -195,18 +215,6 @@ def predict_throughput(root: Path) -> str:
 
 
 # ------------------------------------------------------------------- the study
-def _label(value: Any) -> str:
-    return (
-        "preset"
-        if value is None
-        else str(value).lower()
-        if isinstance(value, bool)
-        else f"{value:g}"
-        if isinstance(value, float)
-        else str(value)
-    )
-
-
 def _study_table(r: dict, scores: tuple[str, ...]) -> list[str]:
     groups: dict[str, dict[Any, list[dict]]] = {}
     for row in r["rows"]:
@@ -218,12 +226,14 @@ def _study_table(r: dict, scores: tuple[str, ...]) -> list[str]:
         cells = [" / ".join(f"{100 * sum(x[s] for x in by[v]) / len(by[v]):.1f}" for v in values) + " %"
                  for s in scores]  # fmt: skip
         loss = " / ".join(f"{sum(x['final_loss'] for x in by[v]) / len(by[v]):.3f}" for v in values)
-        rows.append([f"{key} {' / '.join(_label(v) for v in values)}", *cells, loss])
+        rows.append([f"{key} {' / '.join(label(key, v) for v in values)}", *cells, loss])
     lines = _table(["setting (mean over seeds)", *(head[s] for s in scores), "final loss"], rows)
     return lines
 
 
-def _study(root: Path, name: str) -> str:
+def _study(
+    root: Path, name: str, checks: str = "The planned checks (the paper's directions, Holm-adjusted over the family):"
+) -> str:
     r = _json(root, f"{RESULTS}/{name}/results.json")
     seeds = sorted({row["seed"] for row in r["rows"]})
     n_val = r["rows"][0]["num_val"]
@@ -232,7 +242,7 @@ def _study(root: Path, name: str) -> str:
         "",
         *_study_table(r, ("knn_top1", "linprobe_top1", "finetune_top1")),
         "",
-        "The planned checks (the paper's directions, Holm-adjusted over the family):",
+        checks,
         "",
     ]
     lines += [f"- {d}" for d in r["directions"]]
@@ -247,6 +257,11 @@ def study_cifar10(root: Path) -> str:
 @block
 def study_digits(root: Path) -> str:
     return _study(root, "study-digits")
+
+
+@block
+def continue_cifar10(root: Path) -> str:
+    return _study(root, "continue-cifar10", "The planned checks (continued against scratch, Holm-adjusted):")
 
 
 # ------------------------------------------------------------------------- GPU

@@ -114,7 +114,7 @@ def ft_config(root: Path, *extra: str) -> Config:
         f"hpo.reports_dir={root}/reports/hpo",
         f"hpo.trial_dir={root}/checkpoints/finetune/hpo", f"evaluate.baselines_dir={root}/models/baselines",
         f"evaluate.baselines_reports_dir={root}/reports/baselines", f"evaluate.reports_dir={root}/reports/eval",
-        f"evaluate.metrics_file={root}/reports/metrics.json", *extra,
+        f"evaluate.data_reports_dir={root}/reports/data", f"evaluate.metrics_file={root}/reports/metrics.json", *extra,
     )  # fmt: skip
 
 

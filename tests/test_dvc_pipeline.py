@@ -135,3 +135,29 @@ def test_listing_the_image_folders_keeps_the_users_own_deps_and_comments(tmp_pat
     assert "labels/overrides.csv" in status
     assert sync_source_deps(repo, load_params(REPO / "params.yaml", [])) == []  # the embedded digits
     assert (repo / "dvc.yaml").read_text() == text  # back to the user's file, to the byte
+
+
+def test_the_checkpoint_of_pretrain_init_is_a_dep_of_pretrain(tmp_path: Path) -> None:
+    """With pretrain.init set, DVC hashes the checkpoint (other weights under the same name
+    re-run pre-training); unset, the marked entry goes and dvc.yaml is the user's again."""
+    from mae_ops.config import load_params
+    from mae_ops.orchestration import INIT_DEP_MARK, sync_source_deps
+    from tests.conftest import git_dvc_repo
+
+    repo = git_dvc_repo(tmp_path / "repo")
+    text = (REPO / "dvc.yaml").read_text()
+    (repo / "dvc.yaml").write_text(text)
+    (repo / "weights").mkdir()
+    (repo / "weights/mae_full.pth").write_bytes(b"weights")
+    cfg = load_params(REPO / "params.yaml", ["pretrain.init=weights/mae_full.pth"])
+    sync_source_deps(repo, cfg)
+    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    assert stages["pretrain"]["deps"][-1] == "weights/mae_full.pth"
+    assert "weights/mae_full.pth" not in stages["prepare"]["deps"]
+    marked = [line.split("#")[0].strip() for line in (repo / "dvc.yaml").read_text().splitlines()
+              if INIT_DEP_MARK in line]  # fmt: skip
+    assert marked == ["- weights/mae_full.pth"]
+    status = _run([str(BIN / "dvc"), "status", "pretrain", "--json"], repo)
+    assert "weights/mae_full.pth" in status
+    sync_source_deps(repo, load_params(REPO / "params.yaml", []))
+    assert (repo / "dvc.yaml").read_text() == text

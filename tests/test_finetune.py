@@ -273,6 +273,10 @@ def test_evaluate_matches_a_direct_computation(run_root: Path) -> None:
     assert f"({classical.NAMES.get(strongest, '') or ''}" in summary or strongest in ("scratch", "linprobe")
     assert f"by **{gain:+.1f} points**" in summary
     assert (run_root / "reports/eval/confusion_matrix.png").stat().st_size > 1000
+    near = pd.read_csv(run_root / "reports/data/near_duplicates.csv")  # the data check ran, across splits only
+    assert list(near.columns) == ["split_a", "file_a", "split_b", "file_b", "cosine"]
+    assert (near["split_a"] != near["split_b"]).all() and (near["cosine"] >= 0.995).all()
+    assert "## Data check" in summary and "near_duplicates.csv" in summary
     # the classical baselines were tuned on the validation split, and say with what
     tuned = json.loads((run_root / "reports/baselines/metrics.json").read_text())
     assert tuned["logreg_pixels"]["C"] in classical.LOGREG_C and tuned["knn_mae"]["k"] in classical.KNN_K
@@ -328,3 +332,60 @@ def test_the_reference_randaugment_survives_its_strongest_magnitude() -> None:
         assert transform(img).size == (16, 16)
     post = next(op for op in transform.ops if op.name == "PosterizeIncreasing")
     assert np.asarray(post.aug_fn(img, 0)).max() == 0 and post.aug_fn(img, 8) is img
+
+
+def test_the_model_shipped_is_the_best_on_validation_not_always_the_fine_tuned_one(run_root: Path) -> None:
+    """A fine-tune starved of learning rate loses to the linear probe on validation: evaluate
+    chooses the probe (deployed.json, summary), export ships it (its weights, its metadata),
+    and the registry records its test score."""
+    import hashlib
+
+    from mae_ops import registry
+    from mae_ops.serving import ModelInfo, open_session, run_logits
+    from mae_ops.stages import export
+    from tests.conftest import export_config
+
+    cfg = export_config(run_root, "finetune.base_lr=1e-7", "finetune.epochs=1", "evaluate.baseline=none",
+                        "evaluate.classical=false", "export.quantize=false", "export.benchmark_runs=0",
+                        "evaluate.near_duplicates=null")  # fmt: skip
+    finetune.run(cfg)
+    baselines.run(cfg)
+    results = evaluate.run(cfg)
+    deployed = json.loads((run_root / "reports/eval/deployed.json").read_text())
+    assert deployed["val_top1"]["linprobe"] > deployed["val_top1"]["finetune"] and deployed["model"] == "linprobe"
+    probe = run_root / "models/baselines/linprobe.pth"
+    assert deployed["checkpoint_sha256"] == hashlib.sha256(probe.read_bytes()).hexdigest()
+    assert deployed["test_top1"] == results["linprobe"]["top1"]
+    assert (
+        "**Deployed** (exported and registered): MAE encoder frozen, linear probe"
+        in (run_root / "reports/eval/summary.md").read_text()
+    )
+
+    parity = export.run(cfg)
+    assert parity["deployed"] == "linprobe" and parity["passed"]
+    session = open_session(run_root / "models/export/model.onnx", "cpu")
+    info = ModelInfo.from_session(session)
+    assert info.metadata["deployed"] == "linprobe"
+    assert info.metadata["model_sha256"] == deployed["checkpoint_sha256"]
+    data = PreparedData(run_root / "data/prepared")
+    test_ids = data.indices("test")
+    logits = run_logits(session, np.asarray(data.eval_images[test_ids], dtype=np.float32) / 255)
+    assert float((logits.argmax(1) == data.labels[test_ids]).mean()) == pytest.approx(results["linprobe"]["top1"])
+
+    for rel in ("params.yaml", "dvc.lock"):  # what a registered run carries besides its models
+        (run_root / rel).write_text("{}\n")
+    info = registry.register(run_root, run_root / "registry")
+    assert info["deployed"] == "linprobe" and info["test_top1"] == results["linprobe"]["top1"]
+
+    probe.write_bytes(probe.read_bytes() + b"\0")  # the chosen checkpoint changed after evaluation
+    with pytest.raises(export.InputError, match="run `mae-ops evaluate` again"):
+        export.run(cfg)
+
+
+def test_a_tie_on_validation_ships_the_fine_tuned_model(tmp_path: Path) -> None:
+    paths = {name: tmp_path / f"{name}.pth" for name in ("finetune", "scratch", "linprobe")}
+    for p in paths.values():
+        p.write_bytes(p.name.encode())
+    infos = {"finetune": {"val_top1": 0.5}, "scratch": {"val_top1": 0.9}, "linprobe": {"val_top1": 0.5}}
+    chosen = evaluate.choose_deployed(paths, infos)
+    assert chosen["model"] == "finetune" and set(chosen["val_top1"]) == {"finetune", "linprobe"}  # scratch: a baseline

@@ -223,3 +223,146 @@ def test_device_batches_are_the_loader_batches(prepared_mnist: Path, world_size:
         first = next(iter(device))[0]
         set_epoch(device, 0)
         assert not torch.equal(first, next(iter(device))[0])  # epochs are reshuffled
+
+
+def test_continued_pretraining_starts_lower_and_resumes_after_a_crash(
+    tmp_path: Path, prepared_mnist: Path, monkeypatch
+) -> None:
+    """pretrain.init from a checkpoint in the official layout ({'model': state_dict}, as
+    the released *_full.pth): the first epoch's loss is far below a fresh start's; a
+    continued run that crashes resumes from its own checkpoint to the same weights as an
+    uninterrupted one; other weights under the same file name are another run."""
+    import hashlib
+    import shutil
+
+    from mae_ops import runtime
+
+    roots = {name: tmp_path / name for name in ("scratch", "whole", "crashed")}
+    for root in roots.values():
+        shutil.copytree(prepared_mnist, root / "data" / "prepared")
+    scratch = pretrain.run(tiny_config(roots["scratch"], "pretrain.epochs=3"))
+    official = tmp_path / "mae_pretrain_full.pth"
+    torch.save({"model": _final_weights(roots["scratch"])}, official)
+    extra = ["pretrain.epochs=3", "pretrain.save_every=1", f"pretrain.init={official}"]
+
+    whole = pretrain.run(tiny_config(roots["whole"], *extra))
+    assert whole["first_loss"] < 0.85 * scratch["first_loss"], (whole["first_loss"], scratch["first_loss"])
+    assert whole["init"] == str(official)
+    assert whole["init_sha256"] == hashlib.sha256(official.read_bytes()).hexdigest()
+
+    real, calls = runtime.all_reduce_mean, []
+
+    def crash_in_epoch_2(value, rt):  # called once per epoch, after its last step
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return real(value, rt)
+
+    monkeypatch.setattr(runtime, "all_reduce_mean", crash_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.run(tiny_config(roots["crashed"], *extra))
+    monkeypatch.setattr(runtime, "all_reduce_mean", real)
+    resumed = pretrain.run(tiny_config(roots["crashed"], *extra), resume=True)
+    assert resumed["resumed_from_epoch"] == 1 and resumed["first_loss"] == whole["first_loss"]
+    a, b = _final_weights(roots["whole"]), _final_weights(roots["crashed"])
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=key)
+
+    torch.save({"model": _final_weights(roots["whole"])}, official)  # other weights, same name
+    with pytest.raises(ResumeError, match="different run"):
+        pretrain.run(tiny_config(roots["crashed"], *extra), resume=True)
+
+
+def test_init_fits_the_checkpoint_to_the_model_or_names_the_key(tmp_path: Path) -> None:
+    """An encoder-only file keeps the fresh decoder; another image size gets the model's own
+    sin-cos table (a learned one is resampled); grey and colour are mapped both ways; another
+    preset or decoder depth is one line naming the key."""
+    from mae_ops.models.checkpoint import CheckpointError, continue_from, encoder_state_dict
+    from mae_ops.models.mae import MaskedAutoencoderViT, create_mae
+
+    torch.manual_seed(1)
+    source = create_mae("mae_vit_micro_patch4", 28, 1, True).state_dict()
+    path = tmp_path / "full.pth"
+    torch.save({"model": source}, path)
+
+    torch.manual_seed(2)
+    model = create_mae("mae_vit_micro_patch4", 28, 1, True)
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    assert continue_from(model, path) == []
+    assert all(torch.equal(v, source[k]) for k, v in model.state_dict().items())
+
+    torch.save({"model": encoder_state_dict(source)}, tmp_path / "encoder.pth")
+    model = create_mae("mae_vit_micro_patch4", 28, 1, True)
+    model.load_state_dict(fresh)
+    notes = continue_from(model, tmp_path / "encoder.pth")
+    assert any("encoder-only" in n for n in notes)
+    state = model.state_dict()
+    assert torch.equal(state["blocks.0.attn.qkv.weight"], source["blocks.0.attn.qkv.weight"])
+    assert torch.equal(state["decoder_pred.weight"], fresh["decoder_pred.weight"])
+
+    bigger = create_mae("mae_vit_micro_patch4", 32, 1, True)  # grid 7 -> 8
+    own_table = bigger.pos_embed.detach().clone()
+    notes = continue_from(bigger, path)
+    assert any("pos_embed: 49 patches in the checkpoint, 64 here (fixed sin-cos" in n for n in notes)
+    assert torch.equal(bigger.pos_embed, own_table)
+    learned = dict(source, pos_embed=source["pos_embed"] + 0.1 * torch.randn_like(source["pos_embed"]))
+    torch.save({"model": learned}, tmp_path / "learned.pth")
+    notes = continue_from(create_mae("mae_vit_micro_patch4", 32, 1, True), tmp_path / "learned.pth")
+    assert any("learned table resampled" in n for n in notes)
+
+    colour = create_mae("mae_vit_micro_patch4", 28, 3, True)
+    notes = continue_from(colour, path)
+    assert len([n for n in notes if "channels" in n]) == 3  # patch projection, decoder_pred weight and bias
+    w = colour.patch_embed.proj.weight
+    assert w.shape[1] == 3 and torch.allclose(w[:, 0], w[:, 2])
+    pred = colour.decoder_pred.weight.reshape(16, 3, -1)
+    assert torch.equal(pred[:, 0], source["decoder_pred.weight"].reshape(16, 1, -1)[:, 0])
+    torch.save({"model": colour.state_dict()}, tmp_path / "colour.pth")
+    grey = create_mae("mae_vit_micro_patch4", 28, 1, True)
+    continue_from(grey, tmp_path / "colour.pth")  # colour to grey: the filters summed, the rows averaged
+    assert torch.allclose(grey.patch_embed.proj.weight[:, 0], w.sum(1))
+    assert torch.allclose(grey.decoder_pred.weight, source["decoder_pred.weight"], atol=1e-6)
+    loss, _, _ = grey(torch.rand(2, 1, 28, 28), 0.75)
+    assert torch.isfinite(loss)
+
+    with pytest.raises(CheckpointError, match=r"pretrain.init .*: blocks.2\S* is missing from the checkpoint"):
+        continue_from(create_mae("mae_vit_tiny_patch4", 28, 1, True), path)  # 6 blocks, not 2
+    wider = MaskedAutoencoderViT(28, 4, 1, embed_dim=64, depth=2, num_heads=2, decoder_embed_dim=32,
+                                 decoder_depth=1, decoder_num_heads=2)  # fmt: skip
+    with pytest.raises(CheckpointError, match=r"pretrain.init .*: \S+ is \[\d+(, \d+)*\] in the checkpoint"):
+        continue_from(wider, path)
+    with pytest.raises(CheckpointError, match=r"decoder_blocks.\d\S* is missing from the checkpoint"):
+        continue_from(create_mae("mae_vit_micro_patch4", 28, 1, True, decoder_depth=3), path)
+
+
+def test_the_monitor_scores_the_encoder_during_pre_training(mnist_root: Path) -> None:
+    """pretrain.monitor_every=2 over 4 epochs: k-NN and linear-probe validation top-1 in
+    history.csv at epochs 2 and 4 (blank otherwise) and in metrics.json; the scores are
+    those of the saved encoder, whose unmasked features are the exported extractor's."""
+    import numpy as np
+
+    from mae_ops import monitor
+    from mae_ops.data import PreparedData
+    from mae_ops.models.classifier import feature_extractor
+    from mae_ops.models.mae import create_mae
+
+    metrics = pretrain.run(tiny_config(mnist_root, "pretrain.epochs=4", "pretrain.monitor_every=2"))
+    with open(mnist_root / "reports/pretrain/history.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [bool(r["knn_val_top1"]) for r in rows] == [False, True, False, True]
+    assert all(0.1 < float(rows[3][k]) <= 1.0 for k in ("knn_val_top1", "probe_val_top1"))  # above chance
+    assert metrics["probe_val_top1"] == float(rows[3]["probe_val_top1"]) and metrics["monitor_s"] > 0
+
+    data = PreparedData(mnist_root / "data/prepared")
+    model = create_mae("mae_vit_micro_patch4", 28, 1, True)
+    model.load_state_dict(_final_weights(mnist_root))
+    mean, std = torch.tensor(data.mean), torch.tensor(data.std)
+    ids = monitor.monitor_ids(data)
+    assert ids is not None
+    again = monitor.scores(model, data, ids, mean, std)
+    assert again == {k: float(rows[3][k]) for k in again}
+    extractor = feature_extractor("mae_vit_micro_patch4", 28, 1, mnist_root / "models/pretrain/encoder.pth")
+    x = (torch.from_numpy(data.eval_images[ids[1][:16]]).float() / 255 - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_features(x), extractor(x), atol=1e-5, rtol=1e-5)
+    assert np.isfinite(monitor.encoder_features(model, data, ids[1][:16], mean, std)).all()

@@ -144,6 +144,25 @@ def test_holm_and_planned_pairs_do_not_depend_on_the_scores() -> None:
     dec = {v: {**base, "linprobe_top1": top1, "finetune_top1": 0.5} for v, top1 in ((1, 0.3), (2, 0.1), (4, 0.2))}
     tests = plan.directions({"model.decoder_depth": dec})[1]
     assert {(t["setting_a"], t["setting_b"]) for t in tests} == {(4, 1)}  # deepest vs shallowest, not best vs worst
+    init = {v: {**base, "linprobe_top1": 0.4, "finetune_top1": 0.5} for v in (None, "/w/mae_full.pth")}
+    tests = plan.directions({"pretrain.init": init})[1]
+    assert {(t["setting_a"], t["setting_b"], t["score"]) for t in tests} == {
+        ("/w/mae_full.pth", None, "linprobe_top1"),
+        ("/w/mae_full.pth", None, "finetune_top1"),
+    }
+    assert tests[0]["check"] == "continued from mae_full.pth vs scratch"
+    assert plan.label("pretrain.init", None) == "scratch" and plan.label("model.decoder_depth", None) == "preset"
+
+
+def test_a_continued_setting_is_keyed_by_its_checkpoints_content(tmp_path: Path) -> None:
+    weights = tmp_path / "mae_full.pth"
+    sweep = f'study.sweeps={{"pretrain.init": [null, "{weights}"]}}'
+    weights.write_bytes(b"one")
+    first = plan.settings(tiny_config(tmp_path, sweep), "data")
+    weights.write_bytes(b"two")
+    second = plan.settings(tiny_config(tmp_path, sweep), "data")
+    assert first[0]["run"] == second[0]["run"]  # from scratch: the same run
+    assert first[1]["run"] != second[1]["run"]  # other weights under the same name: another run
 
 
 def test_seeds_multiply_the_runs_and_fine_tuning_params_rescore(tmp_path: Path) -> None:

@@ -213,6 +213,99 @@ def predict(
         raise typer.Exit(code=1)
 
 
+@app.command()
+def embed(
+    model: Annotated[Path, typer.Argument(help="the encoder.onnx made by `mae-ops export`")],
+    paths: Annotated[list[Path], typer.Argument(help="image files or folders")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="the Parquet file to write")],
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    threads: Annotated[int | None, typer.Option(min=1)] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="images per onnxruntime call")] = 256,
+    workers: Annotated[int | None, typer.Option(min=0, help="decoding processes (default: up to 4)")] = None,
+) -> None:
+    """Embeddings of images for search, clustering and clean-up: the pre-trained encoder on
+    the whole image (no masking: the same image gives the same vector), pooled as
+    fine-tuning pools, with onnxruntime alone. One Parquet row per image (file, embedding),
+    streamed; unreadable images are skipped and named on stderr (exit 1)."""
+    import time
+
+    from tqdm.auto import tqdm
+
+    from mae_ops.reporting import file_sha256
+    from mae_ops.serving import ModelInfo, expand_paths, open_session, run_files
+    from mae_ops.similarity import write_embeddings
+
+    if not model.exists():
+        _fail(f"model not found: {model}")
+    session = open_session(model, device, threads)
+    info = ModelInfo.from_session(session, "features")
+    files = expand_paths(list(paths))
+    if not files:
+        _fail("no image files found")
+    t0, failed = time.perf_counter(), []
+
+    def rows():
+        for f, row in tqdm(run_files(session, files, "features", batch_size, workers), total=len(files),
+                           desc="embed", unit="img"):  # fmt: skip
+            if isinstance(row, str):
+                failed.append(f)
+                typer.echo(f"skipped {f}: {row}", err=True)
+            else:
+                yield f, row
+
+    meta = {"model": str(model), "model_sha256": file_sha256(model), "preset": info.metadata.get("preset", ""),
+            "img_size": str(info.img_size), "channels": str(info.channels)}  # fmt: skip
+    count = write_embeddings(rows(), out, meta)
+    seconds = time.perf_counter() - t0
+    typer.echo(f"embedded {count} images ({len(failed)} unreadable, skipped) in {seconds:.2f}s -> {out}", err=True)
+    if failed:
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def similar(
+    index: Annotated[Path, typer.Argument(help="embeddings written by `mae-ops embed`")],
+    query: Annotated[Path | None, typer.Option(help="embeddings of the queries; default: each image of INDEX")] = None,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1)] = 5,
+    duplicates: Annotated[
+        float | None, typer.Option(min=-1.0, max=1.0, help="instead: every pair of INDEX with cosine >= this")
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="write the CSV here (default: stdout)")] = None,
+) -> None:
+    """Nearest neighbours by cosine similarity (exact search), or with --duplicates the
+    near-duplicate pairs of a set, as CSV."""
+    import contextlib
+    import csv
+
+    from mae_ops.atomic import atomic_path
+    from mae_ops.similarity import near_duplicates, nearest, read_embeddings
+
+    files, emb, _ = read_embeddings(index)
+    q_files, q_emb = (files, emb) if query is None else read_embeddings(query)[:2]
+    if q_emb.shape[1] != emb.shape[1]:
+        _fail(f"{query} has {q_emb.shape[1]}-d embeddings, {index} {emb.shape[1]}-d: embed both with one encoder")
+    with contextlib.ExitStack() as stack:
+        fh = open(stack.enter_context(atomic_path(out)), "w", newline="") if out else sys.stdout  # noqa: SIM115
+        if out:
+            stack.callback(fh.close)
+        writer = csv.writer(fh)
+        if duplicates is not None:
+            writer.writerow(["file_a", "file_b", "cosine"])
+            pairs = 0
+            for i, j, sim in near_duplicates(emb, duplicates):
+                writer.writerow([files[i], files[j], f"{sim:.5f}"])
+                pairs += 1
+            summary = f"{pairs} pairs with cosine >= {duplicates} among {len(files)} images"
+        else:
+            ids, sims = nearest(emb, q_emb, top_k, exclude_self=query is None)
+            writer.writerow(["query", "rank", "neighbour", "cosine"])
+            for qf, row_ids, row_sims in zip(q_files, ids, sims, strict=True):
+                for rank, (n, sim) in enumerate(zip(row_ids, row_sims, strict=True), 1):
+                    writer.writerow([qf, rank, files[n], f"{sim:.5f}"])
+            summary = f"{len(q_files)} queries x {ids.shape[1]} neighbours among {len(files)} images"
+    typer.echo(summary + (f" -> {out}" if out else ""), err=True)
+
+
 def _load_flow(name: str, attr: str):
     """Import flows/<name>.py as module ``flows.<name>`` from the project folder;
     an importable name lets Prefect's runner re-import the flow in its worker processes."""

@@ -82,7 +82,7 @@ Precision = Annotated[Literal["auto", "bf16", "fp16", "off"], BeforeValidator(_y
 # keys that change how fast or where a run goes, not what it computes: left out
 # of the fingerprints that decide whether a checkpoint or a study can be resumed
 RUNTIME_KEYS = frozenset({"device", "amp", "fast", "compile_mode", "num_workers", "save_every", "auto_resume",
-                          "eval_every", "out_dir", "checkpoint_dir", "reports_dir"})  # fmt: skip
+                          "eval_every", "monitor_every", "out_dir", "checkpoint_dir", "reports_dir"})  # fmt: skip
 
 
 def semantic_params(section: BaseModel, *also_ignore: str) -> dict[str, Any]:
@@ -180,8 +180,19 @@ class PretrainConfig(_Section):
     fp8: bool = Field(
         False, description="FP8 matmuls in the blocks' large linear layers (torchao float8; fast path, CUDA >= sm89)"
     )
+    init: str | None = Field(
+        None,
+        description="continue pre-training from this MAE checkpoint ({'model': ...}: an official *_full.pth, "
+        "a mae.pth, or encoder-only); null: from scratch",
+    )
     seed: int = Field(0, ge=0)
     save_every: int = Field(5, ge=1, description="checkpoint every N epochs (and at the end)")
+    monitor_every: int = Field(
+        5,
+        ge=0,
+        description="score the encoder every N epochs and at the end (k-NN and linear probe on the "
+        "validation split, in history.csv); 0 = off",
+    )
     auto_resume: bool = Field(True, description="continue a matching interrupted run")
     num_workers: int | Literal["auto"] = Field(
         "auto", description="host loader processes when the data is not on the device; auto: 0 on CPU, up to 8 on CUDA"
@@ -351,7 +362,15 @@ class EvaluateConfig(_Section):
     device: DeviceName = "auto"
     baselines_dir: str = "models/baselines"
     baselines_reports_dir: str = "reports/baselines"
+    near_duplicates: float | None = Field(
+        0.995,
+        ge=-1.0,
+        le=1.0,
+        description="report pairs of images in different splits whose pre-trained encoder "
+        "features have at least this cosine similarity (reports/data/near_duplicates.csv); null = off",
+    )
     reports_dir: str = "reports/eval"
+    data_reports_dir: str = "reports/data"
     metrics_file: str = "reports/metrics.json"
 
 

@@ -208,43 +208,58 @@ def preflight(repo: Path, cfg: Config, stages: list[str], overrides: list[str], 
 
 
 SOURCE_DEP_MARK = "mae-ops: an image folder of data.source / data.unlabeled_dirs"
+INIT_DEP_MARK = "mae-ops: the checkpoint of pretrain.init"
 
 
-def _ours(deps: CommentedSeq, i: int) -> bool:
+def _ours(deps: CommentedSeq, i: int, mark: str) -> bool:
     """Whether entry ``i`` of a deps list is one this tool added (its end-of-line comment)."""
     token = (deps.ca.items.get(i) or [None])[0]
-    return token is not None and SOURCE_DEP_MARK in token.value
+    return token is not None and mark in token.value
+
+
+def _replace_marked(deps: CommentedSeq, wanted: list[str], mark: str) -> list[str] | None:
+    """Make the entries marked ``mark`` the ``wanted`` paths; the old ones if they changed."""
+    ours = [i for i in range(len(deps)) if _ours(deps, i, mark)]
+    old = [str(deps[i]) for i in ours]
+    if old == wanted:
+        return None
+    for i in reversed(ours):
+        del deps[i]
+    for path in wanted:
+        if path not in deps:  # the user listed it already: theirs
+            deps.append(path)
+            deps.yaml_add_eol_comment(mark, len(deps) - 1)
+    return old
 
 
 def sync_source_deps(repo: Path, cfg: Config, log: Callable[[str], None] | None = None) -> list[str]:
     """List the image folders of ``cfg.data`` (source and unlabeled_dirs) as deps of
-    `prepare` in dvc.yaml, so that DVC hashes them and sees them change; returns the
-    folders now listed. Only the entries this tool added (marked with
-    ``SOURCE_DEP_MARK``) are replaced: every other entry and comment of the user's stays.
-    DVC's templating cannot turn a list param into deps, hence this step."""
+    `prepare` in dvc.yaml, and the checkpoint of ``pretrain.init`` as a dep of
+    `pretrain`, so that DVC hashes them and sees them change; returns the folders now
+    listed. Only the entries this tool added (marked with ``SOURCE_DEP_MARK`` or
+    ``INIT_DEP_MARK``) are replaced: every other entry and comment of the user's stays.
+    DVC's templating cannot turn a param into deps, hence this step."""
     path = repo / "dvc.yaml"
     rt = YAML()
     rt.width = 4096
     rt.indent(mapping=2, sequence=4, offset=2)
     doc = rt.load(path.read_text())
-    deps = doc["stages"]["prepare"]["deps"]
-    wanted = [dep_path(repo, f) for f in source_folders(cfg.data)]
-    ours = [i for i in range(len(deps)) if _ours(deps, i)]
-    old = [str(deps[i]) for i in ours]
-    if old == wanted:
-        return wanted
-    for i in reversed(ours):
-        del deps[i]
-    for folder in wanted:
-        if folder not in deps:  # the user listed it already: theirs
-            deps.append(folder)
-            deps.yaml_add_eol_comment(SOURCE_DEP_MARK, len(deps) - 1)
-    buf = io.StringIO()
-    rt.dump(doc, buf)
-    write_text(path, buf.getvalue())
-    if log is not None:
-        log(f"dvc.yaml: the prepare stage now depends on {wanted or 'the embedded data only'} (was {old or 'none'})")
-    return wanted
+    folders = [dep_path(repo, f) for f in source_folders(cfg.data)]
+    init = [dep_path(repo, Path(cfg.pretrain.init))] if cfg.pretrain.init else []
+    changed = False
+    for stage, wanted, mark in (("prepare", folders, SOURCE_DEP_MARK), ("pretrain", init, INIT_DEP_MARK)):
+        deps = doc["stages"].get(stage, {}).get("deps")
+        old = None if deps is None else _replace_marked(deps, wanted, mark)
+        if old is not None:
+            changed = True
+            if log is not None:
+                log(f"dvc.yaml: the {stage} stage now depends on {wanted or 'no file of mae-ops'} "
+                    f"(was {old or 'none'})")  # fmt: skip
+    if changed:
+        buf = io.StringIO()
+        rt.dump(doc, buf)
+        write_text(path, buf.getvalue())
+    return folders
 
 
 def write_overrides(repo: Path, overrides: list[str], log: Callable[[str], None] | None = None) -> list[str]:
@@ -317,8 +332,10 @@ def run_summary(repo: Path, results: list[StageResult]) -> str:
                   f"{c['test']} test, {c['unlabeled']} unlabeled; {c['labelled']} labels used), "
                   f"{manifest['num_skipped']} skipped."]  # fmt: skip
     if pre:
+        seen = (f"; the encoder on the validation split: k-NN {pre['knn_val_top1']:.2%}, linear probe "
+                f"{pre['probe_val_top1']:.2%}" if "probe_val_top1" in pre else "")  # fmt: skip
         lines += [f"**Pre-training**: loss {pre['first_loss']:.4f} -> {pre['final_loss']:.4f} over {pre['epochs']} "
-                  f"epochs, {pre['images_per_s']:.0f} img/s."]  # fmt: skip
+                  f"epochs, {pre['images_per_s']:.0f} img/s{seen}."]  # fmt: skip
     if hpo:
         params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in hpo["params"].items())
         lines += [f"**Search**: best trial {hpo['trial']} (val top-1 {hpo['value']:.2%}): {params}; trials "
@@ -326,11 +343,14 @@ def run_summary(repo: Path, results: list[StageResult]) -> str:
     if metrics:
         lines += ["", "| model | test top-1 |", "| --- | --- |"]
         lines += [f"| {name} | {m['top1']:.2%} |" for name, m in metrics.items()]
+    deployed = _read_json(repo / "reports/eval/deployed.json")
+    if deployed:
+        lines += ["", f"**Deployed**: {deployed['model']} ({deployed['why']}; test top-1 {deployed['test_top1']:.2%})."]
     if parity:
         lines += ["", f"**Export**: parity max |diff| {parity['max_abs_diff']:.1e}, top-1 agreement "
                   f"{parity['top1_agreement']:.2%}" + (f", int8 top-1 {parity['int8_top1']:.2%}"
                                                        if "int8_top1" in parity else "") + "."]  # fmt: skip
-    model = repo / "models/finetune/model.pth"
+    model = repo / (deployed.get("checkpoint") or "models/finetune/model.pth")  # the model export shipped
     this_model = file_sha256(model) if model.exists() else None
     if bench and this_model and bench_report.get("model_sha256") == this_model:
         lines += [f"**Latency (batch 1, p50, {bench_report.get('cpu', '?')}, measured "

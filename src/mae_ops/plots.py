@@ -46,15 +46,26 @@ def reconstruction_grid(columns: dict[str, np.ndarray], dest: str | Path, title:
     save_figure(fig, dest)
 
 
-def learning_curve(history: list[dict], keys: list[str], dest: str | Path, title: str = "") -> None:
-    """Per-epoch curves from a list of {'epoch': ..., key: ...} records."""
+def learning_curve(history: list[dict], keys: list[str], dest: str | Path, title: str = "",
+                   right: list[str] | None = None) -> None:  # fmt: skip
+    """Per-epoch curves from a list of {'epoch': ..., key: ...} records; ``right`` keys
+    (accuracies, on the epochs that have them) on a second axis."""
     fig, ax = plt.subplots(figsize=(5, 3.2))
     epochs = [h["epoch"] for h in history]
     for key in keys:
         ax.plot(epochs, [h[key] for h in history], marker="o", markersize=2, label=key)
     ax.set_xlabel("epoch")
     ax.grid(alpha=0.3)
-    ax.legend()
+    handles, labels = ax.get_legend_handles_labels()
+    if right:
+        ax2 = ax.twinx()
+        for key, style in zip(right, ("s--", "^--", "v--"), strict=False):
+            points = [(h["epoch"], h[key]) for h in history if h.get(key) is not None]
+            ax2.plot(*zip(*points, strict=True), style, markersize=4, label=key.replace("_", " "))
+        ax2.set_ylabel("validation top-1")
+        more = ax2.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    ax.legend(handles, labels, fontsize=8)
     if title:
         ax.set_title(title)
     fig.tight_layout()

@@ -31,7 +31,8 @@ from mae_ops.store import open_eval_images
 log = logging.getLogger(__name__)
 
 ARTIFACTS = ("models/export/model.onnx", "models/export/model.int8.onnx", "models/export/encoder.onnx",
-             "reports/metrics.json", "reports/export/parity.json", "params.yaml", "dvc.lock")  # fmt: skip
+             "reports/metrics.json", "reports/eval/deployed.json", "reports/export/parity.json", "params.yaml",
+             "dvc.lock")  # fmt: skip
 
 
 class RegistryError(UserError, RuntimeError):
@@ -109,10 +110,13 @@ def _register(repo: Path, registry: Path) -> dict[str, Any]:
         raise RegistryError(f"{_versions_dir(registry) / version} exists already; nothing was overwritten")
     manifest = json.loads((repo / "data/prepared/manifest.json").read_text())
     metrics = json.loads((repo / "reports/metrics.json").read_text())
+    chosen = repo / "reports/eval/deployed.json"  # the model evaluate chose on validation, and export shipped
+    deployed = json.loads(chosen.read_text())["model"] if chosen.exists() else "finetune"
     info = {
         "version": version,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "test_top1": metrics["finetune"]["top1"],
+        "deployed": deployed,
+        "test_top1": metrics[deployed]["top1"],
         "data_dvc_hash": prepared_data_hash(repo),  # DVC's hash of data/prepared, from dvc.lock
         "data_content_hash": manifest["content_hash"],
         "split_definition": manifest.get("split_definition"),  # which image lands in which split

@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 from mae_ops.atomic import write_text
+from mae_ops.errors import UserError
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -41,6 +42,16 @@ def file_sha256(path: str | Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def weights_sha256(path: str | Path | None, key: str) -> str | None:
+    """The SHA-256 of the checkpoint a run starts from (None for none), so that runs
+    are keyed by the weights, not by the file's name; ``key`` names the param."""
+    if path is None:
+        return None
+    if not Path(path).is_file():
+        raise UserError(f"{key}: {path} is not a file (an MAE checkpoint such as mae_pretrain_vit_base_full.pth)")
+    return file_sha256(path)
 
 
 def git_revision(repo: Path) -> str | None:

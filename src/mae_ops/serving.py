@@ -76,7 +76,8 @@ class ModelInfo:
         return float(self.metadata.get("crop_pct", "1.0"))
 
     @classmethod
-    def from_session(cls, session: ort.InferenceSession) -> ModelInfo:
+    def from_session(cls, session: ort.InferenceSession, output: str = "logits") -> ModelInfo:
+        """The metadata of an exported classifier (``output`` logits) or encoder (features)."""
         meta = dict(session.get_modelmeta().custom_metadata_map)
         try:
             info = cls(json.loads(meta["classes"]), int(meta["img_size"]), int(meta["channels"]), meta)
@@ -84,22 +85,25 @@ class ModelInfo:
             raise ModelError(f"not an mae-ops model: metadata {exc} is missing") from None
         except ValueError as exc:
             raise ModelError(f"not an mae-ops model: unreadable metadata ({exc})") from None
-        info.check_graph(session)
+        info.check_graph(session, output)
         return info
 
-    def check_graph(self, session: ort.InferenceSession) -> None:
-        """The graph must take what the metadata promises: pixels (batch, C, S, S) -> logits (batch, classes)."""
+    def check_graph(self, session: ort.InferenceSession, output: str = "logits") -> None:
+        """The graph must take what the metadata promises: pixels (batch, C, S, S) -> logits
+        (batch, classes), or features (batch, D) for the encoder."""
         inputs = {i.name: i.shape for i in session.get_inputs()}
         outputs = {o.name: o.shape for o in session.get_outputs()}
         want_in = [self.channels, self.img_size, self.img_size]
         shape = inputs.get("pixels")
-        logits = outputs.get("logits")
+        out = outputs.get(output)
         problem = None
         fixed = [s if isinstance(s, int) else w for s, w in zip((shape or [None] * 4)[1:], want_in, strict=False)]
         if shape is None or len(shape) != 4 or fixed != want_in:
             problem = f"input 'pixels' of shape (batch, {', '.join(map(str, want_in))}), the graph takes {inputs}"
-        elif not logits or (isinstance(logits[-1], int) and logits[-1] != len(self.classes)):
+        elif output == "logits" and (not out or (isinstance(out[-1], int) and out[-1] != len(self.classes))):
             problem = f"output 'logits' with {len(self.classes)} classes, the graph gives {outputs}"
+        elif not out or len(out) != 2:
+            problem = f"output '{output}' of shape (batch, D) (an encoder.onnx), the graph gives {outputs}"
         if problem:
             raise ModelError(f"the graph does not match its mae-ops metadata: expected {problem}")
 
@@ -188,35 +192,46 @@ def _decoded(files: list[Path], info: ModelInfo, workers: int, chunk: int = 64) 
             yield from pending.popleft().result()
 
 
-def predict_files(session: ort.InferenceSession, files: list[Path], top_k: int = 3, batch_size: int = 256,
-                  workers: int | None = None) -> Iterator[dict]:  # fmt: skip
-    """One record per file, in order, as soon as its batch is done: top-k labels with
-    probabilities, or the error that kept it out."""
-    info = ModelInfo.from_session(session)
+def run_files(session: ort.InferenceSession, files: list[Path], output: str = "logits", batch_size: int = 256,
+              workers: int | None = None) -> Iterator[tuple[str, np.ndarray | str]]:  # fmt: skip
+    """(file, its row of ``output``) per file, in order, as soon as its batch is done; the
+    error that kept it out in place of the row. Decoded in ``workers`` processes."""
+    info = ModelInfo.from_session(session, output)
     workers = workers if workers is not None else min(4, os.cpu_count() or 1)
-    waiting: list[dict] = []
+    name = session.get_inputs()[0].name
+    waiting: list[tuple[str, str | None]] = []
     arrays: list[np.ndarray] = []
 
-    def flush() -> Iterator[dict]:
-        if arrays:
-            probs = softmax(run_logits(session, np.stack(arrays).astype(np.float32) / 255.0, batch_size))
-            k = min(top_k, probs.shape[1])
-            rows = iter(probs)
-            for record in waiting:
-                if "error" not in record:
-                    row = next(rows)
-                    record["top"] = [{"label": info.classes[c], "prob": round(float(row[c]), 5)}
-                                     for c in np.argsort(-row)[:k]]  # fmt: skip
-        yield from waiting
+    def flush() -> Iterator[tuple[str, np.ndarray | str]]:
+        try:  # at most batch_size images wait: one call
+            rows = iter(session.run([output], {name: np.stack(arrays).astype(np.float32) / 255.0})[0] if arrays else ())
+        except (Fail, InvalidArgument) as exc:
+            raise ModelError(f"the model cannot run on these inputs: {str(exc).splitlines()[0][:200]}") from None
+        for f, error in waiting:
+            yield (f, error) if error is not None else (f, next(rows))
         waiting.clear()
         arrays.clear()
 
     for f, decoded in zip(files, _decoded(files, info, workers), strict=True):
         if isinstance(decoded, str):
-            waiting.append({"file": str(f), "error": decoded})
+            waiting.append((str(f), decoded))
         else:
-            waiting.append({"file": str(f)})
+            waiting.append((str(f), None))
             arrays.append(decoded)
             if len(arrays) >= batch_size:
                 yield from flush()
     yield from flush()
+
+
+def predict_files(session: ort.InferenceSession, files: list[Path], top_k: int = 3, batch_size: int = 256,
+                  workers: int | None = None) -> Iterator[dict]:  # fmt: skip
+    """One record per file, in order, as soon as its batch is done: top-k labels with
+    probabilities, or the error that kept it out."""
+    classes = ModelInfo.from_session(session).classes
+    for f, row in run_files(session, files, "logits", batch_size, workers):
+        if isinstance(row, str):
+            yield {"file": f, "error": row}
+            continue
+        probs = softmax(row[None])[0]
+        yield {"file": f, "top": [{"label": classes[c], "prob": round(float(probs[c]), 5)}
+                                  for c in np.argsort(-probs)[: min(top_k, len(probs))]]}  # fmt: skip

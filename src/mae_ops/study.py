@@ -19,6 +19,7 @@ from mae_ops.atomic import write_json, write_text
 from mae_ops.config import Config, apply_overrides, semantic_params, validate
 from mae_ops.models.presets import preset_config
 from mae_ops.plots import sweep_plot
+from mae_ops.reporting import weights_sha256
 
 SCORES = ("knn_top1", "linprobe_top1", "finetune_top1")
 NOT_PROBE_KEYS = ("sweeps", "seeds", "models_dir", "reports_dir")  # the study's keys that change no score
@@ -42,7 +43,9 @@ def settings(cfg: Config, data_hash: str) -> list[dict[str, Any]]:
                 one = validate(apply_overrides(raw, sets))
                 depth = one.model.decoder_depth or preset_config(one.model.preset)["decoder_depth"]
                 run = _hash({"model": {**one.model.model_dump(mode="json"), "decoder_depth": depth},  # as built
-                             "data": data_hash, "pretrain": semantic_params(one.pretrain)})  # fmt: skip
+                             "data": data_hash, "pretrain": semantic_params(one.pretrain),
+                             **({"init": weights_sha256(one.pretrain.init, "pretrain.init")}
+                                if one.pretrain.init else {})})  # fmt: skip
                 scored = _hash({"run": run, "finetune": semantic_params(one.finetune),
                                 "study": one.study.model_dump(mode="json", exclude=set(NOT_PROBE_KEYS))})  # fmt: skip
                 models, reports = Path(cfg.study.models_dir) / run, Path(cfg.study.reports_dir) / "runs" / run
@@ -183,6 +186,11 @@ def _planned(groups: dict[str, dict[Any, dict]], score: str) -> list[tuple[str, 
     if len(ep) >= 2:
         for s in ("linprobe_top1", score):
             plan.append((f"epochs {max(ep)} vs {min(ep)}", "pretrain.epochs", max(ep), min(ep), s, "longer wins"))
+    init = groups.get("pretrain.init", {})
+    for start in (v for v in init if v is not None and None in init):  # from existing weights vs from scratch
+        for s in ("linprobe_top1", score):
+            plan.append((f"continued from {Path(start).name} vs scratch", "pretrain.init", start, None, s,
+                         "continuing wins"))  # fmt: skip
     return list(dict.fromkeys(plan))  # a score named twice is one test
 
 
@@ -199,17 +207,22 @@ def directions(groups: dict[str, dict[Any, dict]]) -> tuple[list[str], list[dict
         if t["paper"] == "little difference":
             verdict = "as the paper (no clear gap)" if abs(t["diff"]) <= t["ci95"] else "NOT as the paper (a clear gap)"
         else:
-            verdict = f"as the paper ({t['paper']})" if t["diff"] > 0 else "NOT as the paper"
+            source = "expected" if t["check"].startswith("continued") else "the paper"
+            verdict = f"as {source} ({t['paper']})" if t["diff"] > 0 else f"NOT as {source}"
         lines.append(f"{t['check']} ({t['score']}): {t['a']:.2%} vs {t['b']:.2%}, {verdict}, {_said(t)}")
     return lines, tests
 
 
 # ------------------------------------------------------------------- report
-def _label(value: Any) -> str:
+def label(key: str, value: Any) -> str:
+    """How a swept value is shown: null is the preset's (or, for pretrain.init, scratch);
+    a checkpoint by its file name."""
     if value is None:
-        return "preset"
+        return "scratch" if key == "pretrain.init" else "preset"
     if isinstance(value, bool):
         return str(value).lower()
+    if key == "pretrain.init":
+        return Path(value).name
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
@@ -272,11 +285,11 @@ def report(rows: list[dict], cfg: Config, dest: Path) -> dict:
         lines += [f"## {key}", "", f"![{key}]({png})", "", header, "|" + " --- |" * 6]
         for value, g in by.items():
             cells = " | ".join(_cell(g, s) for s in SCORES)
-            lines.append(f"| {_label(value)} | {cells} | {g['final_loss']:.4f} | {g['pretrain_s']:.0f} |")
+            lines.append(f"| {label(key, value)} | {cells} | {g['final_loss']:.4f} | {g['pretrain_s']:.0f} |")
         lines.append("")
         series = {s: [g[s] for g in by.values()] for s in SCORES}
         errors = {s: [accuracy_halfwidth(g, s) for g in by.values()] for s in SCORES}
-        sweep_plot([_label(v) for v in by], series, dest / png, title=f"{key} ({Path(cfg.data.source).name})",
+        sweep_plot([label(key, v) for v in by], series, dest / png, title=f"{key} ({Path(cfg.data.source).name})",
                    errors=errors)  # fmt: skip
     lines += ["## Against the paper (He et al. 2021, Table 1)", "",
               "The pairs compared were fixed before the runs (the paper's directions; which values are compared "

@@ -9,9 +9,10 @@ from typing import Any
 
 import torch
 from timm.layers import resample_abs_pos_embed
+from timm.models import adapt_input_conv
 
 from mae_ops.errors import UserError
-from mae_ops.models.mae import MaskedAutoencoderViT
+from mae_ops.models.mae import MaskedAutoencoderViT, sincos_pos_embed_2d
 
 DECODER_PREFIXES = ("decoder_", "mask_token")
 
@@ -85,3 +86,78 @@ def load_mae(model: MaskedAutoencoderViT, path: str | Path, strict: bool = True)
     if strict and encoder_only and any(not k.startswith(DECODER_PREFIXES) for k in missing):
         raise CheckpointError(f"{path}: encoder keys missing: {[k for k in missing if not k.startswith(DECODER_PREFIXES)][:5]}")
     return list(missing)
+
+
+def _channels(weight: torch.Tensor, in_chans: int, patch: int) -> torch.Tensor:
+    """The decoder's pixel predictions (p*p*C rows, channel last) for ``in_chans``
+    channels: a grey model predicts the mean of the colour rows; a colour model
+    repeats the grey row."""
+    old = weight.shape[0] // (patch * patch)
+    rows = weight.reshape(patch * patch, old, *weight.shape[1:])
+    rows = rows.mean(1, keepdim=True) if in_chans == 1 else rows.expand(-1, in_chans, *rows.shape[2:])
+    return rows.reshape(patch * patch * in_chans, *weight.shape[1:]).clone()
+
+
+def _is_sincos(table: torch.Tensor) -> bool:
+    """Whether a (1, 1 + g*g, D) position table is the fixed 2-D sin-cos table of its grid."""
+    grid = int(round((table.shape[1] - 1) ** 0.5))
+    want = torch.from_numpy(sincos_pos_embed_2d(table.shape[-1], grid, cls_token=True)).float()
+    return torch.allclose(table[0].float(), want, atol=1e-4)
+
+
+def continue_from(model: MaskedAutoencoderViT, path: str | Path) -> list[str]:
+    """Start ``model`` from the MAE weights in ``path`` (``{'model': state_dict}``: an
+    official ``*_full.pth``, this project's ``mae.pth``, or an encoder-only file), fitted
+    to the model's image size and channels; returns what was adapted, one line each.
+
+    - encoder-only: the decoder keeps its fresh initialisation;
+    - another ``img_size``: a fixed sin-cos position table is the model's own for its
+      grid (the same function of the grid); a learned one is resampled (timm);
+    - other channels: the patch projection as timm adapts a first conv (grey sums the
+      colour filters), the decoder's pixel rows averaged (colour to grey) or repeated;
+    - anything else that differs (another preset or decoder depth) is a CheckpointError
+      naming the first key."""
+    state = load_state_dict(path)
+    own = model.state_dict()
+    notes: list[str] = []
+    if not any(k.startswith(DECODER_PREFIXES) for k in state):
+        notes.append("encoder-only checkpoint: the decoder starts from a fresh initialisation")
+        own_keys = {k for k in own if not k.startswith(DECODER_PREFIXES)}
+    else:
+        own_keys = set(own)
+    missing, unexpected = sorted(own_keys - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        key = (missing or unexpected)[0]
+        where = "missing from the checkpoint" if missing else "not in model.preset's model"
+        raise CheckpointError(f"pretrain.init {path}: {key} is {where} ({len(missing)} missing, "
+                              f"{len(unexpected)} extra keys): another model.preset or model.decoder_depth?")  # fmt: skip
+    patch = model.patch_size
+    for key in sorted(set(state) & own_keys):
+        value, want = state[key], own[key]
+        if value.shape == want.shape:
+            continue
+        if key in ("pos_embed", "decoder_pos_embed") and value.shape[-1] == want.shape[-1]:
+            if _is_sincos(value):
+                state[key] = want.clone()
+                note = "fixed sin-cos table made for the model's grid"
+            else:
+                grid, old = model.patch_embed.grid_size[0], int(round((value.shape[1] - 1) ** 0.5))
+                state[key] = resample_abs_pos_embed(value, new_size=[grid, grid], old_size=[old, old],
+                                                    num_prefix_tokens=1)  # fmt: skip
+                note = "learned table resampled"
+            notes.append(f"{key}: {value.shape[1] - 1} patches in the checkpoint, {want.shape[1] - 1} here ({note})")
+        elif key == "patch_embed.proj.weight" and value.shape[0] == want.shape[0] and value.shape[2:] == want.shape[2:]:
+            state[key] = adapt_input_conv(want.shape[1], value, base_chans=value.shape[1])
+            notes.append(f"{key}: {value.shape[1]} input channels in the checkpoint, {want.shape[1]} here (adapted)")
+        elif key.startswith("decoder_pred.") and value.shape[1:] == want.shape[1:] and 1 in (
+            value.shape[0] // patch**2, want.shape[0] // patch**2,
+        ):  # fmt: skip
+            state[key] = _channels(value, want.shape[0] // patch**2, patch)
+            notes.append(f"{key}: pixel rows for {value.shape[0] // patch**2} channels mapped to "
+                         f"{want.shape[0] // patch**2}")  # fmt: skip
+        else:
+            raise CheckpointError(f"pretrain.init {path}: {key} is {list(value.shape)} in the checkpoint and "
+                                  f"{list(want.shape)} in the model: another model.preset, or data channels "
+                                  "that cannot be mapped?")  # fmt: skip
+    model.load_state_dict(state, strict=False)
+    return notes

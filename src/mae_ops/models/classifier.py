@@ -37,6 +37,19 @@ def build_classifier(
     return model
 
 
+def feature_extractor(preset: str, img_size: int, in_chans: int, encoder: str | Path) -> VisionTransformer:
+    """The pre-trained encoder as timm's ViT without a head, for embeddings: the mean of
+    the patch tokens after the final norm, no masking (the same image, the same vector)."""
+    arch = preset_config(preset)
+    vit = VisionTransformer(
+        img_size=img_size, patch_size=int(arch["patch_size"]), in_chans=in_chans, num_classes=0,
+        embed_dim=int(arch["embed_dim"]), depth=int(arch["depth"]), num_heads=int(arch["num_heads"]),
+        mlp_ratio=float(arch["mlp_ratio"]), qkv_bias=True, global_pool="avg", fc_norm=False,
+    )  # fmt: skip
+    vit.load_state_dict(encoder_state_dict(load_state_dict(encoder), grid_size=vit.patch_embed.grid_size[0]))
+    return vit.eval()
+
+
 def load_encoder(model: VisionTransformer, source: str | Path | dict[str, torch.Tensor]) -> list[str]:
     """Copy MAE encoder weights (our checkpoint, an official one, or a state
     dict) into the classifier; ``pos_embed`` is resampled to the model's grid.

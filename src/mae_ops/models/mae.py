@@ -190,6 +190,16 @@ class MaskedAutoencoderViT(nn.Module):
             x = blk(x)
         return self.norm(x), mask, ids_restore
 
+    def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
+        """The encoder on every patch, no masking: (N, D), the mean of the patch tokens
+        after the final norm (what the exported encoder.onnx gives)."""
+        x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]  # (N, L, D)
+        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)  # (N, 1 + L, D)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)[:, 1:, :].mean(dim=1)
+
     def forward_decoder(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         x = self.decoder_embed(x)  # (N, 1 + L_keep, Dd)
         n, num_patches = ids_restore.shape

@@ -7,6 +7,8 @@ Outputs:
   reports/eval/per_class.csv    precision / recall / F1 / support of the fine-tuned model
   reports/eval/predictions.csv  every test image: label and each model's prediction
   reports/eval/confusion_matrix.png
+  reports/eval/deployed.json    the model to ship, chosen on the validation split (export and the registry read it)
+  reports/data/near_duplicates.csv  pairs of images in different splits the pre-trained encoder sees as one picture
 """
 
 from __future__ import annotations
@@ -18,16 +20,20 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 from sklearn.metrics import ConfusionMatrixDisplay, precision_recall_fscore_support, top_k_accuracy_score
 
 from mae_ops import classical
 from mae_ops.atomic import write_json, write_text
 from mae_ops.config import Config, InputError
 from mae_ops.data import PreparedData
-from mae_ops.finetuning import predict_proba
-from mae_ops.models.classifier import load_classifier
+from mae_ops.finetuning import features, predict_proba
+from mae_ops.models.classifier import feature_extractor, load_classifier
 from mae_ops.plots import save_figure
+from mae_ops.reporting import file_sha256
 from mae_ops.runtime import resolve_device
+from mae_ops.similarity import near_duplicates
+from mae_ops.store import SPLITS
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +74,8 @@ def model_paths(cfg: Config) -> dict[str, Path]:
     return paths
 
 
-def _summary(results: dict[str, dict], infos: dict[str, dict], manifest: dict) -> str:
+def _summary(results: dict[str, dict], infos: dict[str, dict], manifest: dict, near: dict | None,
+             deployed: dict) -> str:  # fmt: skip
     names = {"finetune": "MAE pre-trained, fine-tuned", "scratch": "same ViT from scratch, same budget",
              "linprobe": "MAE encoder frozen, linear probe", **classical.NAMES}  # fmt: skip
     has_top5 = any("top5" in r for r in results.values())
@@ -103,7 +110,60 @@ def _summary(results: dict[str, dict], infos: dict[str, dict], manifest: dict) -
         how = (f"tuned by its own search of {search['trials']} trials" if search.get("tuned")
                else "with the MAE model's params (no search)")  # fmt: skip
         lines += ["", f"Over the same ViT trained from scratch ({how}): {gain * 100:+.1f} points."]
+    lines += [
+        "",
+        f"**Deployed** (exported and registered): {names.get(deployed['model'], deployed['model'])}, "
+        f"chosen on the validation split ({deployed['why']}); its test top-1 {deployed['test_top1']:.2%}.",
+    ]
+    if near is not None:
+        found = ", ".join(f"{n} {pair.replace('-', '–')}" for pair, n in near["pairs"].items()) or "none"
+        lines += ["", "## Data check", "",
+                  f"Near-duplicate pairs across splits among {near['images']} images (cosine ≥ {near['threshold']:g} "
+                  f"on the pre-trained encoder's features): {found}. Each is listed in "
+                  "`reports/data/near_duplicates.csv`; exact copies are one sample already."]  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def near_duplicate_report(cfg: Config, data: PreparedData, files: np.ndarray, device: torch.device) -> dict:
+    """Pairs of images in different splits that the pre-trained encoder sees as (nearly)
+    the same picture, cosine >= evaluate.near_duplicates: a test image with a twin in
+    training flatters the test score. Written to reports/data/near_duplicates.csv, most
+    similar first; returns the counts per pair of splits."""
+    threshold = cfg.evaluate.near_duplicates
+    encoder = feature_extractor(cfg.model.preset, data.img_size, data.channels,
+                                Path(cfg.pretrain.out_dir) / "encoder.pth").to(device)  # fmt: skip
+    names = {code: name for name, code in SPLITS.items()}
+    ids = np.flatnonzero(np.isin(data.split, [SPLITS[s] for s in ("train", "unlabeled", "val", "test")]))
+    with torch.inference_mode():
+        emb = features(encoder, data, ids, device).float().cpu().numpy()
+    emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    rows = []
+    for i, j, sim in near_duplicates(emb, threshold):
+        a, b = ids[i], ids[j]
+        if data.split[a] != data.split[b]:
+            pair = sorted([(names[int(data.split[a])], files[a]), (names[int(data.split[b])], files[b])])
+            rows.append({"split_a": pair[0][0], "file_a": pair[0][1], "split_b": pair[1][0], "file_b": pair[1][1],
+                         "cosine": round(sim, 5)})  # fmt: skip
+    table = pd.DataFrame(rows, columns=["split_a", "file_a", "split_b", "file_b", "cosine"])
+    table = table.sort_values("cosine", ascending=False, kind="stable")
+    write_text(Path(cfg.evaluate.data_reports_dir) / "near_duplicates.csv", table.to_csv(index=False))
+    counts = {f"{a}-{b}": int(n) for (a, b), n in table.groupby(["split_a", "split_b"]).size().items()}
+    log.info("near-duplicates across splits (cosine >= %g): %s", threshold, counts or "none")
+    return {"threshold": threshold, "images": len(ids), "pairs": counts}
+
+
+DEPLOYABLE = ("finetune", "linprobe")  # the ViT classifiers the pipeline trains; both export to ONNX
+
+
+def choose_deployed(paths: dict[str, Path], infos: dict[str, dict]) -> dict:
+    """The model to ship: the deployable candidate with the best *validation* top-1 (the
+    fine-tuned one on a tie); the test split plays no part in the choice."""
+    val = {name: float(infos[name]["val_top1"]) for name in DEPLOYABLE if name in paths}
+    chosen = max(val, key=lambda n: (val[n], n == "finetune"))
+    others = ", ".join(f"{n} {v:.2%}" for n, v in val.items() if n != chosen)
+    why = f"best validation top-1: {chosen} {val[chosen]:.2%}" + (f" (vs {others})" if others else "")
+    return {"model": chosen, "checkpoint": str(paths[chosen]), "checkpoint_sha256": file_sha256(paths[chosen]),
+            "val_top1": val, "why": why}  # fmt: skip
 
 
 def run(cfg: Config) -> dict:
@@ -117,7 +177,8 @@ def run(cfg: Config) -> dict:
     report_path = Path(ev.baselines_reports_dir) / "metrics.json"  # how each baseline was tuned
     report = json.loads(report_path.read_text()) if report_path.exists() else {}
     results, infos, preds = {}, {}, {}
-    for name, path in model_paths(cfg).items():
+    paths = model_paths(cfg)
+    for name, path in paths.items():
         model, args = load_classifier(path)
         if args.get("data_hash") != data.manifest["content_hash"]:
             raise InputError(f"{path} was trained on other data than {cfg.data.out_dir}: re-run the pipeline")
@@ -153,5 +214,10 @@ def run(cfg: Config) -> dict:
     )  # fmt: skip
     display.ax_.set_title(f"fine-tuned model, test top-1 {results['finetune']['top1']:.2%}")
     save_figure(display.figure_, out / "confusion_matrix.png")
-    write_text(out / "summary.md", _summary(results, infos, data.manifest))
+    near = near_duplicate_report(cfg, data, files, device) if ev.near_duplicates is not None else None
+    deployed = choose_deployed(paths, infos)
+    deployed["test_top1"] = results[deployed["model"]]["top1"]  # reported, not chosen on
+    write_json(out / "deployed.json", deployed)
+    log.info("deployed model: %s (%s)", deployed["model"], deployed["why"])
+    write_text(out / "summary.md", _summary(results, infos, data.manifest, near, deployed))
     return results

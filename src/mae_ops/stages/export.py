@@ -36,7 +36,6 @@ import onnx
 import onnxruntime as ort
 import torch
 import torch.nn as nn
-from timm.models.vision_transformer import VisionTransformer
 
 from mae_ops import __version__
 from mae_ops.atomic import write_json
@@ -58,8 +57,7 @@ from mae_ops.deploy import (
     weights_bytes,
 )
 from mae_ops.errors import UserError
-from mae_ops.models.checkpoint import encoder_state_dict, load_state_dict
-from mae_ops.models.classifier import load_classifier
+from mae_ops.models.classifier import feature_extractor, load_classifier
 from mae_ops.models.presets import preset_config
 from mae_ops.reporting import file_sha256
 from mae_ops.serving import batch_spread, open_session, run_logits, top1_accuracy
@@ -69,19 +67,6 @@ log = logging.getLogger(__name__)
 
 class ParityError(UserError, RuntimeError):
     """The exported model does not compute what the PyTorch model computes."""
-
-
-def encoder_extractor(cfg: Config, data: PreparedData) -> VisionTransformer:
-    """The pre-trained encoder as timm's ViT without head: mean of the patch tokens after the final norm."""
-    arch = preset_config(cfg.model.preset)
-    vit = VisionTransformer(
-        img_size=data.img_size, patch_size=int(arch["patch_size"]), in_chans=data.channels, num_classes=0,
-        embed_dim=int(arch["embed_dim"]), depth=int(arch["depth"]), num_heads=int(arch["num_heads"]),
-        mlp_ratio=float(arch["mlp_ratio"]), qkv_bias=True, global_pool="avg", fc_norm=False,
-    )  # fmt: skip
-    state = load_state_dict(Path(cfg.pretrain.out_dir) / "encoder.pth")
-    vit.load_state_dict(encoder_state_dict(state, grid_size=vit.patch_embed.grid_size[0]), strict=True)
-    return vit.eval()
 
 
 def _batches(data: PreparedData, ids: np.ndarray, size: int = 256) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -152,6 +137,26 @@ def _int8_variants(
     return report
 
 
+def deployed_checkpoint(cfg: Config) -> tuple[Path, str]:
+    """(checkpoint, name) of the model `evaluate` chose on the validation split
+    (reports/eval/deployed.json); the fine-tuned model, with a warning, before any evaluation."""
+    record = Path(cfg.evaluate.reports_dir) / "deployed.json"
+    if not record.exists():
+        path = Path(cfg.finetune.out_dir) / "model.pth"
+        if not path.exists():
+            raise InputError(f"{path} not found: run `mae-ops finetune` first")
+        log.warning("%s not found: exporting the fine-tuned model (run `mae-ops evaluate` first to ship the best "
+                    "model on the validation split)", record)  # fmt: skip
+        return path, "finetune"
+    deployed = json.loads(record.read_text())
+    path = Path(deployed["checkpoint"])
+    if not path.exists() or file_sha256(path) != deployed["checkpoint_sha256"]:
+        raise InputError(f"{record} names {path} as it was when evaluated, and it has changed or gone since: "
+                         "run `mae-ops evaluate` again")  # fmt: skip
+    log.info("exporting %s: %s", deployed["model"], deployed["why"])
+    return path, deployed["model"]
+
+
 def _onnx_runner(path: Path, threads: int) -> Callable[[np.ndarray], object]:
     session = open_session(path, "cpu", threads)
     return lambda x: session.run(["logits"], {"pixels": x})
@@ -160,9 +165,7 @@ def _onnx_runner(path: Path, threads: int) -> Callable[[np.ndarray], object]:
 def run(cfg: Config) -> dict:
     ex = cfg.export
     torch.set_num_threads(ex.threads)
-    model_path = Path(cfg.finetune.out_dir) / "model.pth"
-    if not model_path.exists():
-        raise InputError(f"{model_path} not found: run `mae-ops finetune` first")
+    model_path, chosen = deployed_checkpoint(cfg)
     model, args = load_classifier(model_path)
     data = PreparedData(cfg.data.out_dir)
     test_ids, val_ids = data.indices("test"), data.indices("val")
@@ -178,6 +181,7 @@ def run(cfg: Config) -> dict:
         "model_sha256": file_sha256(model_path), "params_hash": cfg.section_hash("model", "finetune", "hpo"),
         "data_hash": args.get("data_hash", ""), "mae_ops_version": __version__, "preset": args["preset"],
         "crop_pct": str(data.crop_pct),  # serving's transform: resize to img_size / crop_pct, centre crop
+        "deployed": chosen,  # which of the pipeline's classifiers this is (finetune | linprobe)
     }  # fmt: skip
     one = np.asarray(data.eval_images[test_ids[:1]], dtype=np.float32) / 255.0
     batch = np.asarray(data.eval_images[np.resize(test_ids, 32)], dtype=np.float32) / 255.0
@@ -203,6 +207,7 @@ def run(cfg: Config) -> dict:
         parity = _parity(deployable, open_session(tmp / "model.onnx", "cpu", ex.threads), data, test_ids,
                          ex.max_abs_diff)  # fmt: skip
         parity["fused_operators"] = fused
+        parity["deployed"] = chosen
         write_json(reports / "parity.json", parity)
         if not parity["passed"]:
             raise ParityError(
@@ -270,7 +275,10 @@ def run(cfg: Config) -> dict:
 
         # --- the pre-trained encoder as a feature extractor -----------------------
         if ex.encoder:
-            extractor = Features(encoder_extractor(cfg, data), args["mean"], args["std"]).eval()
+            encoder = feature_extractor(
+                cfg.model.preset, data.img_size, data.channels, Path(cfg.pretrain.out_dir) / "encoder.pth"
+            )
+            extractor = Features(encoder, args["mean"], args["std"]).eval()
             to_onnx(extractor, example, tmp / "encoder.onnx", ["features"], ex.opset,
                     {**metadata, "output": "features: float32 [batch, embed_dim]"}, external)  # fmt: skip
             with torch.no_grad():

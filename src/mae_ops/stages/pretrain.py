@@ -36,14 +36,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from mae_ops import runtime
+from mae_ops import monitor, runtime
 from mae_ops.atomic import save_with, write_json
 from mae_ops.config import Config, InputError, PretrainConfig, semantic_params
 from mae_ops.data import DeviceBatches, PreparedData, batch_loader, normalize, random_resized_crop, set_epoch
-from mae_ops.models.checkpoint import encoder_state_dict
+from mae_ops.models.checkpoint import continue_from, encoder_state_dict
 from mae_ops.models.mae import MaskedAutoencoderViT, create_mae
 from mae_ops.plots import learning_curve, reconstruction_grid
-from mae_ops.reporting import write_history
+from mae_ops.reporting import weights_sha256, write_history
 from mae_ops.training import Checkpointer, ResumeError, cosine_schedule, fingerprint
 
 log = logging.getLogger(__name__)
@@ -51,12 +51,14 @@ log = logging.getLogger(__name__)
 # as the reference code applies it: no decay on biases and norms (1-D), decay on everything
 # else, cls_token and mask_token included (the fixed sin-cos position embeddings are not trained)
 NO_WEIGHT_DECAY: tuple[str, ...] = ()
+MONITOR_KEYS = ("knn_val_top1", "probe_val_top1")  # history.csv columns the monitor fills
 
 
-def run_fingerprint(cfg: Config, data_hash: str) -> str:
-    """Identity of a pre-training run: a checkpoint resumes only a run with the same one."""
+def run_fingerprint(cfg: Config, data_hash: str, init: str | None) -> str:
+    """Identity of a pre-training run: a checkpoint resumes only a run with the same one
+    (the same starting weights included: ``init`` is pretrain.init's SHA-256)."""
     return fingerprint({"model": cfg.model.model_dump(mode="json"), "pretrain": semantic_params(cfg.pretrain),
-                        "data": data_hash})  # fmt: skip
+                        "data": data_hash, **({"init_sha256": init} if init else {})})  # fmt: skip
 
 
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, fused: bool) -> torch.optim.AdamW:
@@ -192,9 +194,16 @@ def _train(cfg: Config, rt: runtime.Runtime, resume: bool) -> dict:
         )
     ids = data.indices("train", "unlabeled")
     torch.manual_seed(p.seed)  # identical initial weights on every rank
-    model = create_mae(cfg.model.preset, data.img_size, data.channels, p.norm_pix_loss,
-                       cfg.model.decoder_depth).to(rt.device)  # fmt: skip
-    run_id = run_fingerprint(cfg, data.manifest["content_hash"])
+    model = create_mae(cfg.model.preset, data.img_size, data.channels, p.norm_pix_loss, cfg.model.decoder_depth)
+    if p.init is not None:  # continued pre-training: a checkpoint below resumes this run, not the init
+        for note in continue_from(model, p.init):
+            if rt.is_main:
+                log.warning("pretrain.init: %s", note)
+        if rt.is_main:
+            log.info("pretrain.init: continuing from %s", p.init)
+    model.to(rt.device)
+    init_sha = weights_sha256(p.init, "pretrain.init")
+    run_id = run_fingerprint(cfg, data.manifest["content_hash"], init_sha)
 
     # a batch larger than the data is the data: the lr follows the batch really used
     batch = min(p.batch_size, -(-len(ids) // rt.world_size))
@@ -263,6 +272,9 @@ def _train(cfg: Config, rt: runtime.Runtime, resume: bool) -> dict:
         checkpointer.save(state)
 
     mean, std = (torch.tensor(v, device=rt.device) for v in (data.mean, data.std))  # made once: no copy per step
+    monitored = monitor.monitor_ids(data) if p.monitor_every else None
+    if p.monitor_every and monitored is None and rt.is_main:
+        log.info("pretrain.monitor_every: no labelled training images or no validation split, nothing to score")
     num_patches = model.patch_embed.num_patches
     model.train()
     t_start = time.perf_counter()
@@ -300,27 +312,33 @@ def _train(cfg: Config, rt: runtime.Runtime, resume: bool) -> dict:
             "lr": float(f"{optimizer.param_groups[0]['lr']:.6g}"),
             "images_per_s": round(seen * rt.world_size / elapsed, 1),
         }
+        if rt.is_main and monitored is not None and (epoch + 1 == p.epochs or (epoch + 1) % p.monitor_every == 0):
+            t_monitor = time.perf_counter()
+            record.update(monitor.scores(model, data, monitored, mean, std, rt.autocast))
+            record["monitor_s"] = round(time.perf_counter() - t_monitor, 2)
         history.append(record)
         if rt.is_main:
             epochs_bar.set_postfix(loss=f"{mean_loss:.4f}")
-            log.info("epoch %d/%d loss %.4f lr %.2e %.0f img/s", epoch + 1, p.epochs, mean_loss,
-                     record["lr"], record["images_per_s"])  # fmt: skip
+            seen_by = "".join(f", {k.split('_')[0]} {record[k]:.2%}" for k in MONITOR_KEYS if k in record)
+            log.info("epoch %d/%d loss %.4f lr %.2e %.0f img/s%s", epoch + 1, p.epochs, mean_loss,
+                     record["lr"], record["images_per_s"], seen_by)  # fmt: skip
             if (epoch + 1) % p.save_every == 0 or epoch + 1 == p.epochs:
                 checkpoint(epoch)
     train_time = time.perf_counter() - t_start
 
     if not rt.is_main:
         return {}
-    return _write_outputs(cfg, model, data, history, run_id, train_time, start_epoch, len(ids), eff_batch, lr)
+    return _write_outputs(cfg, model, data, history, run_id, train_time, start_epoch, len(ids), eff_batch, lr,
+                          init_sha)  # fmt: skip
 
 
 def _write_outputs(
     cfg: Config, model: MaskedAutoencoderViT, data: PreparedData, history: list[dict], run_id: str,
-    train_time: float, start_epoch: int, num_images: int, eff_batch: int, lr: float,
+    train_time: float, start_epoch: int, num_images: int, eff_batch: int, lr: float, init_sha: str | None,
 ) -> dict:  # fmt: skip
     p = cfg.pretrain
     out, reports = Path(p.out_dir), Path(p.reports_dir)
-    args = {"fingerprint": run_id, "config": cfg.model_dump(mode="json"),
+    args = {"fingerprint": run_id, "config": cfg.model_dump(mode="json"), "init_sha256": init_sha,
             "img_size": data.img_size, "in_chans": data.channels, "mean": data.mean, "std": data.std}  # fmt: skip
     state = model.state_dict()
     save_with(out / "mae.pth", lambda tmp: torch.save({"model": state, "epoch": p.epochs - 1, "args": args}, tmp))
@@ -329,17 +347,21 @@ def _write_outputs(
 
     save_reconstructions(model, data, p.mask_ratio, reports / "reconstruction.png", seed=p.seed)
     write_history(history, reports / "history.csv")
-    learning_curve(history, ["loss"], reports / "loss.png", title="MAE pre-training loss (masked patches)")
+    learning_curve(history, ["loss"], reports / "loss.png", title="MAE pre-training: loss (masked patches)",
+                   right=[k for k in MONITOR_KEYS if any(k in h for h in history)])  # fmt: skip
     metrics = {
         "final_loss": history[-1]["loss"],
         "first_loss": history[0]["loss"],
         "epochs": p.epochs,
         "resumed_from_epoch": start_epoch,
+        "init": p.init,
+        "init_sha256": args["init_sha256"],
         "num_images": num_images,
         "effective_batch": eff_batch,
         "lr": lr,
         "train_time_s": round(train_time, 2),
         "images_per_s": history[-1]["images_per_s"],
+        **{k: history[-1][k] for k in (*MONITOR_KEYS, "monitor_s") if k in history[-1]},
     }
     write_json(reports / "metrics.json", metrics)
     log.info("pre-training done: loss %.4f -> %.4f in %.1fs; wrote %s", metrics["first_loss"],

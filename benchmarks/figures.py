@@ -238,7 +238,8 @@ def _study(
     seeds = sorted({row["seed"] for row in r["rows"]})
     n_val = r["rows"][0]["num_val"]
     lines = [
-        f"{len(r['rows'])} runs, seeds {seeds}, {n_val:,} validation images (`{RESULTS}/{name}/results.json`):",
+        f"{len({row['run'] for row in r['rows']})} pre-training runs, seeds {seeds}, {n_val:,} validation images "
+        f"(`{RESULTS}/{name}/results.json`):",
         "",
         *_study_table(r, ("knn_top1", "linprobe_top1", "finetune_top1")),
         "",

@@ -90,9 +90,11 @@ def test_a_named_stage_comes_with_the_stages_upstream_of_it(tmp_path: Path) -> N
     from mae_ops.orchestration import with_upstream
 
     assert with_upstream(REPO, ["pretrain"]) == ["prepare", "pretrain"]
-    assert with_upstream(REPO, ["export"]) == ["prepare", "pretrain", "finetune", "export"]  # not the baselines
+    assert with_upstream(REPO, ["finetune"]) == ["prepare", "pretrain", "finetune"]  # not the baselines
     assert with_upstream(REPO, ["evaluate"]) == ["prepare", "pretrain", "finetune", "baselines", "evaluate"]
-    assert with_upstream(REPO, None) == with_upstream(REPO, ["evaluate", "export"])
+    # export ships the model evaluate chose on validation (the fine-tuned one or the probe)
+    assert with_upstream(REPO, ["export"]) == ["prepare", "pretrain", "finetune", "baselines", "evaluate", "export"]
+    assert with_upstream(REPO, None) == with_upstream(REPO, ["export"])
 
     from tests.conftest import BIN, subprocess_env
 

@@ -33,7 +33,7 @@ def project(tmp_path: Path, exported: Path) -> Path:
         shutil.copytree(exported / sub, tmp_path / sub)
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     evaluate.run(export_config(tmp_path, "evaluate.baseline=none", "evaluate.linprobe=false",
-                               "evaluate.classical=false",
+                               "evaluate.classical=false", "evaluate.near_duplicates=null",
                                f"evaluate.metrics_file={tmp_path}/reports/metrics.json"))  # fmt: skip
     return tmp_path
 

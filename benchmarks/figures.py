@@ -413,6 +413,12 @@ def results_index(root: Path) -> str:
         ),
         ("`study-cifar10/`", "same", "see `results.json`", _study_line(root, "study-cifar10")),
         ("`study-digits/`", "same", "see `results.json`", _study_line(root, "study-digits")),
+        (
+            "`continue-cifar10/`",
+            "same",
+            "see `results.json`",
+            "continued pre-training vs scratch: " + _study_line(root, "continue-cifar10"),
+        ),
     ]
     lines = _table(["file", "card, torch", "code", "what"], [list(r) for r in rows])
     return "\n".join(lines) + "\n"

@@ -21,6 +21,7 @@ from sklearn.preprocessing import StandardScaler
 
 from mae_ops.data import PreparedData, normalize
 from mae_ops.models.mae import MaskedAutoencoderViT
+from mae_ops.similarity import unit_rows
 
 MAX_IMAGES = 10_000  # per split: the monitor's cost stays bounded on large data sets
 KNN_K = 20
@@ -49,10 +50,6 @@ def encoder_features(
     return np.concatenate(out)
 
 
-def _unit(a: np.ndarray) -> np.ndarray:
-    return a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
-
-
 def scores(
     model: MaskedAutoencoderViT, data: PreparedData, ids: tuple[np.ndarray, np.ndarray], mean: torch.Tensor,
     std: torch.Tensor, autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
@@ -64,8 +61,8 @@ def scores(
     x, xv = (encoder_features(model, data, i, mean, std, autocast) for i in (train, val))
     model.train(was_training)
     y, yv = data.labels[train], data.labels[val]
-    knn = KNeighborsClassifier(min(KNN_K, len(x)), metric="cosine").fit(_unit(x), y)
+    knn = KNeighborsClassifier(min(KNN_K, len(x)), metric="cosine").fit(unit_rows(x), y)
     scaler = StandardScaler().fit(x)
     probe = LogisticRegression(C=1.0, max_iter=1000).fit(scaler.transform(x), y)
-    return {"knn_val_top1": round(float((knn.predict(_unit(xv)) == yv).mean()), 5),
+    return {"knn_val_top1": round(float((knn.predict(unit_rows(xv)) == yv).mean()), 5),
             "probe_val_top1": round(float((probe.predict(scaler.transform(xv)) == yv).mean()), 5)}  # fmt: skip

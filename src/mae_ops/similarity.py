@@ -25,6 +25,11 @@ class EmbeddingsError(UserError, ValueError):
     """A file that is not an embeddings file `mae-ops embed` wrote."""
 
 
+def unit_rows(a: np.ndarray) -> np.ndarray:
+    """Each row scaled to unit length (cosine similarity is then a dot product)."""
+    return a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+
+
 def write_embeddings(rows: Iterable[tuple[str, np.ndarray]], dest: str | Path, metadata: dict[str, str]) -> int:
     """Stream (file, embedding) rows into ``dest`` atomically (a temporary file renamed
     at the end: an interrupted run leaves the previous file); returns the row count."""
@@ -68,8 +73,7 @@ def read_embeddings(path: str | Path) -> tuple[list[str], np.ndarray, dict[str, 
     column = table.column("embedding").combine_chunks()
     if not pa.types.is_fixed_size_list(column.type):
         raise EmbeddingsError(f"{path}: 'embedding' is {column.type}, not a fixed-size list of floats")
-    emb = column.flatten().to_numpy().astype(np.float32).reshape(len(table), column.type.list_size)
-    emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    emb = unit_rows(column.flatten().to_numpy().astype(np.float32).reshape(len(table), column.type.list_size))
     meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
     return table.column("file").to_pylist(), emb, meta
 

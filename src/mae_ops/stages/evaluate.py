@@ -32,7 +32,7 @@ from mae_ops.models.classifier import feature_extractor, load_classifier
 from mae_ops.plots import save_figure
 from mae_ops.reporting import file_sha256
 from mae_ops.runtime import resolve_device
-from mae_ops.similarity import near_duplicates
+from mae_ops.similarity import near_duplicates, unit_rows
 from mae_ops.store import SPLITS
 
 log = logging.getLogger(__name__)
@@ -133,10 +133,9 @@ def near_duplicate_report(cfg: Config, data: PreparedData, files: np.ndarray, de
     encoder = feature_extractor(cfg.model.preset, data.img_size, data.channels,
                                 Path(cfg.pretrain.out_dir) / "encoder.pth").to(device)  # fmt: skip
     names = {code: name for name, code in SPLITS.items()}
-    ids = np.flatnonzero(np.isin(data.split, [SPLITS[s] for s in ("train", "unlabeled", "val", "test")]))
+    ids = np.arange(len(data.split))  # every sample, whatever its split
     with torch.inference_mode():
-        emb = features(encoder, data, ids, device).float().cpu().numpy()
-    emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+        emb = unit_rows(features(encoder, data, ids, device).float().cpu().numpy())
     rows = []
     for i, j, sim in near_duplicates(emb, threshold):
         a, b = ids[i], ids[j]

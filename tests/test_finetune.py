@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -226,12 +227,33 @@ def test_a_killed_study_resumes_with_its_earlier_trials(run_root: Path) -> None:
     assert (run_root / "models/finetune/model.pth").exists()
 
 
-def test_local_workers_share_one_study(run_root: Path) -> None:
-    cfg = ft_config(run_root, "hpo.enabled=true", "hpo.n_trials=4", "hpo.workers=2", "hpo.pruner=none")
-    finetune.run(cfg)
+def test_local_workers_share_one_study_one_gpu_each(run_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """hpo.workers: auto is one worker per visible GPU, each started with only its own GPU
+    visible (two GPUs faked here: the workers then find no CUDA and train on the CPU)."""
+    cfg = ft_config(run_root, "hpo.enabled=true", "hpo.n_trials=4", "hpo.workers=auto", "hpo.pruner=none")
+    assert hpo.worker_gpus(cfg) == [None]  # no GPU: one worker
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert hpo.worker_gpus(cfg) == ["0", "1"]
+    assert hpo.worker_gpus(cfg.model_copy(update={"hpo": cfg.hpo.model_copy(update={"workers": 3})})) == ["0", "1", "0"]
+    pinned = cfg.model_copy(update={"finetune": cfg.finetune.model_copy(update={"device": "cuda:1"})})
+    assert hpo.worker_gpus(pinned) == [None]  # the device names its GPU: nothing to pin
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")  # the GPUs this process was given, by their names
+    assert hpo.worker_gpus(cfg) == ["5", "7"]
+
+    data = PreparedData(cfg.data.out_dir, hide_test=True)
+    hpo.run_study(cfg, data, runtime.setup("cpu"))
+    assert {"CUDA_VISIBLE_DEVICES": "5,7"}.items() <= dict(os.environ).items()  # restored here
     trials = _study(cfg).get_trials()
     assert len([t for t in trials if t.state in hpo.FINISHED]) >= 4
-    assert len({t.user_attrs["worker"] for t in trials if t.state == TrialState.COMPLETE}) == 2
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    by_worker = {t.user_attrs["worker"]: set() for t in done}
+    for t in done:
+        by_worker[t.user_attrs["worker"]].add(t.user_attrs["device"])
+    assert len(by_worker) == 2, by_worker  # two processes took trials
+    assert sorted(d for devices in by_worker.values() for d in devices) == [
+        "cpu (CUDA_VISIBLE_DEVICES=5)", "cpu (CUDA_VISIBLE_DEVICES=7)"]  # fmt: skip
     assert sorted(t.number for t in trials) == list(range(len(trials)))  # no trial lost or duplicated
 
 

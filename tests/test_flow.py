@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -98,12 +99,18 @@ def test_a_named_stage_comes_with_the_stages_upstream_of_it(tmp_path: Path) -> N
 
     from tests.conftest import BIN, subprocess_env
 
-    repo = tiny_project(tmp_path / "project")
-    proc = subprocess.run([str(BIN / "mae-ops"), "pipeline", "pretrain"], cwd=repo, capture_output=True, text=True,
-                          env=subprocess_env(), timeout=900)  # fmt: skip
+    # and the stage starts its own DDP processes (2 gloo ranks on a CPU): DVC records the run as usual
+    repo = tiny_project(tmp_path / "project", pretrain={"batch_size": 64})
+    cmd = [str(BIN / "mae-ops"), "pipeline", "pretrain", "--set", "pretrain.nproc_per_node=2"]
+    proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, env=subprocess_env(), timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "2 stage(s) ran (prepare, pretrain)" in proc.stdout
     assert (repo / "models/pretrain/encoder.pth").exists() and not (repo / "models/finetune").exists()
+    metrics = json.loads((repo / "reports/pretrain/metrics.json").read_text())
+    assert (metrics["world_size"], metrics["effective_batch"]) == (2, 128)
+    status = subprocess.run(["dvc", "status", "pretrain", "--json"], cwd=repo, capture_output=True, text=True,
+                            env=subprocess_env(), check=True)  # fmt: skip
+    assert json.loads(status.stdout) == {}, status.stdout
 
 
 def test_pipeline_force_reaches_the_prepare_command(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import signal
@@ -130,45 +131,96 @@ def test_fp8_where_it_cannot_run_is_a_clear_error_before_training(mnist_root: Pa
     assert not (mnist_root / "models" / "pretrain" / "mae.pth").exists()
 
 
-def test_ddp_on_two_cpu_processes_matches_one_process_and_resumes(tmp_path: Path, prepared_mnist: Path) -> None:
-    """torchrun + gloo: 2 ranks x batch 64, killed after its first checkpoint and
-    run again, follow the loss curve of 1 process x batch 128."""
+def _ranks_of(pid: int) -> list[int]:
+    """The worker processes the elastic agent spawned under ``pid``, oldest (rank 0) first."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid and b"spawn_main" in cmdline:
+            kids.append(int(stat.parent.name))
+    return sorted(kids)
+
+
+def test_ddp_on_two_cpu_processes_matches_one_process_and_survives_a_killed_rank(
+    tmp_path: Path, prepared_mnist: Path
+) -> None:
+    """pretrain.nproc_per_node=2: the stage launches 2 gloo ranks x batch 64 itself; rank 0
+    (the one that writes) is killed after the first checkpoint, the elastic agent restarts
+    both, they resume, and the run follows the loss curve of 1 process x batch 128."""
     import os
     import shutil
 
     curves = {}
-    torchrun = [str(BIN / "torchrun"), "--nproc_per_node=2", "-m", "mae_ops.cli"]
-    for name, launcher, batch in (("one", [str(BIN / "mae-ops")], 128), ("two", torchrun, 64)):
+    for name, nproc, batch in (("one", 1, 128), ("two", 2, 64)):
         root = tmp_path / name
         shutil.copytree(prepared_mnist, root / "data" / "prepared")
-        cmd = [*launcher, "pretrain", "--params", str(REPO / "params.yaml")]
-        for item in [
-            *tiny_overrides(root),
-            "pretrain.epochs=4",
-            "pretrain.save_every=1",
-            f"pretrain.batch_size={batch}",
-        ]:
+        cmd = [str(BIN / "mae-ops"), "pretrain", "--params", str(REPO / "params.yaml")]
+        for item in [*tiny_overrides(root), "pretrain.epochs=4", "pretrain.save_every=1",
+                     f"pretrain.batch_size={batch}", f"pretrain.nproc_per_node={nproc}"]:  # fmt: skip
             cmd += ["--set", item]
-        if name == "two":  # kill the whole torchrun group once rank 0 has written a checkpoint
-            first = subprocess.Popen(cmd, env=subprocess_env(), start_new_session=True,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        log = open(root / "run.log", "w")  # noqa: SIM115 (closed below; a pipe left unread would block the ranks)
+        run = subprocess.Popen(cmd, env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        if name == "two":
             last, deadline = root / "checkpoints/pretrain/last.pth", time.time() + 300
-            while not last.exists() and first.poll() is None and time.time() < deadline:
+            while not last.exists() and run.poll() is None and time.time() < deadline:
                 time.sleep(0.02)
-            os.killpg(first.pid, signal.SIGKILL)
-            first.wait()
-            assert first.returncode == -signal.SIGKILL, "the DDP run finished before it could be killed"
-        proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-2000:]
+            ranks = _ranks_of(run.pid)
+            assert len(ranks) == 2 and run.poll() is None, "the DDP run finished before a rank could be killed"
+            os.kill(ranks[0], signal.SIGKILL)
+        try:
+            run.wait(timeout=600)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(run.pid, signal.SIGKILL)  # the ranks too, should the run hang
+            log.close()
+        assert run.returncode == 0, (root / "run.log").read_text()[-3000:]
         with open(root / "reports/pretrain/history.csv") as fh:
             curves[name] = [float(r["loss"]) for r in csv.DictReader(fh)]
         metrics = json.loads((root / "reports/pretrain/metrics.json").read_text())
-        assert metrics["effective_batch"] == 128
-        assert (metrics["resumed_from_epoch"] >= 1) == (name == "two")
+        assert (metrics["world_size"], metrics["effective_batch"]) == (nproc, 128)
+        assert (metrics["resumed_from_epoch"] >= 1) == (name == "two"), metrics
     assert len(curves["one"]) == len(curves["two"]) == 4
     for a, b in zip(curves["one"], curves["two"], strict=True):
         assert abs(a - b) / a < 0.03, curves  # same math, same effective batch; only the sample order differs
     assert curves["two"][-1] < 0.75 * curves["two"][0]
+
+
+def test_a_params_mistake_in_the_ranks_is_one_line_not_restarts(mnist_root: Path) -> None:
+    """A UserError in the launched ranks comes back as itself (no elastic restarts into it)."""
+    from mae_ops.config import InputError
+
+    with pytest.raises(InputError, match=r"28px images but data\.img_size is 32"):
+        pretrain.run(tiny_config(mnist_root, "pretrain.nproc_per_node=2", "data.img_size=32"))
+
+
+def test_two_nodes_meet_by_c10d_rendezvous(tmp_path: Path, prepared_mnist: Path) -> None:
+    """Several machines: torchrun on each node runs the same stage command; the nodes meet
+    by c10d rendezvous (here two "nodes" on 127.0.0.1, gloo) and rank 0 writes."""
+    import shutil
+    import socket
+
+    shutil.copytree(prepared_mnist, tmp_path / "data" / "prepared")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    stage = ["-m", "mae_ops.cli", "pretrain", "--params", str(REPO / "params.yaml")]
+    for item in [*tiny_overrides(tmp_path), "pretrain.epochs=2", "pretrain.batch_size=64"]:
+        stage += ["--set", item]
+    nodes = [
+        subprocess.Popen([str(BIN / "torchrun"), "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
+                          f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=two-nodes", "--max_restarts=0", *stage],
+                         env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(2)
+    ]  # fmt: skip
+    outs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(out[-2000:] for out in outs)
+    metrics = json.loads((tmp_path / "reports/pretrain/metrics.json").read_text())
+    assert (metrics["world_size"], metrics["effective_batch"], metrics["epochs"]) == (2, 128, 2)
+    assert sum("pre-training done" in out for out in outs) == 1  # rank 0 alone writes and says so
 
 
 def test_fast_path_follows_the_plain_loss_curve(tmp_path: Path, prepared_mnist: Path, caplog) -> None:

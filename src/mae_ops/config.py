@@ -78,6 +78,7 @@ def _yaml_switch(v: Any) -> Any:
 
 Switch = Annotated[Literal["auto", "on", "off"], BeforeValidator(_yaml_switch)]
 Precision = Annotated[Literal["auto", "bf16", "fp16", "off"], BeforeValidator(_yaml_switch)]
+AutoCount = Annotated[int, Field(ge=1)] | Literal["auto"]  # processes or workers: a number, or one per visible GPU
 
 # keys that change how fast or where a run goes, not what it computes: left out
 # of the fingerprints that decide whether a checkpoint or a study can be resumed
@@ -184,6 +185,11 @@ class PretrainConfig(_Section):
         None,
         description="continue pre-training from this MAE checkpoint ({'model': ...}: an official *_full.pth, "
         "a mae.pth, or encoder-only); null: from scratch",
+    )
+    nproc_per_node: AutoCount = Field(
+        "auto",
+        description="DDP processes the stage starts on this machine (elastic launch); auto: one per visible GPU, "
+        "1 on a CPU; each takes batch_size, so the effective batch and the lr grow with them",
     )
     seed: int = Field(0, ge=0)
     save_every: int = Field(5, ge=1, description="checkpoint every N epochs (and at the end)")
@@ -320,7 +326,11 @@ class HpoConfig(_Section):
     n_trials: int = Field(10, ge=1)
     timeout_s: float | None = Field(None, gt=0.0, description="stop starting trials after this long")
     epochs: int = Field(20, ge=1, description="epochs per trial")
-    workers: int = Field(1, ge=1, description="local worker processes sharing the study")
+    workers: AutoCount = Field(
+        1,
+        description="local worker processes sharing the study; auto: one per visible GPU, each pinned to its own "
+        "(CUDA_VISIBLE_DEVICES), 1 on a CPU. With GPUs, N workers take them in turn",
+    )
     storage: str = Field("sqlite:///optuna/finetune.db", description="SQLAlchemy URL (PostgreSQL for many machines)")
     study_name: str = "mae-ops-finetune"
     seed: int = Field(0, ge=0)

@@ -124,6 +124,12 @@ def create_study(cfg: Config, data_hash: str, worker: int = 0) -> optuna.Study:
     return study
 
 
+def _pinned() -> str:
+    """' (CUDA_VISIBLE_DEVICES=N)' when this worker was started with one GPU visible."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return f" (CUDA_VISIBLE_DEVICES={visible})" if visible else ""
+
+
 def _this_host_pid() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -187,6 +193,7 @@ def _trial_model_path(cfg: Config, study: str, number: int) -> Path:
 def objective_for(cfg: Config, data: PreparedData, rt: runtime.Runtime):
     def objective(trial: optuna.Trial) -> float:
         trial.set_user_attr("worker", _this_host_pid())  # first: a dead worker's trial is recognised by it
+        trial.set_user_attr("device", str(rt.device) + _pinned())
         params = suggest(trial, cfg.hpo.space)
         ft = FinetuneConfig.model_validate({**cfg.finetune.model_dump(), **params})
 
@@ -251,12 +258,39 @@ def work(cfg: Config, worker: int | None = None) -> list[int]:
         runtime.teardown()
 
 
-def _local_worker(cfg_json: dict, rank: int) -> None:
-    """A local worker process (``hpo.workers``): its share of the CPU threads."""
+def worker_gpus(cfg: Config) -> list[str | None]:
+    """The GPU each local worker is pinned to (as CUDA_VISIBLE_DEVICES names it), or None
+    for unpinned ones: ``hpo.workers: auto`` is one worker per visible GPU; a number of
+    workers takes the GPUs in turn; on a CPU, or with finetune.device naming one GPU, none pins."""
+    device = cfg.finetune.device
+    gpus = runtime.visible_gpus(device) if ":" not in device else []
+    count = cfg.hpo.workers if cfg.hpo.workers != "auto" else max(1, len(gpus))
+    return [gpus[w % len(gpus)] if gpus else None for w in range(count)]
+
+
+def _local_worker(cfg_json: dict, rank: int, workers: int) -> None:
+    """A local worker process: its share of the CPU threads (and of the GPUs, through the
+    CUDA_VISIBLE_DEVICES it was started with)."""
     setup_logging(f"%(asctime)s worker{rank} %(message)s")
     cfg = validate(cfg_json)
-    torch.set_num_threads(max(1, torch.get_num_threads() // cfg.hpo.workers))
+    torch.set_num_threads(max(1, torch.get_num_threads() // workers))
     work(cfg, worker=rank)
+
+
+def _start_pinned(ctx: Any, cfg_json: dict, rank: int, gpus: list[str | None]) -> Any:
+    """Start worker ``rank`` with only its GPU visible (the child reads the environment it is started with)."""
+    proc = ctx.Process(target=_local_worker, args=(cfg_json, rank, len(gpus)))
+    before = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if gpus[rank] is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpus[rank]
+    try:
+        proc.start()
+    finally:
+        if before is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = before
+    return proc
 
 
 def run_study(cfg: Config, data: PreparedData, rt: runtime.Runtime) -> optuna.Study:
@@ -265,12 +299,13 @@ def run_study(cfg: Config, data: PreparedData, rt: runtime.Runtime) -> optuna.St
     before = len(study.get_trials(deepcopy=False, states=FINISHED))
     if before:
         log.info("study %r resumes with %d finished trials", study.study_name, before)
-    if cfg.hpo.workers > 1:
+    gpus = worker_gpus(cfg)
+    if len(gpus) > 1:
+        log.info("%d local workers%s", len(gpus),
+                 f", on GPUs {gpus}" if gpus[0] is not None else "")  # fmt: skip
         ctx = mp.get_context("spawn")
         cfg_json = cfg.model_dump(mode="json")
-        procs = [ctx.Process(target=_local_worker, args=(cfg_json, r)) for r in range(cfg.hpo.workers)]
-        for p in procs:
-            p.start()
+        procs = [_start_pinned(ctx, cfg_json, r, gpus) for r in range(len(gpus))]
         for p in procs:
             p.join()
         if any(p.exitcode for p in procs):

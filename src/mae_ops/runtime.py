@@ -50,6 +50,16 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return dev
 
 
+def visible_gpus(device: str = "auto") -> list[str]:
+    """The GPUs a device setting may use, as CUDA_VISIBLE_DEVICES names them (their
+    indices when it is unset); none on a machine without CUDA or for device 'cpu'."""
+    if not (device == "auto" or device.startswith("cuda")) or not torch.cuda.is_available():
+        return []
+    count = torch.cuda.device_count()
+    named = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return named[:count] if named else [str(i) for i in range(count)]
+
+
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     """'auto': bf16 on CUDA (no loss scaling needed), fp32 elsewhere."""
     if amp == "off" or (amp == "auto" and device.type != "cuda"):

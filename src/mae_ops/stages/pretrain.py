@@ -3,7 +3,10 @@
 The MAE recipe: AdamW (0.9, 0.95), weight decay 0.05 except norms and biases (the
 tokens are decayed, as in the reference code), lr = base_lr * effective batch /
 256, per-step cosine schedule after a linear warm-up, RandomResizedCrop + flip
-(on the training device), bf16 autocast on CUDA. Runs under torchrun as DDP; rank 0 writes.
+(on the training device), bf16 autocast on CUDA. ``pretrain.nproc_per_node`` DDP processes (auto: one per
+visible GPU), started by the stage itself with PyTorch's elastic launcher
+(mae_ops/launch.py), or one rank of a torchrun launch per node; rank 0 writes.
+A rank that dies takes the others down and all restart from the last checkpoint.
 
 The fast path (``pretrain.fast``, on by default with CUDA) changes speed, not
 math: the uint8 images live on the device and are cropped, flipped and
@@ -36,7 +39,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from mae_ops import monitor, runtime
+from mae_ops import launch, monitor, runtime
 from mae_ops.atomic import save_with, write_json
 from mae_ops.config import Config, InputError, PretrainConfig, semantic_params
 from mae_ops.data import DeviceBatches, PreparedData, batch_loader, normalize, random_resized_crop, set_epoch
@@ -52,13 +55,16 @@ log = logging.getLogger(__name__)
 # else, cls_token and mask_token included (the fixed sin-cos position embeddings are not trained)
 NO_WEIGHT_DECAY: tuple[str, ...] = ()
 MONITOR_KEYS = ("knn_val_top1", "probe_val_top1")  # history.csv columns the monitor fills
+MAX_RESTARTS = 3  # of all ranks when one dies (they resume from the last checkpoint)
 
 
-def run_fingerprint(cfg: Config, data_hash: str, init: str | None) -> str:
+def run_fingerprint(cfg: Config, data_hash: str, init: str | None, world_size: int) -> str:
     """Identity of a pre-training run: a checkpoint resumes only a run with the same one
-    (the same starting weights included: ``init`` is pretrain.init's SHA-256)."""
+    (the same starting weights included: ``init`` is pretrain.init's SHA-256; the same
+    number of processes, which sets the effective batch and who sees which images)."""
     return fingerprint({"model": cfg.model.model_dump(mode="json"), "pretrain": semantic_params(cfg.pretrain),
-                        "data": data_hash, **({"init_sha256": init} if init else {})})  # fmt: skip
+                        "data": data_hash, "world_size": world_size,
+                        **({"init_sha256": init} if init else {})})  # fmt: skip
 
 
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, fused: bool) -> torch.optim.AdamW:
@@ -176,6 +182,15 @@ def save_reconstructions(
 
 
 def run(cfg: Config, resume: bool = False) -> dict:
+    """Pre-train in ``pretrain.nproc_per_node`` processes; rank 0's metrics."""
+    p = cfg.pretrain
+    nproc = launch.resolve_nproc(p.nproc_per_node, p.device, "pretrain.nproc_per_node")
+    restarts = MAX_RESTARTS if (resume or p.auto_resume) else 0
+    return launch.run_ranks(run_rank, (cfg, resume), nproc, restarts, "pretrain")
+
+
+def run_rank(cfg: Config, resume: bool) -> dict:
+    """One process of the run (all of it when alone)."""
     p = cfg.pretrain
     rt = runtime.setup(p.device, p.amp)
     try:
@@ -203,7 +218,7 @@ def _train(cfg: Config, rt: runtime.Runtime, resume: bool) -> dict:
             log.info("pretrain.init: continuing from %s", p.init)
     model.to(rt.device)
     init_sha = weights_sha256(p.init, "pretrain.init")
-    run_id = run_fingerprint(cfg, data.manifest["content_hash"], init_sha)
+    run_id = run_fingerprint(cfg, data.manifest["content_hash"], init_sha, rt.world_size)
 
     # a batch larger than the data is the data: the lr follows the batch really used
     batch = min(p.batch_size, -(-len(ids) // rt.world_size))
@@ -329,12 +344,13 @@ def _train(cfg: Config, rt: runtime.Runtime, resume: bool) -> dict:
     if not rt.is_main:
         return {}
     return _write_outputs(cfg, model, data, history, run_id, train_time, start_epoch, len(ids), eff_batch, lr,
-                          init_sha)  # fmt: skip
+                          init_sha, rt.world_size)  # fmt: skip
 
 
 def _write_outputs(
     cfg: Config, model: MaskedAutoencoderViT, data: PreparedData, history: list[dict], run_id: str,
     train_time: float, start_epoch: int, num_images: int, eff_batch: int, lr: float, init_sha: str | None,
+    world_size: int,
 ) -> dict:  # fmt: skip
     p = cfg.pretrain
     out, reports = Path(p.out_dir), Path(p.reports_dir)
@@ -357,6 +373,7 @@ def _write_outputs(
         "init": p.init,
         "init_sha256": args["init_sha256"],
         "num_images": num_images,
+        "world_size": world_size,
         "effective_batch": eff_batch,
         "lr": lr,
         "train_time_s": round(train_time, 2),

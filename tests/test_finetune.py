@@ -21,7 +21,7 @@ from mae_ops import classical, finetuning, hpo, runtime
 from mae_ops.config import Config
 from mae_ops.data import PreparedData
 from mae_ops.models.checkpoint import read_checkpoint
-from mae_ops.models.classifier import build_classifier, load_encoder
+from mae_ops.models.classifier import build_classifier, load_classifier, load_encoder
 from mae_ops.models.mae import create_mae
 from mae_ops.stages import baselines, evaluate, finetune
 from tests.conftest import BIN, FT, REPO, ft_config, subprocess_env, tiny_overrides
@@ -255,6 +255,31 @@ def test_local_workers_share_one_study_one_gpu_each(run_root: Path, monkeypatch:
     assert sorted(d for devices in by_worker.values() for d in devices) == [
         "cpu (CUDA_VISIBLE_DEVICES=5)", "cpu (CUDA_VISIBLE_DEVICES=7)"]  # fmt: skip
     assert sorted(t.number for t in trials) == list(range(len(trials)))  # no trial lost or duplicated
+
+
+def test_the_final_fine_tune_and_the_scratch_baseline_run_in_two_processes(run_root: Path) -> None:
+    """finetune.nproc_per_node=2: the final fine-tuning and the scratch baseline each run as
+    two gloo ranks x batch 16 (effective batch 32, the lr scaled for it); rank 0 saves a model
+    that scores on validation what it reported, and it learned."""
+    cfg = ft_config(run_root, "finetune.nproc_per_node=2", "finetune.batch_size=16", "finetune.epochs=6")
+    metrics = finetune.run(cfg)
+    assert metrics["world_size"] == 2 and metrics["epochs"] == 6
+    history = pd.read_csv(run_root / "reports/finetune/history.csv")
+    assert history["train_loss"].iloc[-1] < history["train_loss"].iloc[0]
+    data = PreparedData(cfg.data.out_dir, hide_test=True)
+    model, args = load_classifier(run_root / "models/finetune/model.pth")
+    top1, _ = finetuning.validate_model(model, data, data.indices("val"), torch.device("cpu"))
+    assert top1 == pytest.approx(metrics["val_top1"], abs=1e-4)
+    assert args["finetune"]["nproc_per_node"] == 2
+    one = finetune.run(ft_config(run_root / "one", "finetune.batch_size=32", "finetune.epochs=6",
+                                 f"data.out_dir={run_root}/data/prepared",
+                                 f"pretrain.out_dir={run_root}/models/pretrain"))  # fmt: skip
+    assert one["world_size"] == 1
+    assert abs(metrics["val_top1"] - one["val_top1"]) < 0.1, (metrics["val_top1"], one["val_top1"])  # same batch
+
+    cfg = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"linprobe": False, "classical": False})})
+    scratch = baselines.run(cfg)["scratch"]
+    assert scratch["world_size"] == 2 and (run_root / "models/baselines/scratch.pth").exists()
 
 
 def _paths(root: Path) -> dict[str, str]:

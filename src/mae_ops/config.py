@@ -82,8 +82,10 @@ AutoCount = Annotated[int, Field(ge=1)] | Literal["auto"]  # processes or worker
 
 # keys that change how fast or where a run goes, not what it computes: left out
 # of the fingerprints that decide whether a checkpoint or a study can be resumed
-RUNTIME_KEYS = frozenset({"device", "amp", "fast", "compile_mode", "num_workers", "save_every", "auto_resume",
-                          "eval_every", "monitor_every", "out_dir", "checkpoint_dir", "reports_dir"})  # fmt: skip
+# (the number of processes is not one of them: the fingerprints name the world size itself)
+RUNTIME_KEYS = frozenset({"device", "amp", "fast", "compile_mode", "num_workers", "nproc_per_node", "save_every",
+                          "auto_resume", "eval_every", "monitor_every", "out_dir", "checkpoint_dir",
+                          "reports_dir"})  # fmt: skip
 
 
 def semantic_params(section: BaseModel, *also_ignore: str) -> dict[str, Any]:
@@ -203,6 +205,13 @@ class PretrainConfig(_Section):
     num_workers: int | Literal["auto"] = Field(
         "auto", description="host loader processes when the data is not on the device; auto: 0 on CPU, up to 8 on CUDA"
     )
+    shuffle: Literal["auto", "global", "windows"] = Field(
+        "auto",
+        description="global: a fresh permutation of every image each epoch (DistributedSampler); windows: shards in "
+        "a fresh order, 4 at a time, their images shuffled among themselves, the next ones read ahead (a store "
+        "larger than memory then streams at the disk's sequential speed); auto: windows when the images are read "
+        "on the host and take more than half the RAM",
+    )
 
     out_dir: str = "models/pretrain"
     checkpoint_dir: str = "checkpoints/pretrain"
@@ -272,6 +281,11 @@ class FinetuneConfig(_Section):
     eval_every: int = Field(5, ge=1, description="validate every N epochs (and at the end)")
     device: DeviceName = "auto"
     amp: Precision = "auto"
+    nproc_per_node: AutoCount = Field(
+        1,
+        description="DDP processes of the final fine-tuning and the scratch baseline (trials run one each); "
+        "auto: one per visible GPU; each takes batch_size, the lr follows the effective batch",
+    )
     seed: int = Field(0, ge=0)
     save_every: int = Field(10, ge=1)
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler
 
 from mae_ops.errors import UserError
 from mae_ops.images import center_crop, eval_side
@@ -97,6 +97,62 @@ def _batch_sampler(
     return BatchSampler(sampler, batch_size, drop_last=drop_last)
 
 
+WINDOW_SHARDS = 4  # shards (about 1 GiB) shuffled together by pretrain.shuffle: windows
+
+
+class ShardWindowSampler(Sampler[int]):
+    """Every position once per epoch (padded or cut to equal shares per rank, as
+    DistributedSampler does), in an order that reads the store a few shards at a time:
+    the shards are shuffled, taken ``window`` at a time, and the samples of a window
+    shuffled among themselves (the shuffle of WebDataset and MosaicML Streaming). While
+    a window is served the next one's shards are read ahead (``read_ahead``), so a store
+    larger than memory streams at the disk's sequential speed, not at its random-read
+    speed. Rank r takes every world_size-th sample of the order: all ranks read the same
+    window at once."""
+
+    def __init__(
+        self, shard_of: np.ndarray, *, seed: int, drop_last: bool, rank: int, world_size: int, window: int,
+        read_ahead: Callable[[list[int]], None] | None = None,
+    ) -> None:  # fmt: skip
+        self.shard_of, self.seed, self.rank, self.world_size = np.asarray(shard_of), seed, rank, world_size
+        self.window, self.read_ahead, self.epoch = max(1, window), read_ahead, 0
+        n = len(self.shard_of)
+        self.per_rank = n // world_size if drop_last else -(-n // world_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+    def _windows(self) -> list[tuple[list[int], np.ndarray]]:
+        """(shards, their positions shuffled) per window, in this epoch's order."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        shards = rng.permutation(np.unique(self.shard_of))
+        out = []
+        for start in range(0, len(shards), self.window):
+            chosen = shards[start : start + self.window]
+            out.append((chosen.tolist(), rng.permutation(np.flatnonzero(np.isin(self.shard_of, chosen)))))
+        return out
+
+    def __iter__(self) -> Iterator[int]:
+        windows = self._windows()
+        order = np.concatenate([pos for _, pos in windows]) if windows else np.zeros(0, dtype=np.int64)
+        total = self.per_rank * self.world_size
+        order = np.resize(order, total) if total > len(order) else order[:total]  # pad by wrapping, or cut
+        mine = order[self.rank :: self.world_size]
+        ends = np.cumsum([len(pos) for _, pos in windows]) // self.world_size  # where each window ends in `mine`
+        if self.read_ahead is not None and windows:
+            self.read_ahead(windows[0][0])
+        start = 0
+        for k, end in enumerate(ends):
+            if self.read_ahead is not None and k + 1 < len(windows):
+                self.read_ahead(windows[k + 1][0])  # the kernel reads the next window while this one is served
+            yield from mine[start:end].tolist()
+            start = end
+        yield from mine[start:].tolist()
+
+
 def batch_loader(
     data: PreparedData,
     ids: np.ndarray,
@@ -108,13 +164,23 @@ def batch_loader(
     rank: int = 0,
     world_size: int = 1,
     num_workers: int = 0,
+    window_shards: int = 0,
 ) -> DataLoader:
     """uint8 image batches (and labels) over ``ids``, read from the memmap on the
     host (pinned when CUDA is present); sharded across ranks like
-    DistributedSampler. Call ``set_epoch(loader, e)`` before each epoch."""
+    DistributedSampler. ``window_shards`` > 0 (with ``shuffle``): shuffled that many
+    shards at a time (``ShardWindowSampler``), for stores larger than memory. Call
+    ``set_epoch(loader, e)`` before each epoch."""
+    if window_shards and shuffle:
+        sampler = BatchSampler(ShardWindowSampler(
+            data.images.where[ids, 0], seed=seed, drop_last=drop_last, rank=rank, world_size=world_size,
+            window=window_shards, read_ahead=data.images.read_ahead,
+        ), batch_size, drop_last=drop_last)  # fmt: skip
+    else:
+        sampler = _batch_sampler(len(ids), batch_size, shuffle, seed, drop_last, rank, world_size)
     return DataLoader(
         _BatchReader(data.images, data.labels, ids),
-        sampler=_batch_sampler(len(ids), batch_size, shuffle, seed, drop_last, rank, world_size),
+        sampler=sampler,
         batch_size=None,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,

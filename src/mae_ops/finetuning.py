@@ -6,7 +6,8 @@ layer-wise lr decay (timm's parameter groups), drop path, Mixup/CutMix with
 label smoothing (timm), random affine / RandAugment / random erasing,
 per-step cosine schedule with warm-up, bf16 autocast on GPU (fp16 with a
 GradScaler). Trains on the labelled training subset, validates on the
-validation split and never reads the test split.
+validation split and never reads the test split. ``train_saved`` runs it in
+``finetune.nproc_per_node`` DDP processes (mae_ops/launch.py) and saves the model.
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ from timm.loss import SoftTargetCrossEntropy
 from timm.optim import Lars, param_groups_layer_decay
 from tqdm.auto import tqdm
 
-from mae_ops import runtime
+from mae_ops import launch, runtime
 from mae_ops.atomic import save_with
-from mae_ops.config import Config, FinetuneConfig, InputError
+from mae_ops.config import Config, FinetuneConfig, InputError, semantic_params
 from mae_ops.data import (
     PreparedData,
     batch_loader,
@@ -42,11 +43,12 @@ from mae_ops.data import (
     set_epoch,
 )
 from mae_ops.models.classifier import build_classifier, classifier_checkpoint, load_encoder
-from mae_ops.training import Checkpointer, cosine_schedule
+from mae_ops.training import Checkpointer, cosine_schedule, fingerprint
 
 log = logging.getLogger(__name__)
 
 ReportFn = Callable[[int, float], None]  # (epoch, val top-1) -> may raise optuna.TrialPruned
+MAX_RESTARTS = 3  # of all ranks when one dies (they resume from the last checkpoint)
 
 
 @dataclass
@@ -184,14 +186,18 @@ def train_finetune(
     if len(train_ids) < 2:
         raise InputError(f"fine-tuning needs at least 2 labelled training images, found {len(train_ids)}: "
                          "raise data.label_fraction or data.labels_per_class")  # fmt: skip
-    batch = min(ft.batch_size, len(train_ids))
+    batch = min(ft.batch_size, len(train_ids) // rt.world_size)
     if use_mixup:  # Mixup/CutMix pair each image with its mirror in the batch: it must be even
         batch -= batch % 2
+    if batch < 1:
+        raise InputError(f"{len(train_ids)} labelled training images cannot make a batch for each of "
+                         f"{rt.world_size} processes: lower finetune.nproc_per_node")  # fmt: skip
     # every batch is full (drop_last), so every batch is even too
-    loader = batch_loader(data, train_ids, batch, shuffle=True, seed=ft.seed, drop_last=True)
+    loader = batch_loader(data, train_ids, batch, shuffle=True, seed=ft.seed, drop_last=True, rank=rt.rank,
+                          world_size=rt.world_size)  # fmt: skip
     updates_per_epoch = len(loader)
 
-    lr = ft.base_lr * batch / 256
+    lr = ft.base_lr * batch * rt.world_size / 256  # the effective batch
     optimizer = finetune_optimizer(model, ft, lr, fused=rt.device.type == "cuda")
     scheduler = cosine_schedule(optimizer, epochs, updates_per_epoch, ft.warmup_epochs, ft.min_lr)
     # fp16 gradients underflow without loss scaling; bf16 and fp32 need none
@@ -216,16 +222,26 @@ def train_finetune(
             if ckpt.get("scaler"):
                 scaler.load_state_dict(ckpt["scaler"])
             start_epoch, history = int(ckpt["epoch"]) + 1, list(ckpt["args"]["history"])
-            log.info("resumed %s from %s at epoch %d/%d", desc, checkpointer.path, start_epoch, epochs)
+            if rt.is_main:
+                log.info("resumed %s from %s at epoch %d/%d", desc, checkpointer.path, start_epoch, epochs)
+    if not runtime.agree(start_epoch, rt):
+        raise InputError(f"the ranks found different checkpoints of {desc}: put finetune.checkpoint_dir on a disk "
+                         "every node sees")  # fmt: skip
+    train_model: nn.Module = model
+    if rt.distributed:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None
+        )
 
     eval_every = eval_every or ft.eval_every
     val_top1, val_pred = (history[-1]["val_top1"] if history else float("nan")), None
     t0 = time.perf_counter()
-    bar = tqdm(range(start_epoch, epochs), desc=desc, unit="epoch", leave=False)
+    bar = tqdm(range(start_epoch, epochs), desc=desc, unit="epoch", leave=False,
+               **({} if rt.is_main else {"disable": True}))  # fmt: skip
     for epoch in bar:
-        _seed_everything(ft.seed * 1009 + epoch)
+        _seed_everything(ft.seed * 1009 + epoch + 7919 * rt.rank)  # Mixup, RandAugment: their own draws per rank
         set_epoch(loader, epoch)
-        gen = torch.Generator(device=rt.device).manual_seed(ft.seed * 1_000_003 + epoch)
+        gen = torch.Generator(device=rt.device).manual_seed(ft.seed * 1_000_003 + epoch + 7919 * rt.rank)
         model.train()
         loss_sum = torch.zeros((), device=rt.device)
         for step, (imgs, labels) in enumerate(loader):
@@ -245,24 +261,24 @@ def train_finetune(
                 x, y = mixup(x, y)
             scheduler.step_update(epoch * updates_per_epoch + step)
             with rt.autocast():
-                loss = criterion(model(x), y)
+                loss = criterion(train_model(x), y)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             loss_sum += loss.detach()
-        train_loss = float(loss_sum / updates_per_epoch)
+        train_loss = float(runtime.all_reduce_mean(loss_sum / updates_per_epoch, rt))
         if not np.isfinite(train_loss):
             raise FloatingPointError(f"fine-tuning loss is {train_loss} at epoch {epoch + 1}: lower finetune.base_lr")
         last = epoch + 1 == epochs
-        if ((epoch + 1) % eval_every == 0 and epoch + 1 >= eval_from) or last:
+        if rt.is_main and (((epoch + 1) % eval_every == 0 and epoch + 1 >= eval_from) or last):  # rank 0 reports
             val_top1, val_pred = validate_model(model, data, val_ids, rt.device)
             if report is not None:
                 report(epoch + 1, val_top1)
         history.append({"epoch": epoch + 1, "train_loss": round(train_loss, 5), "val_top1": round(val_top1, 5),
                         "lr": float(f"{optimizer.param_groups[-1]['lr']:.6g}")})  # fmt: skip
         bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{val_top1:.3f}")
-        if checkpointer is not None and ((epoch + 1) % ft.save_every == 0 or last):
+        if rt.is_main and checkpointer is not None and ((epoch + 1) % ft.save_every == 0 or last):
             checkpointer.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                "scaler": scaler.state_dict(), "epoch": epoch,
                                "args": {"history": history}})  # fmt: skip
@@ -271,6 +287,51 @@ def train_finetune(
 
 
 @torch.no_grad()
+def run_fingerprint(cfg: Config, ft: FinetuneConfig, data: PreparedData, init: str, epochs: int,
+                    world_size: int) -> str:  # fmt: skip
+    """Identity of a fine-tuning run: a checkpoint resumes only a run with the same one."""
+    return fingerprint({"model": cfg.model.preset, "ft": semantic_params(ft), "init": init, "epochs": epochs,
+                        "data": data.manifest["content_hash"], "world_size": world_size})  # fmt: skip
+
+
+def summary(result: TrainResult, world_size: int = 1) -> dict[str, Any]:
+    """What a stage reports of a saved model (the model itself stays in the file)."""
+    return {"val_top1": result.val_top1, "train_time_s": result.train_time_s, "history": result.history,
+            "world_size": world_size}  # fmt: skip
+
+
+def train_saved(
+    cfg: Config, ft: FinetuneConfig, *, init: str, epochs: int, dest: Path, checkpoint: Path | None = None,
+    resume: bool = False, desc: str = "finetune",
+) -> dict[str, Any]:  # fmt: skip
+    """Fine-tune in ``ft.nproc_per_node`` processes (DDP; ``auto``: one per visible GPU)
+    and save the model to ``dest``; resumable from ``checkpoint`` (``resume`` insists);
+    returns rank 0's ``summary``."""
+    nproc = launch.resolve_nproc(ft.nproc_per_node, ft.device, "finetune.nproc_per_node")
+    restarts = MAX_RESTARTS if checkpoint is not None and (resume or ft.auto_resume) else 0
+    return launch.run_ranks(_train_rank, (cfg, ft, init, epochs, dest, checkpoint, resume, desc), nproc, restarts,
+                            desc)  # fmt: skip
+
+
+def _train_rank(cfg: Config, ft: FinetuneConfig, init: str, epochs: int, dest: Path, checkpoint: Path | None,
+                resume: bool, desc: str) -> dict[str, Any]:  # fmt: skip
+    rt = runtime.setup(ft.device, ft.amp)
+    try:
+        data = PreparedData(cfg.data.out_dir, hide_test=True)
+        checkpointer = None
+        if checkpoint is not None and (resume or ft.auto_resume):
+            checkpointer = Checkpointer(checkpoint, run_fingerprint(cfg, ft, data, init, epochs, rt.world_size))
+            if resume:
+                checkpointer.load(required=True)
+        result = train_finetune(cfg, ft, data, rt, init=init, epochs=epochs, checkpointer=checkpointer, desc=desc)
+        if not rt.is_main:
+            return {}
+        save_result(result, dest)
+        return summary(result, rt.world_size)
+    finally:
+        runtime.teardown()
+
+
 def features(model: nn.Module, data: PreparedData, ids: np.ndarray, device: torch.device) -> torch.Tensor:
     model.eval()
     feats = []

@@ -5,9 +5,9 @@ whole box and DVC records the run as usual.
 A stage calls ``run_ranks(fn, args, nproc)``: with ``nproc`` 1, or inside a launch
 someone else made (torchrun on each node of a cluster), ``fn`` runs here; otherwise
 the elastic agent spawns ``nproc`` processes that meet by c10d rendezvous on a free
-localhost port (torchrun --standalone), watches them, and restarts all of them when
-one dies (``max_restarts``), so a stage that resumes from its checkpoint survives the
-loss of any rank. Rank 0's return value comes back; a ``UserError`` raised in the
+localhost port (torchrun --standalone) and watches them; when one dies all stop and
+are started again (``max_restarts``), so a stage that resumes from its checkpoint
+survives the loss of any rank. Rank 0's return value comes back; a ``UserError`` raised in the
 ranks is raised here again, as itself.
 """
 
@@ -70,26 +70,33 @@ def _rank_main(fn: Callable[..., Any], args: tuple, threads: int) -> Any:
 
 def run_ranks(fn: Callable[..., Any], args: tuple, nproc: int, max_restarts: int, name: str) -> Any:
     """``fn(*args)`` in ``nproc`` DDP processes on this machine (or here, see the module
-    doc); returns rank 0's result."""
+    doc); returns rank 0's result. A failed launch is started again, up to
+    ``max_restarts`` times, each time as a new launch (a fresh rendezvous and store:
+    restarting inside one launch was seen to hang on a stale gloo address under load)."""
     if nproc <= 1 or launched():
         return fn(*args)
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    config = LaunchConfig(
-        min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"{name}-{uuid.uuid4().hex[:12]}",
-        rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=max_restarts, monitor_interval=0.5,
-        start_method="spawn",
-    )  # fmt: skip
     threads = max(1, (os.cpu_count() or 1) // nproc)
-    log.info("%s: %d processes on this machine (elastic launch, c10d rendezvous, up to %d restarts)",
-             name, nproc, max_restarts)  # fmt: skip
-    try:
-        outputs = elastic_launch(config, _rank_main)(fn, args, threads)
-    except ChildFailedError as exc:
-        first = next(iter(exc.failures.values()), None)
-        raise RuntimeError(f"{name}: a rank failed {max_restarts + 1} time(s); the last failure:\n"
-                           f"{first.message if first else exc}") from exc  # fmt: skip
+    log.info("%s: %d processes on this machine (elastic launch, c10d rendezvous)", name, nproc)
+    for attempt in range(max_restarts + 1):
+        config = LaunchConfig(
+            min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"{name}-{uuid.uuid4().hex[:12]}",
+            rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.5,
+            start_method="spawn",
+        )  # fmt: skip
+        try:
+            outputs = elastic_launch(config, _rank_main)(fn, args, threads)
+            break
+        except ChildFailedError as exc:
+            first = next(iter(exc.failures.values()), None)
+            why = first.message if first else str(exc)
+            if attempt == max_restarts:
+                raise RuntimeError(f"{name}: a rank failed {attempt + 1} time(s); the last failure:\n{why}") from exc
+            log.warning("%s: a rank failed (%s); starting the %d processes again (%d of %d), from the last "
+                        "checkpoint", name, why.strip().splitlines()[-1] if why.strip() else "?", nproc,
+                        attempt + 1, max_restarts)  # fmt: skip
     refused = [out for out in outputs.values() if isinstance(out, _Refused)]
     if refused:
         raise refused[0].error

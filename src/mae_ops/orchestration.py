@@ -334,8 +334,9 @@ def run_summary(repo: Path, results: list[StageResult]) -> str:
     if pre:
         seen = (f"; the encoder on the validation split: k-NN {pre['knn_val_top1']:.2%}, linear probe "
                 f"{pre['probe_val_top1']:.2%}" if "probe_val_top1" in pre else "")  # fmt: skip
+        procs = pre.get("world_size", 1)
         lines += [f"**Pre-training**: loss {pre['first_loss']:.4f} -> {pre['final_loss']:.4f} over {pre['epochs']} "
-                  f"epochs, {pre['images_per_s']:.0f} img/s{seen}."]  # fmt: skip
+                  f"epochs, {pre['images_per_s']:.0f} img/s ({procs} process{'es' * (procs > 1)}){seen}."]  # fmt: skip
     if hpo:
         params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in hpo["params"].items())
         lines += [f"**Search**: best trial {hpo['trial']} (val top-1 {hpo['value']:.2%}): {params}; trials "

@@ -21,7 +21,7 @@ from mae_ops import classical, hpo, runtime
 from mae_ops.atomic import write_json
 from mae_ops.config import Config, FinetuneConfig, InputError
 from mae_ops.data import PreparedData
-from mae_ops.finetuning import TrainResult, save_result, train_finetune, train_linprobe
+from mae_ops.finetuning import TrainResult, save_result, train_linprobe, train_saved
 from mae_ops.models.checkpoint import read_checkpoint
 
 log = logging.getLogger(__name__)
@@ -84,18 +84,25 @@ def tuned_linprobe(cfg: Config, data: PreparedData, rt: runtime.Runtime) -> tupl
 
 
 def run(cfg: Config) -> dict:
-    ev = cfg.evaluate
     rt = runtime.setup(cfg.finetune.device, cfg.finetune.amp)
+    try:
+        return _fit(cfg, rt)
+    finally:
+        runtime.teardown()
+
+
+def _fit(cfg: Config, rt: runtime.Runtime) -> dict:
+    ev = cfg.evaluate
     data = PreparedData(cfg.data.out_dir, hide_test=True)
     out = Path(ev.baselines_dir)
     metrics: dict[str, dict] = {}
     if ev.baseline == "scratch":
         ft, search = scratch_params(cfg, final_finetune_params(cfg), data, rt)
-        result = train_finetune(cfg, ft, data, rt, init="scratch", epochs=ft.epochs, desc="scratch")
-        save_result(result, out / "scratch.pth")
-        metrics["scratch"] = {"val_top1": round(result.val_top1, 5), "train_time_s": round(result.train_time_s, 2),
-                              "search": search}  # fmt: skip
-        log.info("scratch baseline: val top-1 %.4f", result.val_top1)
+        # in finetune.nproc_per_node processes, as the MAE model's final training
+        done = train_saved(cfg, ft, init="scratch", epochs=ft.epochs, dest=out / "scratch.pth", desc="scratch")
+        metrics["scratch"] = {"val_top1": round(done["val_top1"], 5), "train_time_s": round(done["train_time_s"], 2),
+                              "world_size": done["world_size"], "search": search}  # fmt: skip
+        log.info("scratch baseline: val top-1 %.4f", done["val_top1"])
     if ev.linprobe:
         result, tried = tuned_linprobe(cfg, data, rt)
         save_result(result, out / "linprobe.pth")
@@ -111,5 +118,4 @@ def run(cfg: Config) -> dict:
         classical.save(out / "classical.npz", stored)
         metrics.update(report)
     write_json(Path(ev.baselines_reports_dir) / "metrics.json", metrics)
-    runtime.teardown()
     return metrics

@@ -42,7 +42,15 @@ from tqdm.auto import tqdm
 from mae_ops import launch, monitor, runtime
 from mae_ops.atomic import save_with, write_json
 from mae_ops.config import Config, InputError, PretrainConfig, semantic_params
-from mae_ops.data import DeviceBatches, PreparedData, batch_loader, normalize, random_resized_crop, set_epoch
+from mae_ops.data import (
+    WINDOW_SHARDS,
+    DeviceBatches,
+    PreparedData,
+    batch_loader,
+    normalize,
+    random_resized_crop,
+    set_epoch,
+)
 from mae_ops.models.checkpoint import continue_from, encoder_state_dict
 from mae_ops.models.mae import MaskedAutoencoderViT, create_mae
 from mae_ops.plots import learning_curve, reconstruction_grid
@@ -116,15 +124,26 @@ def augment(
     return x, noise
 
 
+def use_windows(p: PretrainConfig, data: PreparedData, ids: np.ndarray) -> bool:
+    """pretrain.shuffle on the host path: 'auto' reads shard windows when the images take
+    more than half the RAM (random single rows from a disk are ~40x slower than sequential)."""
+    if p.shuffle != "auto":
+        return p.shuffle == "windows"
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return len(ids) * int(np.prod(data.images.shape[1:])) > ram / 2
+
+
 def make_loader(
     data: PreparedData, ids: np.ndarray, batch_size: int, device: torch.device, fast: bool, num_workers: int,
-    **shard,
+    windows: bool = False, **shard,
 ) -> DataLoader | DeviceBatches:  # fmt: skip
-    """The fast path serves batches from the device when the images fit there;
-    otherwise (and on the plain path) they stream from the host memmap."""
+    """The fast path serves batches from the device when the images fit there (in
+    DistributedSampler's exact order); otherwise (and on the plain path) they stream from
+    the host memmap, a few shards at a time with ``windows``."""
     if fast and DeviceBatches.fits(data, ids, device):
         return DeviceBatches(data, ids, batch_size, device, **shard)
-    return batch_loader(data, ids, batch_size, num_workers=num_workers, **shard)
+    return batch_loader(data, ids, batch_size, num_workers=num_workers, window_shards=WINDOW_SHARDS * windows,
+                        **shard)  # fmt: skip
 
 
 def _loader_workers(p: PretrainConfig, rt: runtime.Runtime) -> int:
@@ -232,8 +251,9 @@ def _train(cfg: Config, rt: runtime.Runtime, resume: bool) -> dict:
     if p.fp8 and not fast:
         raise InputError("pretrain.fp8 needs the fast path (pretrain.fast: auto or on): FP8 is slow uncompiled")
     fp8_layers = use_fp8(model, rt.device) if p.fp8 else 0
-    loader = make_loader(data, ids, batch, rt.device, fast, _loader_workers(p, rt), shuffle=True, seed=p.seed,
-                         drop_last=drop_last, rank=rt.rank, world_size=rt.world_size)  # fmt: skip
+    loader = make_loader(data, ids, batch, rt.device, fast, _loader_workers(p, rt), use_windows(p, data, ids),
+                         shuffle=True, seed=p.seed, drop_last=drop_last, rank=rt.rank,
+                         world_size=rt.world_size)  # fmt: skip
     batches = len(loader)
     updates_per_epoch = -(-batches // p.accum_iter)
     optimizer = build_optimizer(model, lr, p.weight_decay, fused=fast)
@@ -272,7 +292,8 @@ def _train(cfg: Config, rt: runtime.Runtime, resume: bool) -> dict:
         log.info(
             "pre-training %s (%.2fM params) on %d images, %d epochs, effective batch %d, lr %.2e; fast path %s%s%s",
             cfg.model.preset, n_params / 1e6, len(ids), p.epochs, eff_batch, lr, "on" if fast else "off",
-            " (data on the device)" if isinstance(loader, DeviceBatches) else "",
+            " (data on the device)" if isinstance(loader, DeviceBatches) else
+            f" (read {WINDOW_SHARDS} shards at a time)" if use_windows(p, data, ids) else "",
             f", FP8 in {fp8_layers} linear layers" if p.fp8 else "",
         )  # fmt: skip
 

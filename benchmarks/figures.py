@@ -305,6 +305,34 @@ def gpu_honest(root: Path) -> str:
     )
 
 
+@block
+def loader_throughput(root: Path) -> str:
+    """The host loader against the GPU's step rate (benchmarks/loader_throughput.py)."""
+    r = _json(root, f"{RESULTS}/cpu-loader-throughput.json")
+    feed, store = r["to_feed_the_gpu"], r["store"]
+    seq, rnd = (d["mb_per_s"] for d in r["disk"])
+    rows = []
+    for name, row in feed.items():
+        if isinstance(row, dict):
+            rows.append([name, _n(row["best_images_per_s"]), row["with_workers"], _n(row["images_per_s_per_core"]),
+                         row["cores_to_feed_gpu"]])  # fmt: skip
+    lines = [
+        f"A store of {_n(store['images'])} images at {store['side_px']} px ({store['gib']} GiB, this machine has "
+        f"{r['ram_gib']} GiB of RAM; the page cache dropped first), batches of {r['batch_size']}, {r['cpu_count']} "
+        f"cores; the disk reads {_n(seq)} MB/s in sequence and {_n(rnd)} MB/s in random rows. Feeding "
+        f"{_n(feed['gpu_images_per_s'])} img/s (ViT-B/16 on an H200) takes {_n(feed['disk_mb_per_s'])} MB/s of "
+        f"{store['side_px']}-px rows.",
+        "",
+        *_table(
+            ["the host path, reading", "best img/s", "loader processes", "img/s per core", "cores for the GPU"], rows
+        ),
+        "",
+        f"Crop, flip and normalise run on the GPU; on a CPU run they cost "
+        f"{_n(feed['cpu_augment_images_per_s_per_core'])} img/s per core at {r['crop_px']} px.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 # ------------------------------------------------------------ the results index
 def _h100(root: Path, preset: str) -> str:
     plain, fast = (_json(root, f"{RESULTS}/h100-{preset}-{m}.json")["images_per_s"] for m in ("plain", "fast"))
@@ -410,6 +438,17 @@ def results_index(root: Path) -> str:
             "same",
             "see its `code`",
             f"`mae-ops predict` end to end: {_n(predict['images_per_s'])} img/s",
+        ),
+        (
+            "`cpu-loader-throughput.json`",
+            "same",
+            "see its `commit`",
+            "the host loader from a store larger than RAM: "
+            + ", ".join(
+                f"{k} {_n(v['best_images_per_s'])} img/s"
+                for k, v in _json(root, f"{RESULTS}/cpu-loader-throughput.json")["to_feed_the_gpu"].items()
+                if isinstance(v, dict)
+            ),
         ),
         ("`study-cifar10/`", "same", "see `results.json`", _study_line(root, "study-cifar10")),
         ("`study-digits/`", "same", "see `results.json`", _study_line(root, "study-digits")),

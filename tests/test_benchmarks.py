@@ -178,3 +178,18 @@ def test_trust_check_on_a_real_folder_history_finds_nothing(tmp_path: Path) -> N
                                      "user_dependency"}  # fmt: skip
     assert report["checks"]["same_size_replacement"]["files_swapped"] == 4
     assert report["checks"]["decoder_change"]["decoded"] == report["images"]
+
+
+def test_loader_benchmark_compares_the_orders_and_says_what_feeds_the_gpu(tmp_path: Path) -> None:
+    out = tmp_path / "loader.json"
+    run_script("loader_throughput.py", "--store", str(tmp_path / "store"), "--images", "1500", "--size", "32",
+               "--crop", "28", "--seconds", "0.5", "--cached-gib", "0.001", "--workers", "0", "1",
+               "--keep-page-cache", "--out", str(out))  # fmt: skip
+    report = json.loads(out.read_text())
+    orders = {(r["store"], r["order"], r["workers"], r["augment"]) for r in report["results"]}
+    assert ("larger than RAM", "windows of 4 shards", 1, False) in orders
+    assert ("in the page cache", "global", 0, True) in orders
+    assert all(r["images_per_s"] > 0 for r in report["results"])
+    feed = report["to_feed_the_gpu"]
+    assert feed["disk_mb_per_s"] == pytest.approx(4855 * 3 * 32 * 32 / 1e6, rel=1e-3)
+    assert feed["larger than RAM, shard windows"]["cores_to_feed_gpu"] >= 1

@@ -25,7 +25,8 @@ has something to learn); the JSON holds every curve and each mode's largest
 relative gap to the ``reference`` curve of the same batch size (smoothed over
 10 steps). A speed-up counts only with a matching curve.
 
-Every mode runs the stage's own pieces (``augment``, ``build_optimizer``,
+Every mode runs the stage's own code (mae_ops/pretraining.py: ``train_step``, the
+step ``train_one_epoch`` repeats, with ``augment``, ``build_optimizer``,
 ``compile_model``, ``DeviceBatches`` / ``batch_loader``). Measured per mode:
 ``step`` (forward + backward + update on a ready batch), ``input`` (loader +
 on-device crop/flip/normalise alone) and ``end_to_end`` (both, as the stage
@@ -62,9 +63,9 @@ from mae_ops.config import PretrainConfig
 from mae_ops.data import DeviceBatches, PreparedData, set_epoch
 from mae_ops.models.mae import MaskedAutoencoderViT, create_mae
 from mae_ops.models.presets import preset_config
+from mae_ops.pretraining import Trainer, augment, build_optimizer, compile_model, make_loader, train_step, use_fp8
 from mae_ops.reporting import git_revision
 from mae_ops.runtime import resolve_device, use_fast_cuda_kernels
-from mae_ops.stages.pretrain import augment, build_optimizer, compile_model, make_loader, use_fp8
 from mae_ops.store import StoreWriter, write_table
 
 MODES = {
@@ -203,6 +204,7 @@ class StepBench:
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp == torch.float16)
         self.compile_mode = self.spec.get("compile_mode", compile_mode) if self.spec["fast"] else None
         self.step_model = compile_model(self.model, self.compile_mode) if self.compile_mode else self.model
+        self.trainer = Trainer(self.step_model, self.optimizer, self.scaler, self.autocast, mask_ratio)
 
     @classmethod
     def create(cls, preset: str, mode: str, batch_size: int, device: str = "auto", compile_mode: str = "default"):
@@ -237,12 +239,7 @@ class StepBench:
         return augment(next(self.batches), self.p, self.data.img_size, self.mean, self.std, num_patches, self.gen)
 
     def train_step(self, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        with self.autocast():
-            loss, _, _ = self.step_model(x, self.mask_ratio, noise)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        loss = train_step(self.trainer, x, noise)  # the stage's step
         if self.spec["sync_per_step"]:
             loss.item()  # the reference logs the loss of every step
         return loss.detach()

@@ -17,6 +17,7 @@ import timm
 import torch
 from PIL import Image
 
+from mae_ops import pretraining
 from mae_ops.models.checkpoint import load_state_dict
 from mae_ops.stages import pretrain
 from mae_ops.training import ResumeError
@@ -111,7 +112,7 @@ def test_weight_decay_follows_the_reference_code() -> None:
     from mae_ops.models.mae import create_mae
 
     model = create_mae("mae_vit_micro_patch4", 28, 1, True)
-    optimizer = pretrain.build_optimizer(model, 1e-3, 0.05, fused=False)
+    optimizer = pretraining.build_optimizer(model, 1e-3, 0.05, fused=False)
     names = {id(p): n for n, p in model.named_parameters()}
     by_decay = {g["weight_decay"]: {names[id(p)] for p in g["params"]} for g in optimizer.param_groups}
     assert {"cls_token", "mask_token", "blocks.0.attn.qkv.weight", "decoder_pred.weight"} <= by_decay[0.05]

@@ -7,6 +7,8 @@ tokens are decayed, as in the reference code), lr = base_lr * effective batch /
 visible GPU), started by the stage itself with PyTorch's elastic launcher
 (mae_ops/launch.py), or one rank of a torchrun launch per node; rank 0 writes.
 A rank that dies takes the others down and all restart from the last checkpoint.
+The loop itself (``train_one_epoch``) and its pieces are in mae_ops/pretraining.py,
+which the throughput benchmark runs too.
 
 The fast path (``pretrain.fast``, on by default with CUDA) changes speed, not
 math: the uint8 images live on the device and are cropped, flipped and
@@ -26,42 +28,40 @@ go to checkpoints/pretrain/last.pth every `save_every` epochs.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from timm.optim import param_groups_weight_decay
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from mae_ops import launch, monitor, runtime
 from mae_ops.atomic import save_with, write_json
-from mae_ops.config import Config, InputError, PretrainConfig, semantic_params
-from mae_ops.data import (
-    WINDOW_SHARDS,
-    DeviceBatches,
-    PreparedData,
-    batch_loader,
-    normalize,
-    random_resized_crop,
-    set_epoch,
-)
+from mae_ops.config import Config, InputError, semantic_params
+from mae_ops.data import WINDOW_SHARDS, DeviceBatches, PreparedData, normalize, set_epoch
 from mae_ops.models.checkpoint import continue_from, encoder_state_dict
 from mae_ops.models.mae import MaskedAutoencoderViT, create_mae
 from mae_ops.plots import learning_curve, reconstruction_grid
+from mae_ops.pretraining import (
+    Trainer,
+    augment,
+    build_optimizer,
+    compile_model,
+    epoch_generator,
+    loader_workers,
+    make_loader,
+    train_one_epoch,
+    use_fast_path,
+    use_fp8,
+    use_windows,
+)
 from mae_ops.reporting import weights_sha256, write_history
 from mae_ops.training import Checkpointer, ResumeError, cosine_schedule, fingerprint
 
 log = logging.getLogger(__name__)
 
-# as the reference code applies it: no decay on biases and norms (1-D), decay on everything
-# else, cls_token and mask_token included (the fixed sin-cos position embeddings are not trained)
-NO_WEIGHT_DECAY: tuple[str, ...] = ()
 MONITOR_KEYS = ("knn_val_top1", "probe_val_top1")  # history.csv columns the monitor fills
 MAX_RESTARTS = 3  # of all ranks when one dies (they resume from the last checkpoint)
 
@@ -73,94 +73,6 @@ def run_fingerprint(cfg: Config, data_hash: str, init: str | None, world_size: i
     return fingerprint({"model": cfg.model.model_dump(mode="json"), "pretrain": semantic_params(cfg.pretrain),
                         "data": data_hash, "world_size": world_size,
                         **({"init_sha256": init} if init else {})})  # fmt: skip
-
-
-def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, fused: bool) -> torch.optim.AdamW:
-    groups = param_groups_weight_decay(model, weight_decay, no_weight_decay_list=NO_WEIGHT_DECAY)
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=fused or None)
-
-
-def use_fast_path(p: PretrainConfig, device: torch.device) -> bool:
-    return p.fast == "on" or (p.fast == "auto" and device.type == "cuda")
-
-
-def compile_model(model: torch.nn.Module, mode: str) -> torch.nn.Module:
-    """torch.compile of the whole forward, loss included (the MAE returns it)."""
-    return torch.compile(model, mode=None if mode == "default" else mode)
-
-
-# kept in bf16: the first and last layers of the decoder (the pixel prediction is the loss's input)
-FP8_KEEP_HIGH_PRECISION = ["decoder_embed", "decoder_pred"]
-
-
-def use_fp8(model: torch.nn.Module, device: torch.device) -> int:
-    """FP8 matmuls (torchao float8 training, dynamic tensorwise scaling) in the linear
-    layers large enough to gain by torchao's own H100 measurements; returns how many.
-    Same parameters and state_dict keys: checkpoints stay interchangeable with bf16."""
-    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
-        raise InputError("pretrain.fp8 needs a CUDA GPU of compute capability 8.9 or newer (L4, L40, H100, H200)")
-    try:
-        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
-        from torchao.float8.float8_linear_utils import _auto_filter_for_recipe
-    except ImportError as e:
-        raise InputError("pretrain.fp8 needs torchao (pip install 'mae-ops[fp8]')") from e
-    before = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
-    convert_to_float8_training(
-        model, config=Float8LinearConfig.from_recipe_name("tensorwise"),
-        module_filter_fn=_auto_filter_for_recipe("tensorwise", FP8_KEEP_HIGH_PRECISION),
-    )  # fmt: skip
-    return before - sum(type(m) is torch.nn.Linear for m in model.modules())
-
-
-def augment(
-    imgs: torch.Tensor, p: PretrainConfig, img_size: int, mean: torch.Tensor, std: torch.Tensor,
-    num_patches: int, generator: torch.Generator,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """uint8 batch on the device -> (normalised crops, masking noise), all on the device."""
-    x = imgs.float().div_(255.0)
-    x = random_resized_crop(x, img_size, p.crop_scale, hflip=p.hflip, generator=generator)
-    x = normalize(x, mean, std)
-    noise = torch.rand(x.shape[0], num_patches, device=x.device, generator=generator)
-    return x, noise
-
-
-def use_windows(p: PretrainConfig, data: PreparedData, ids: np.ndarray) -> bool:
-    """pretrain.shuffle on the host path: 'auto' reads shard windows when the images take
-    more than half the RAM (random single rows from a disk are ~40x slower than sequential)."""
-    if p.shuffle != "auto":
-        return p.shuffle == "windows"
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return len(ids) * int(np.prod(data.images.shape[1:])) > ram / 2
-
-
-def make_loader(
-    data: PreparedData, ids: np.ndarray, batch_size: int, device: torch.device, fast: bool, num_workers: int,
-    windows: bool = False, **shard,
-) -> DataLoader | DeviceBatches:  # fmt: skip
-    """The fast path serves batches from the device when the images fit there (in
-    DistributedSampler's exact order); otherwise (and on the plain path) they stream from
-    the host memmap, a few shards at a time with ``windows``."""
-    if fast and DeviceBatches.fits(data, ids, device):
-        return DeviceBatches(data, ids, batch_size, device, **shard)
-    return batch_loader(data, ids, batch_size, num_workers=num_workers, window_shards=WINDOW_SHARDS * windows,
-                        **shard)  # fmt: skip
-
-
-def _loader_workers(p: PretrainConfig, rt: runtime.Runtime) -> int:
-    """'auto': the main process reads on a CPU run (workers would compete for its
-    cores); on CUDA, processes that read and pin the next batches while the GPU works."""
-    if p.num_workers != "auto":
-        return int(p.num_workers)
-    if rt.device.type != "cuda":
-        return 0
-    per_rank = (os.cpu_count() or 1) // max(1, torch.cuda.device_count() if rt.distributed else 1)
-    return max(1, min(8, per_rank - 1))
-
-
-def _epoch_generator(seed: int, epoch: int, rank: int, device: torch.device) -> torch.Generator:
-    """All randomness of an epoch (crops, flips, masks) comes from this generator,
-    so a resumed run replays exactly what an uninterrupted one would have."""
-    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch * 1009 + rank)
 
 
 @torch.no_grad()
@@ -251,11 +163,10 @@ def _train(cfg: Config, rt: runtime.Runtime, resume: bool) -> dict:
     if p.fp8 and not fast:
         raise InputError("pretrain.fp8 needs the fast path (pretrain.fast: auto or on): FP8 is slow uncompiled")
     fp8_layers = use_fp8(model, rt.device) if p.fp8 else 0
-    loader = make_loader(data, ids, batch, rt.device, fast, _loader_workers(p, rt), use_windows(p, data, ids),
+    loader = make_loader(data, ids, batch, rt.device, fast, loader_workers(p, rt), use_windows(p, data, ids),
                          shuffle=True, seed=p.seed, drop_last=drop_last, rank=rt.rank,
                          world_size=rt.world_size)  # fmt: skip
-    batches = len(loader)
-    updates_per_epoch = -(-batches // p.accum_iter)
+    updates_per_epoch = -(-len(loader) // p.accum_iter)
     optimizer = build_optimizer(model, lr, p.weight_decay, fused=fast)
     scheduler = cosine_schedule(optimizer, p.epochs, updates_per_epoch, p.warmup_epochs, p.min_lr)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
@@ -318,27 +229,18 @@ def _train(cfg: Config, rt: runtime.Runtime, resume: bool) -> dict:
     epochs_bar = tqdm(
         range(start_epoch, p.epochs), desc="pretrain", unit="epoch", **({} if rt.is_main else {"disable": True})
     )
+    trainer = Trainer(train_model, optimizer, scaler, rt.autocast, p.mask_ratio, p.accum_iter, scheduler)
     for epoch in epochs_bar:
         set_epoch(loader, epoch)
-        gen = _epoch_generator(p.seed, epoch, rt.rank, rt.device)
-        loss_sum = torch.zeros((), device=rt.device)
-        seen, t0 = 0, time.perf_counter()
-        for step, (imgs, _) in enumerate(loader):
+        gen = epoch_generator(p.seed, epoch, rt.rank, rt.device)
+
+        def inputs(imgs: torch.Tensor, gen: torch.Generator = gen) -> tuple[torch.Tensor, torch.Tensor]:
             imgs = imgs.to(rt.device, non_blocking=True)
-            x, noise = augment(imgs, p, data.img_size, mean, std, num_patches, gen)
-            update = (step + 1) % p.accum_iter == 0 or step + 1 == batches
-            sync = update or not rt.distributed
-            with rt.autocast(), train_model.no_sync() if not sync else contextlib.nullcontext():
-                loss, _, _ = train_model(x, p.mask_ratio, noise)
-                scaler.scale(loss / p.accum_iter).backward()
-            if update:
-                scheduler.step_update(epoch * updates_per_epoch + step // p.accum_iter)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach()  # stays on the device: no sync per step
-            seen += x.shape[0]
-        mean_loss = float(runtime.all_reduce_mean(loss_sum / batches, rt))
+            return augment(imgs, p, data.img_size, mean, std, num_patches, gen)
+
+        t0 = time.perf_counter()
+        loss_sum, seen = train_one_epoch(trainer, loader, inputs, epoch, rt.distributed)
+        mean_loss = float(runtime.all_reduce_mean(loss_sum.to(rt.device) / len(loader), rt))
         if not np.isfinite(mean_loss):
             raise FloatingPointError(f"pre-training loss is {mean_loss} at epoch {epoch}: lower pretrain.base_lr")
         elapsed = time.perf_counter() - t0

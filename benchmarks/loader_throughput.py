@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from prepare_scale import drop_page_cache  # a sibling script: its folder is on sys.path when run
 
 from mae_ops.atomic import write_json
 from mae_ops.data import WINDOW_SHARDS, PreparedData, batch_loader, normalize, random_resized_crop, set_epoch
@@ -73,16 +74,6 @@ def make_store(root: Path, n: int, size: int, channels: int = 3) -> PreparedData
                 "mean": [0.5] * channels, "std": [0.25] * channels}  # fmt: skip
     write_json(root / "manifest.json", manifest)
     return PreparedData(root)
-
-
-def drop_page_cache() -> bool:
-    """Evict the page cache (root on Linux); False when not allowed."""
-    os.sync()
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return True
-    except OSError:
-        return False
 
 
 def loader_rate(data: PreparedData, ids: np.ndarray, batch: int, workers: int, seconds: float, augment: bool,

@@ -29,7 +29,7 @@ def _degrade(model: Path) -> None:
 
 @pytest.fixture
 def project(tmp_path: Path, exported: Path) -> Path:
-    for sub in ("data/prepared", "models/finetune", "models/export"):
+    for sub in ("data/prepared", "models/finetune", "models/export", "reports/export"):
         shutil.copytree(exported / sub, tmp_path / sub)
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     evaluate.run(export_config(tmp_path, "evaluate.baseline=none", "evaluate.linprobe=false",
@@ -43,7 +43,11 @@ def test_promotes_better_keeps_champion_against_worse_and_rolls_back(project: Pa
     good = (project / "models/export/model.onnx").read_bytes()
 
     _degrade(project / "models/export/model.onnx")
-    weak = registry.register(project, reg)["version"]
+    info = registry.register(project, reg)
+    weak = info["version"]
+    parity = json.loads((project / "reports/export/parity.json").read_text())
+    assert info["published"]["file"] in parity["files"]  # what export published, with its test top-1
+    assert info["published"]["test_top1"] in (parity["onnx_top1"], parity.get("int8_top1"))
     first = registry.challenge(reg, weak, data)
     assert first["promoted"] and registry.production(reg)["version"] == weak
 
@@ -212,3 +216,26 @@ def test_scheduled_deployment_on_a_real_local_server(project: Path, tmp_path_fac
                 except subprocess.TimeoutExpired:
                     proc.kill()
     assert os.path.exists(reg / "production.json")
+
+
+def test_the_published_variant_is_named_with_its_accuracy_and_latency(tmp_path: Path) -> None:
+    """The run summary and the registry name the model file export published for serving."""
+    from mae_ops.atomic import write_json
+    from mae_ops.orchestration import run_summary
+
+    static = {"batch1_p50_ms": 1.5, "batch32_images_per_s": 900.0}
+    int8 = {"chosen": "static", "variants": {"static": static, "dynamic": {"batch1_p50_ms": 1.1}}}
+    parity = {"files": ["model.onnx", "model.int8.onnx"], "onnx_top1": 0.95, "int8_top1": 0.94,
+              "max_abs_diff": 1e-6, "top1_agreement": 1.0, "int8": int8}  # fmt: skip
+    assert registry.published_variant(parity) == {
+        "variant": "onnxruntime_int8_static", "file": "model.int8.onnx", "test_top1": 0.94, **static}  # fmt: skip
+    timed = registry.published_variant(parity, {"onnxruntime_int8_static": {"batch1_p50_ms": 1.2,
+                                                                           "batch32_images_per_s": 950.0}})  # fmt: skip
+    assert (timed["batch1_p50_ms"], timed["batch32_images_per_s"]) == (1.2, 950.0)  # this model's benchmark wins
+    fp32 = {**parity, "files": ["model.onnx"], "int8": {"chosen": None, "why_none": "no int8 passed"}}
+    assert registry.published_variant(fp32) == {"variant": "onnxruntime_fp32", "file": "model.onnx", "test_top1": 0.95}
+
+    write_json(tmp_path / "reports/export/parity.json", parity)
+    summary = run_summary(tmp_path, [])
+    assert "**Published for serving**: `model.int8.onnx` (onnxruntime_int8_static): test top-1 94.00%, " \
+           "batch-1 p50 1.50 ms, batch 32 900 img/s." in summary  # fmt: skip

@@ -26,6 +26,7 @@ from mae_ops.atomic import file_lock, free_bytes, write_json, write_text
 from mae_ops.config import Config, apply_overrides, redact, validate
 from mae_ops.errors import UserError
 from mae_ops.preparing import FORCE_ENV
+from mae_ops.registry import published_variant
 from mae_ops.reporting import file_sha256
 from mae_ops.sources import check_sources, dep_path, rooted_data, source_folders
 
@@ -353,7 +354,14 @@ def run_summary(repo: Path, results: list[StageResult]) -> str:
                                                        if "int8_top1" in parity else "") + "."]  # fmt: skip
     model = repo / (deployed.get("checkpoint") or "models/finetune/model.pth")  # the model export shipped
     this_model = file_sha256(model) if model.exists() else None
-    if bench and this_model and bench_report.get("model_sha256") == this_model:
+    mine = bench if bench and this_model and bench_report.get("model_sha256") == this_model else None
+    if parity:
+        pub = published_variant(parity, mine)
+        timing = (f", batch-1 p50 {pub['batch1_p50_ms']:.2f} ms, batch 32 {pub['batch32_images_per_s']:,.0f} img/s"
+                  if "batch1_p50_ms" in pub else "")  # fmt: skip
+        top1 = f"test top-1 {pub['test_top1']:.2%}" if pub.get("test_top1") is not None else "test top-1 ?"
+        lines += [f"**Published for serving**: `{pub['file']}` ({pub['variant']}): {top1}{timing}."]
+    if mine:
         lines += [f"**Latency (batch 1, p50, {bench_report.get('cpu', '?')}, measured "
                   f"{bench_report.get('measured', '?')})**: "
                   + ", ".join(f"{k} {v['batch1_p50_ms']:.2f} ms" for k, v in bench.items())]  # fmt: skip

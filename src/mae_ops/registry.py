@@ -103,6 +103,21 @@ def register(repo: Path, registry: Path) -> dict[str, Any]:
         return _register(repo, registry)
 
 
+def published_variant(parity: dict[str, Any], timings: dict[str, dict] | None = None) -> dict[str, Any]:
+    """The model file export published for serving, read from its parity report: the
+    int8 model it chose, else the fp32 one; with its test top-1 and, when known, its
+    latency (``timings``: benchmark.json's results for this very model; the int8 gate's
+    own timing otherwise)."""
+    int8 = parity.get("int8") or {}
+    chosen = int8.get("chosen")
+    if chosen and "model.int8.onnx" in parity.get("files", []):
+        out = {"variant": f"onnxruntime_int8_{chosen}", "file": "model.int8.onnx", "test_top1": parity.get("int8_top1")}
+    else:
+        out = {"variant": "onnxruntime_fp32", "file": "model.onnx", "test_top1": parity.get("onnx_top1")}
+    timing = (timings or {}).get(out["variant"]) or int8.get("variants", {}).get(chosen or "", {})
+    return out | {k: timing[k] for k in ("batch1_p50_ms", "batch32_images_per_s") if k in timing}
+
+
 def _register(repo: Path, registry: Path) -> dict[str, Any]:
     taken = [int(d.name[1:]) for d in _versions_dir(registry).glob("v*") if d.name[1:].isdigit()]
     version = f"v{max(taken, default=0) + 1:04d}"  # never reuse a name, even of a removed version
@@ -112,11 +127,13 @@ def _register(repo: Path, registry: Path) -> dict[str, Any]:
     metrics = json.loads((repo / "reports/metrics.json").read_text())
     chosen = repo / "reports/eval/deployed.json"  # the model evaluate chose on validation, and export shipped
     deployed = json.loads(chosen.read_text())["model"] if chosen.exists() else "finetune"
+    parity = repo / "reports/export/parity.json"
     info = {
         "version": version,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "deployed": deployed,
         "test_top1": metrics[deployed]["top1"],
+        "published": published_variant(json.loads(parity.read_text()) if parity.exists() else {}),
         "data_dvc_hash": prepared_data_hash(repo),  # DVC's hash of data/prepared, from dvc.lock
         "data_content_hash": manifest["content_hash"],
         "split_definition": manifest.get("split_definition"),  # which image lands in which split

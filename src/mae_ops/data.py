@@ -125,29 +125,31 @@ class ShardWindowSampler(Sampler[int]):
     def __len__(self) -> int:
         return self.per_rank
 
-    def _windows(self) -> list[tuple[list[int], np.ndarray]]:
-        """(shards, their positions shuffled) per window, in this epoch's order."""
+    def _windows(self) -> tuple[list[list[int]], np.ndarray, np.ndarray]:
+        """This epoch's windows (their shards, in order), every position sorted by its
+        window and shuffled within it (one sort, whatever the number of windows), and
+        the number of positions in each window."""
         rng = np.random.default_rng([self.seed, self.epoch])
         shards = rng.permutation(np.unique(self.shard_of))
-        out = []
-        for start in range(0, len(shards), self.window):
-            chosen = shards[start : start + self.window]
-            out.append((chosen.tolist(), rng.permutation(np.flatnonzero(np.isin(self.shard_of, chosen)))))
-        return out
+        window_of = np.empty(int(shards.max(initial=-1)) + 1, dtype=np.int64)
+        window_of[shards] = np.arange(len(shards)) // self.window
+        window = window_of[self.shard_of]
+        order = np.lexsort((rng.random(len(window)), window))
+        groups = [shards[s : s + self.window].tolist() for s in range(0, len(shards), self.window)]
+        return groups, order, np.bincount(window, minlength=len(groups))
 
     def __iter__(self) -> Iterator[int]:
-        windows = self._windows()
-        order = np.concatenate([pos for _, pos in windows]) if windows else np.zeros(0, dtype=np.int64)
+        groups, order, sizes = self._windows()
         total = self.per_rank * self.world_size
         order = np.resize(order, total) if total > len(order) else order[:total]  # pad by wrapping, or cut
         mine = order[self.rank :: self.world_size]
-        ends = np.cumsum([len(pos) for _, pos in windows]) // self.world_size  # where each window ends in `mine`
-        if self.read_ahead is not None and windows:
-            self.read_ahead(windows[0][0])
+        ends = np.cumsum(sizes) // self.world_size  # where each window ends in `mine`
+        if self.read_ahead is not None and groups:
+            self.read_ahead(groups[0])
         start = 0
         for k, end in enumerate(ends):
-            if self.read_ahead is not None and k + 1 < len(windows):
-                self.read_ahead(windows[k + 1][0])  # the kernel reads the next window while this one is served
+            if self.read_ahead is not None and k + 1 < len(groups):
+                self.read_ahead(groups[k + 1])  # the kernel reads the next window while this one is served
             yield from mine[start:end].tolist()
             start = end
         yield from mine[start:].tolist()

@@ -48,7 +48,6 @@ from mae_ops.training import Checkpointer, cosine_schedule, fingerprint
 log = logging.getLogger(__name__)
 
 ReportFn = Callable[[int, float], None]  # (epoch, val top-1) -> may raise optuna.TrialPruned
-MAX_RESTARTS = 3  # of all ranks when one dies (they resume from the last checkpoint)
 
 
 @dataclass
@@ -308,8 +307,8 @@ def train_saved(
     and save the model to ``dest``; resumable from ``checkpoint`` (``resume`` insists);
     returns rank 0's ``summary``."""
     nproc = launch.resolve_nproc(ft.nproc_per_node, ft.device, "finetune.nproc_per_node")
-    restarts = MAX_RESTARTS if checkpoint is not None and (resume or ft.auto_resume) else 0
-    return launch.run_ranks(_train_rank, (cfg, ft, init, epochs, dest, checkpoint, resume, desc), nproc, restarts,
+    resumable = checkpoint is not None and (resume or ft.auto_resume)
+    return launch.run_ranks(_train_rank, (cfg, ft, init, epochs, dest, checkpoint, resume, desc), nproc, resumable,
                             desc)  # fmt: skip
 
 

@@ -5,9 +5,9 @@ whole box and DVC records the run as usual.
 A stage calls ``run_ranks(fn, args, nproc)``: with ``nproc`` 1, or inside a launch
 someone else made (torchrun on each node of a cluster), ``fn`` runs here; otherwise
 the elastic agent spawns ``nproc`` processes that meet by c10d rendezvous on a free
-localhost port (torchrun --standalone) and watches them; when one dies all stop and
-are started again (``max_restarts``), so a stage that resumes from its checkpoint
-survives the loss of any rank. Rank 0's return value comes back; a ``UserError`` raised in the
+localhost port (torchrun --standalone) and watches them; when one dies all stop and,
+for a run that resumes from its checkpoint, are started again (``MAX_RESTARTS``), so
+it survives the loss of any rank. Rank 0's return value comes back; a ``UserError`` raised in the
 ranks is raised here again, as itself.
 """
 
@@ -18,18 +18,18 @@ import os
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from mae_ops import runtime
-from mae_ops.config import InputError
+from mae_ops.config import AutoCount, InputError
 from mae_ops.errors import UserError
 from mae_ops.reporting import setup_logging
 
 log = logging.getLogger(__name__)
 
-Nproc = int | Literal["auto"]
+MAX_RESTARTS = 3  # launches after the first, for a run that resumes from its last checkpoint
 
 
 def launched() -> bool:
@@ -37,7 +37,7 @@ def launched() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
 
 
-def resolve_nproc(nproc: Nproc, device: str, key: str) -> int:
+def resolve_nproc(nproc: AutoCount, device: str, key: str) -> int:
     """'auto': one process per visible GPU when the device may be CUDA, else 1.
     A number larger than the visible GPUs of a CUDA run is refused (naming ``key``)."""
     gpus = len(runtime.visible_gpus(device))
@@ -68,11 +68,12 @@ def _rank_main(fn: Callable[..., Any], args: tuple, threads: int) -> Any:
         return _Refused(exc)
 
 
-def run_ranks(fn: Callable[..., Any], args: tuple, nproc: int, max_restarts: int, name: str) -> Any:
+def run_ranks(fn: Callable[..., Any], args: tuple, nproc: int, resumable: bool, name: str) -> Any:
     """``fn(*args)`` in ``nproc`` DDP processes on this machine (or here, see the module
-    doc); returns rank 0's result. A failed launch is started again, up to
-    ``max_restarts`` times, each time as a new launch (a fresh rendezvous and store:
-    restarting inside one launch was seen to hang on a stale gloo address under load)."""
+    doc); returns rank 0's result. A failed launch of a ``resumable`` run is started
+    again, up to ``MAX_RESTARTS`` times, each time as a new launch (a fresh rendezvous and
+    store: restarting inside one launch was seen to hang on a stale gloo address under load)."""
+    max_restarts = MAX_RESTARTS if resumable else 0
     if nproc <= 1 or launched():
         return fn(*args)
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError

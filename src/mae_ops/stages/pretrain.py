@@ -63,7 +63,6 @@ from mae_ops.training import Checkpointer, ResumeError, cosine_schedule, fingerp
 log = logging.getLogger(__name__)
 
 MONITOR_KEYS = ("knn_val_top1", "probe_val_top1")  # history.csv columns the monitor fills
-MAX_RESTARTS = 3  # of all ranks when one dies (they resume from the last checkpoint)
 
 
 def run_fingerprint(cfg: Config, data_hash: str, init: str | None, world_size: int) -> str:
@@ -116,8 +115,7 @@ def run(cfg: Config, resume: bool = False) -> dict:
     """Pre-train in ``pretrain.nproc_per_node`` processes; rank 0's metrics."""
     p = cfg.pretrain
     nproc = launch.resolve_nproc(p.nproc_per_node, p.device, "pretrain.nproc_per_node")
-    restarts = MAX_RESTARTS if (resume or p.auto_resume) else 0
-    return launch.run_ranks(run_rank, (cfg, resume), nproc, restarts, "pretrain")
+    return launch.run_ranks(run_rank, (cfg, resume), nproc, resume or p.auto_resume, "pretrain")
 
 
 def run_rank(cfg: Config, resume: bool) -> dict:
@@ -163,7 +161,8 @@ def _train(cfg: Config, rt: runtime.Runtime, resume: bool) -> dict:
     if p.fp8 and not fast:
         raise InputError("pretrain.fp8 needs the fast path (pretrain.fast: auto or on): FP8 is slow uncompiled")
     fp8_layers = use_fp8(model, rt.device) if p.fp8 else 0
-    loader = make_loader(data, ids, batch, rt.device, fast, loader_workers(p, rt), use_windows(p, data, ids),
+    windows = use_windows(p, data, ids)
+    loader = make_loader(data, ids, batch, rt.device, fast, loader_workers(p, rt), windows,
                          shuffle=True, seed=p.seed, drop_last=drop_last, rank=rt.rank,
                          world_size=rt.world_size)  # fmt: skip
     updates_per_epoch = -(-len(loader) // p.accum_iter)
@@ -204,7 +203,7 @@ def _train(cfg: Config, rt: runtime.Runtime, resume: bool) -> dict:
             "pre-training %s (%.2fM params) on %d images, %d epochs, effective batch %d, lr %.2e; fast path %s%s%s",
             cfg.model.preset, n_params / 1e6, len(ids), p.epochs, eff_batch, lr, "on" if fast else "off",
             " (data on the device)" if isinstance(loader, DeviceBatches) else
-            f" (read {WINDOW_SHARDS} shards at a time)" if use_windows(p, data, ids) else "",
+            f" (read {WINDOW_SHARDS} shards at a time)" if windows else "",
             f", FP8 in {fp8_layers} linear layers" if p.fp8 else "",
         )  # fmt: skip
 

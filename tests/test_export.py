@@ -62,12 +62,13 @@ def test_metadata_round_trip(exported: Path) -> None:
     assert info.metadata["data_hash"] == manifest["content_hash"] and len(info.metadata["params_hash"]) == 16
 
 
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
 @pytest.mark.parametrize("name", ["model.onnx", "model.int8.onnx", "encoder.onnx"])
-def test_every_published_model_gives_one_image_one_answer(exported: Path, name: str) -> None:
+def test_every_published_model_gives_one_image_one_answer(exported: Path, name: str, runtime: str) -> None:
     """The same images alone, in batches of 7 and in one batch of 256: the same probabilities
-    (features for the encoder) to 1e-4. Dynamic int8, which takes its activation scale from
-    the whole batch, would answer differently; it is not published."""
-    session = open_session(exported / "models/export" / name, "cpu")
+    (features for the encoder) to 1e-4, with either runtime. Dynamic int8, which takes its
+    activation scale from the whole batch, would answer differently; it is not published."""
+    session = open_session(exported / "models/export" / name, "cpu", runtime=runtime)
     images, _ = _test_arrays(exported)
     pixels = np.resize(images, (256, *images.shape[1:])).astype(np.float32) / 255.0
     output = "features" if name == "encoder.onnx" else "probabilities"
@@ -80,6 +81,9 @@ def test_every_published_model_gives_one_image_one_answer(exported: Path, name: 
         np.testing.assert_allclose(runs[256].sum(1), 1.0, atol=1e-5)
     parity = json.loads((exported / "reports/export/parity.json").read_text())
     assert parity["batch_max_prob_diff"][name] <= 1e-4  # the stage's own gate said so too
+    if runtime == "openvino" and name != "encoder.onnx":
+        variant = "openvino_int8_static" if "int8" in name else "openvino_fp32"
+        assert parity["openvino"]["variants"][variant]["batch_max_prob_diff"] <= 1e-4
 
 
 def test_int8_accuracy_is_measured_on_the_test_split(exported: Path) -> None:
@@ -272,3 +276,83 @@ def test_no_passing_int8_publishes_fp32_alone(exported: Path, tmp_path: Path) ->
     assert "scores an image alike" in parity["int8"]["why_none"] and "int8_top1" not in parity
     assert sorted(p.name for p in (tmp_path / "models/export").iterdir()) == ["encoder.onnx", "model.onnx"]
     assert "model.int8.onnx" not in parity["batch_max_prob_diff"]
+
+
+def test_openvino_is_the_peer_and_the_published_variant_is_fastest_against_it(exported: Path) -> None:
+    """benchmark.json times OpenVINO's default on the unfused graph (the peer) with the
+    published files under both runtimes; the published variant is the one whose slower side
+    against the peer is fastest, its runtime is in the file, and its test top-1 is what that
+    runtime scores."""
+    from mae_ops.deploy import metadata_of
+    from mae_ops.serving import resolve_runtime, top1_accuracy
+
+    bench = json.loads((exported / "reports/export/benchmark.json").read_text())
+    parity = json.loads((exported / "reports/export/parity.json").read_text())
+    results, pub = bench["results"], parity["published"]
+    assert {"openvino_default", "openvino_fp32", "openvino_int8_static"} <= set(results)
+    assert bench["peer"] == pub["peer"] == "openvino_default" and bench["published"] == pub["variant"]
+    ov = parity["openvino"]["variants"]
+    assert all(v["drop"] <= 1.0 and v["passed"] for v in ov.values())  # max_int8_drop=1.0 in the tests
+    candidates = ["onnxruntime_fp32", f"onnxruntime_int8_{parity['int8']['chosen']}", *ov]
+    peer = results["openvino_default"]
+
+    def worse_side(name: str) -> float:
+        return min(peer["batch1_p50_ms"] / results[name]["batch1_p50_ms"],
+                   results[name]["batch32_images_per_s"] / peer["batch32_images_per_s"])  # fmt: skip
+
+    assert pub["variant"] in candidates
+    assert worse_side(pub["variant"]) == pytest.approx(max(map(worse_side, candidates)), abs=1e-3)
+    assert pub["vs_peer"]["batch1"] == pytest.approx(peer["batch1_p50_ms"] / pub["batch1_p50_ms"], abs=1e-3)
+    path = exported / "models/export" / pub["file"]
+    assert metadata_of(path)["runtime"] == pub["runtime"] == ("openvino" if "openvino" in pub["variant"] else
+                                                              "onnxruntime")  # fmt: skip
+    assert resolve_runtime("auto", "cpu", path) == pub["runtime"]  # predict serves it as it was measured
+    assert resolve_runtime("auto", "cuda", path) == "onnxruntime"  # a GPU stays with onnxruntime-gpu
+    images = PreparedData(exported / "data/prepared")
+    test_ids = images.indices("test")
+    session = open_session(path, "cpu", runtime=pub["runtime"])
+    assert pub["test_top1"] == pytest.approx(top1_accuracy(session, images.eval_images, images.labels, test_ids))
+
+
+def test_choose_published_takes_the_best_worse_side() -> None:
+    from mae_ops.deploy import choose_published
+
+    timings = {"peer": {"batch1_p50_ms": 1.0, "batch32_images_per_s": 1000.0},
+               "fast_alone": {"batch1_p50_ms": 0.5, "batch32_images_per_s": 900.0},  # slower at batch 32
+               "even": {"batch1_p50_ms": 0.9, "batch32_images_per_s": 1050.0}}  # fmt: skip
+    pick = choose_published(timings, ["fast_alone", "even"], "peer")
+    assert pick["variant"] == "even" and pick["vs_peer"] == {"batch1": 1.111, "batch32": 1.05}
+    assert choose_published({}, ["onnxruntime_fp32", "onnxruntime_int8_static"], "peer")["variant"] == (
+        "onnxruntime_int8_static"
+    )
+
+
+def test_predict_and_embed_with_openvino_match_onnxruntime(exported: Path, tmp_path: Path) -> None:
+    images, _ = _test_arrays(exported)
+    for i in range(20):
+        Image.fromarray(images[i, 0]).save(tmp_path / f"digit_{i:02d}.png")
+    model = str(exported / "models/export/model.onnx")
+    runs = {}
+    for runtime in ("onnxruntime", "openvino"):
+        proc = subprocess.run([str(BIN / "mae-ops"), "predict", model, str(tmp_path), "--json", "-k", "3",
+                               "--runtime", runtime, "--batch-size", "7"],
+                              capture_output=True, text=True, env=subprocess_env(), timeout=120)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        runs[runtime] = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["file"] for r in runs["openvino"]] == [r["file"] for r in runs["onnxruntime"]]
+    for a, b in zip(runs["onnxruntime"], runs["openvino"], strict=True):
+        assert a["top"][0]["label"] == b["top"][0]["label"]
+        assert abs(a["top"][0]["prob"] - b["top"][0]["prob"]) <= 1e-4
+    for runtime in ("onnxruntime", "openvino"):
+        proc = subprocess.run([str(BIN / "mae-ops"), "embed", str(exported / "models/export/encoder.onnx"),
+                               str(tmp_path), "--out", str(tmp_path / f"{runtime}.parquet"), "--runtime", runtime],
+                              capture_output=True, text=True, env=subprocess_env(), timeout=120)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+    import pandas as pd
+
+    a, b = (np.stack(pd.read_parquet(tmp_path / f"{r}.parquet")["embedding"]) for r in ("onnxruntime", "openvino"))
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-4)
+    cmd = [str(BIN / "mae-ops"), "predict", model, str(tmp_path), "--runtime", "openvino", "--device", "cuda"]
+    wrong = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    assert wrong.returncode == 2 and "Traceback" not in wrong.stderr
+    assert "OpenVINO serves on the CPU here; for --device cuda use --runtime onnxruntime" in wrong.stderr

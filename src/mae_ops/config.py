@@ -406,6 +406,9 @@ class ExportConfig(_Section):
     calibration_images: int = Field(256, ge=0, description="training images calibrating static int8; 0 = off")
     max_int8_drop: float = Field(0.01, ge=0.0, le=1.0, description="largest allowed validation top-1 loss of int8")
     benchmark_runs: int = Field(200, ge=0, description="timed batch-1 runs per model in the stage's benchmark; 0 = off")
+    openvino: bool = Field(
+        True, description="when the openvino package is installed: time it as the peer and serve with it where faster"
+    )
     seed: int = Field(0, ge=0)
     fp16: bool = Field(False, description="also publish an fp16 model for GPU serving")
     encoder: bool = Field(True, description="also export the pre-trained encoder as a feature extractor")

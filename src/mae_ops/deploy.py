@@ -257,6 +257,22 @@ def measure_all(runners: dict[str, Callable[[np.ndarray], object]], one: np.ndar
             for n in names}  # fmt: skip
 
 
+def choose_published(timings: dict[str, dict[str, float]], candidates: list[str], peer: str) -> dict[str, Any]:
+    """The serving variant among ``candidates`` (names in ``timings``) whose slower side against
+    ``peer`` is the fastest: the smaller of its batch-1 p50 speed-up and its batch-32
+    images/s ratio. Without timings, an int8 candidate (gated, and smaller), else the first."""
+    if not all(c in timings for c in [*candidates, peer]):
+        return {"variant": next((c for c in candidates if "int8" in c), candidates[0]), "peer": peer}
+
+    def vs_peer(name: str) -> dict[str, float]:
+        t, ref = timings[name], timings[peer]
+        return {"batch1": round(ref["batch1_p50_ms"] / t["batch1_p50_ms"], 3),
+                "batch32": round(t["batch32_images_per_s"] / ref["batch32_images_per_s"], 3)}  # fmt: skip
+
+    best = max(sorted(candidates), key=lambda c: min(vs_peer(c).values()))
+    return {"variant": best, "peer": peer, "vs_peer": vs_peer(best)}
+
+
 def machine() -> dict[str, Any]:
     return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "python": platform.python_version(), "torch": torch.__version__}  # fmt: skip

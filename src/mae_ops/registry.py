@@ -110,6 +110,10 @@ def published_variant(parity: dict[str, Any], timings: dict[str, dict] | None = 
     own timing otherwise)."""
     int8 = parity.get("int8") or {}
     chosen = int8.get("chosen")
+    if "published" in parity:  # the export stage chose a file and a runtime against the peer
+        out = {k: parity["published"][k] for k in ("variant", "file", "runtime", "test_top1")}
+        timing = (timings or {}).get(out["variant"]) or parity["published"]
+        return out | {k: timing[k] for k in ("batch1_p50_ms", "batch32_images_per_s") if k in timing}
     if chosen and "model.int8.onnx" in parity.get("files", []):
         out = {"variant": f"onnxruntime_int8_{chosen}", "file": "model.int8.onnx", "test_top1": parity.get("int8_top1")}
     else:

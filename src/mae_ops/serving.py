@@ -1,4 +1,4 @@
-"""Serving an exported model with onnxruntime alone (no torch import here, so a
+"""Serving an exported model with onnxruntime or OpenVINO (no torch import here, so a
 deployment image can leave torch out).
 
 The .onnx file is self-contained: its input ``pixels`` is (batch, C, S, S)
@@ -17,7 +17,9 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from importlib.util import find_spec
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import onnxruntime as ort
@@ -43,12 +45,52 @@ def _gpu_present() -> bool:
     return Path("/dev/nvidiactl").exists() or Path("/proc/driver/nvidia/version").exists()
 
 
-def open_session(path: str | Path, device: str = "auto", threads: int | None = None) -> ort.InferenceSession:
-    """The one place an onnxruntime session is made: providers that really work,
-    explicit thread counts, full graph optimisation; logs the provider in use."""
+RUNTIMES = ("auto", "onnxruntime", "openvino")
+
+
+def openvino_installed() -> bool:
+    return find_spec("openvino") is not None
+
+
+def _file_metadata(path: str | Path) -> dict[str, str]:
+    """An .onnx file's metadata_props without its tensors; {} when it is not readable as one."""
+    import onnx
+
+    try:
+        return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    except Exception:  # not a model: the runtime that opens it says so, in one line
+        return {}
+
+
+def resolve_runtime(runtime: str, device: str, path: str | Path | None = None) -> str:
+    """``auto``: on the CPU, the runtime the export stage measured fastest for this file (its
+    metadata ``runtime``: reports/export/benchmark.json has the numbers) when it is installed;
+    onnxruntime otherwise, and always on a GPU."""
+    if runtime not in RUNTIMES:
+        raise ModelError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
+    if runtime == "openvino" and device == "cuda":
+        raise ModelError("OpenVINO serves on the CPU here; for --device cuda use --runtime onnxruntime "
+                         "(onnxruntime-gpu)")  # fmt: skip
+    if runtime == "openvino" and not openvino_installed():
+        raise ModelError("--runtime openvino needs the openvino package: pip install 'mae-ops[openvino]'")
+    if runtime == "auto":
+        on_gpu = device == "cuda" or (device == "auto" and _gpu_present())
+        measured = _file_metadata(path).get("runtime") if path is not None else None
+        return "openvino" if measured == "openvino" and not on_gpu and openvino_installed() else "onnxruntime"
+    return runtime
+
+
+def open_session(path: str | Path, device: str = "auto", threads: int | None = None,
+                 runtime: str = "onnxruntime") -> ort.InferenceSession | OpenVINOSession:  # fmt: skip
+    """The one place a model is opened for inference: onnxruntime with providers that really
+    work, explicit thread counts, full graph optimisation; or (``runtime``) OpenVINO on the
+    CPU, answering the same calls. Logs the runtime and provider in use."""
+    threads = threads or min(4, os.cpu_count() or 1)
+    if resolve_runtime(runtime, device, path) == "openvino":
+        return OpenVINOSession(path, threads)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = threads or min(4, os.cpu_count() or 1)
+    opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3  # errors only
     want_gpu = device == "cuda" or (device == "auto" and _gpu_present())
@@ -61,6 +103,112 @@ def open_session(path: str | Path, device: str = "auto", threads: int | None = N
     log.info("onnxruntime %s on %s, %d threads", Path(path).name, session.get_providers()[0],
              opts.intra_op_num_threads)  # fmt: skip
     return session
+
+
+class _Port(NamedTuple):
+    name: str
+    shape: list[int | str]
+
+
+class _Meta(NamedTuple):
+    custom_metadata_map: dict[str, str]
+
+
+class OpenVINOSession:
+    """An exported .onnx compiled by OpenVINO for the CPU, answering the calls mae-ops makes
+    of an onnxruntime session (``run``, ``get_inputs``, ``get_outputs``, ``get_modelmeta``),
+    so predict, embed and the export stage's gates treat both runtimes alike.
+
+    ``tuned`` (the default) serves as OpenVINO's own guides advise for a known workload: the
+    graph is compiled for each batch size it meets (a static shape lets OpenVINO pick its
+    kernels; a few are kept), a single image goes to a latency-compiled model using all
+    ``threads``, and a batch is split across ``threads`` single-threaded streams that run at
+    once (OpenVINO's throughput mode). Every image is computed alone of the others in
+    either case: its answer does not depend on its batch. ``tuned=False`` is OpenVINO's
+    default (one dynamic-batch model, default hints) with ``threads``: the export's peer."""
+
+    def __init__(self, path: str | Path, threads: int | None = None, *, tuned: bool = True, keep: int = 8) -> None:
+        import openvino as ov
+
+        self.path, self.tuned, self.keep = Path(path), tuned, keep
+        count = {"INFERENCE_NUM_THREADS": threads} if threads else {}
+        self._streams = threads if tuned and threads and threads > 1 else 1
+        self._configs = {
+            "default": count,
+            "latency": {"PERFORMANCE_HINT": "LATENCY", **count},
+            "streams": {"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": self._streams, **count},
+        }
+        self._core = ov.Core()
+        try:
+            self._model = self._core.read_model(str(path))
+            self._default = self._core.compile_model(self._model, "CPU", self._configs["default"])
+        except Exception as exc:  # OpenVINO raises plain RuntimeErrors and its own types
+            raise ModelError(f"cannot load {path} with OpenVINO: {str(exc).strip().splitlines()[0][:200]}") from None
+        self._metadata = _file_metadata(path)
+        self._compiled: dict[tuple[str, int], Any] = {}  # (mode, batch) -> compiled model
+        self._requests: dict[tuple[str, int], list[Any]] = {}
+        log.info("OpenVINO %s on CPU, %s threads, %s", self.path.name, threads or "default",
+                 f"static shapes, {self._streams} streams for batches" if tuned else "its defaults")  # fmt: skip
+
+    def _request(self, mode: str, batch: int, index: int) -> Any:
+        """The ``index``-th infer request of the model compiled for ``mode`` and ``batch``."""
+        key = (mode, batch)
+        if key not in self._compiled:
+            if len(self._compiled) >= self.keep:  # e.g. the last, smaller batch of each folder
+                old = next(iter(self._compiled))
+                del self._compiled[old], self._requests[old]
+            model = self._model.clone()
+            model.reshape({model.inputs[0].get_any_name(): [batch, *self._model.inputs[0].get_partial_shape()[1:]]})
+            self._compiled[key] = self._core.compile_model(model, "CPU", self._configs[mode])
+            self._requests[key] = []
+        requests = self._requests[key]
+        while len(requests) <= index:
+            requests.append(self._compiled[key].create_infer_request())
+        return requests[index]
+
+    def _infer(self, x: np.ndarray, names: list[str]) -> list[np.ndarray]:
+        if not self.tuned:
+            result = self._default(x)
+            return [np.asarray(result[self._default.output(n)]) for n in names]
+        parts = np.array_split(x, min(self._streams, len(x)))  # sizes differ by one at most
+        mode = "latency" if len(parts) == 1 else "streams"
+        running = [self._request(mode, len(part), i) for i, part in enumerate(parts)]
+        if len(parts) == 1:  # one image: a plain call, no asynchronous round trip
+            running[0].infer({0: parts[0]})
+            return [running[0].get_tensor(n).data.copy() for n in names]
+        for request, part in zip(running, parts, strict=True):
+            request.start_async({0: part})
+        outputs: list[list[np.ndarray]] = []
+        for request in running:
+            request.wait()
+            outputs.append([request.get_tensor(n).data.copy() for n in names])
+        return [np.concatenate([o[i] for o in outputs]) for i in range(len(names))]
+
+    def run(self, output_names: list[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        (x,) = feeds.values()
+        names = output_names or [o.get_any_name() for o in self._model.outputs]
+        try:
+            return self._infer(np.ascontiguousarray(x, dtype=np.float32), names)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0][:200]
+            raise ModelError(f"the model cannot run on these inputs: {first}") from None
+
+    @staticmethod
+    def _ports(ports: Any) -> list[_Port]:
+        return [_Port(p.get_any_name(), [d.get_length() if d.is_static else "batch" for d in p.get_partial_shape()])
+                for p in ports]  # fmt: skip
+
+    def get_inputs(self) -> list[_Port]:
+        return self._ports(self._model.inputs)
+
+    def get_outputs(self) -> list[_Port]:
+        return self._ports(self._model.outputs)
+
+    def get_modelmeta(self) -> _Meta:
+        return _Meta(self._metadata)
+
+    def get_providers(self) -> list[str]:
+        return ["OpenVINO CPU"]
 
 
 @dataclass(frozen=True)

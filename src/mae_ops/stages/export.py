@@ -7,7 +7,12 @@ calibration on training images, and the faster one that loses at most
 (the same probabilities alone and in batches of 7 and 256, within
 ``export.max_abs_diff``: dynamic int8 takes its activation scales from the whole
 batch, so it does not) is published; every other published model passes the same
-check. The stage then times every variant against PyTorch on this machine.
+check. The stage then times every variant against PyTorch on this machine, and, when the
+openvino package is installed, against OpenVINO's default on the unfused fp32 graph (the
+peer, ``openvino_default``) and with OpenVINO as the runtime of the published files. The
+published variant (a file and a runtime) is the one whose slower side against the peer,
+batch 1 or batch 32, is fastest; its runtime is written into the file's metadata, so
+``mae-ops predict --runtime auto`` serves it the way it was measured fastest.
 
 Outputs:
   models/export/model.onnx       fp32 classifier (fused), dynamic batch, one file, metadata inside
@@ -16,7 +21,8 @@ Outputs:
   models/export/encoder.onnx     the pre-trained encoder as a feature extractor, [batch, embed_dim]
   reports/export/parity.json     onnxruntime vs PyTorch on the whole test split, fused operators,
                                  every int8 variant's validation top-1 and speed
-  reports/export/benchmark.json  latency (batch 1) and throughput (batch 32) of torch and every ONNX model
+  reports/export/benchmark.json  latency (batch 1) and throughput (batch 32) of torch, every ONNX model
+                                 with each runtime, the peer, and which variant was published
 Every file is written under a temporary name and renamed only after its gate
 passes, so a failed export leaves the previous models untouched.
 """
@@ -44,15 +50,18 @@ from mae_ops.data import PreparedData
 from mae_ops.deploy import (
     Deployable,
     Features,
+    choose_published,
     data_file,
     export_view,
     fuse,
     machine,
     measure_all,
+    metadata_of,
     move_model,
     quantize_int8,
     quantize_static_int8,
     save_model,
+    set_metadata,
     to_onnx,
     weights_bytes,
 )
@@ -60,7 +69,7 @@ from mae_ops.errors import UserError
 from mae_ops.models.classifier import feature_extractor, load_classifier
 from mae_ops.models.presets import preset_config
 from mae_ops.reporting import file_sha256
-from mae_ops.serving import batch_spread, open_session, run_logits, top1_accuracy
+from mae_ops.serving import OpenVINOSession, batch_spread, open_session, openvino_installed, run_logits, top1_accuracy
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +115,10 @@ def _calibration(data: PreparedData, count: int, seed: int) -> Iterator[np.ndarr
     return (x for x, _ in _batches(data, pick, 64))
 
 
-def _spread(path: Path, ex: ExportConfig, images: np.ndarray, output: str = "probabilities") -> float:
+def _spread(path: Path, ex: ExportConfig, images: np.ndarray, output: str = "probabilities",
+            runtime: str = "onnxruntime") -> float:  # fmt: skip
     """How far a model's answer for an image moves with the other images of its batch."""
-    return batch_spread(open_session(path, "cpu", ex.threads), images, output)
+    return batch_spread(open_session(path, "cpu", ex.threads, runtime), images, output)
 
 
 def _int8_variants(
@@ -157,9 +167,22 @@ def deployed_checkpoint(cfg: Config) -> tuple[Path, str]:
     return path, deployed["model"]
 
 
-def _onnx_runner(path: Path, threads: int) -> Callable[[np.ndarray], object]:
-    session = open_session(path, "cpu", threads)
+def _onnx_runner(path: Path, threads: int, runtime: str = "onnxruntime") -> Callable[[np.ndarray], object]:
+    session = open_session(path, "cpu", threads, runtime)
     return lambda x: session.run(["logits"], {"pixels": x})
+
+
+def _openvino_variants(ex: ExportConfig, files: dict[str, Path], data: PreparedData, gate_ids: np.ndarray,
+                       fp32_gate_top1: float, spread_images: np.ndarray) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """The published files run by OpenVINO, each held to the gates its onnxruntime twin passed:
+    at most ``export.max_int8_drop`` of fp32 validation top-1 lost, one answer per image."""
+    report: dict[str, dict[str, Any]] = {}
+    for name, path in files.items():
+        top1 = _top1(open_session(path, "cpu", ex.threads, "openvino"), data, gate_ids)
+        drop, spread = fp32_gate_top1 - top1, _spread(path, ex, spread_images, runtime="openvino")
+        report[name] = {"path": path, "gate_top1": top1, "drop": drop, "batch_max_prob_diff": spread,
+                        "passed": drop <= ex.max_int8_drop and spread <= ex.max_abs_diff}  # fmt: skip
+    return report
 
 
 def run(cfg: Config) -> dict:
@@ -228,10 +251,20 @@ def run(cfg: Config) -> dict:
 
         # --- int8: both kinds scored on the validation split, the faster passing one kept ------
         variants: dict[str, dict[str, Any]] = {}
+        use_openvino = ex.openvino and ex.benchmark_runs > 0 and openvino_installed()
+        fp32_gate = _top1(open_session(tmp / "model.onnx", "cpu", ex.threads), data, gate_ids)
         if ex.quantize:
-            fp32_gate = _top1(open_session(tmp / "model.onnx", "cpu", ex.threads), data, gate_ids)
             variants = _int8_variants(ex, tmp / "model.onnx", tmp, data, gate_ids, fp32_gate, spread_images)
             runners.update({f"onnxruntime_int8_{n}": _onnx_runner(v["path"], ex.threads) for n, v in variants.items()})
+        # --- OpenVINO: the peer on the unfused graph with its defaults, and as a runtime ------
+        ov_variants: dict[str, dict[str, Any]] = {}
+        if use_openvino:
+            runners["openvino_default"] = _openvino_default(raw, ex.threads)
+            ov_files = {"openvino_fp32": tmp / "model.onnx"}
+            if variants.get("static", {}).get("passed"):
+                ov_files["openvino_int8_static"] = variants["static"]["path"]
+            ov_variants = _openvino_variants(ex, ov_files, data, gate_ids, fp32_gate, spread_images)
+            runners.update({n: _onnx_runner(v["path"], ex.threads, "openvino") for n, v in ov_variants.items()})
         # every model timed in one interleaved run on this machine
         timings = measure_all(runners, one, batch, ex.benchmark_runs) if ex.benchmark_runs else {}
         if ex.quantize:
@@ -273,6 +306,33 @@ def run(cfg: Config) -> dict:
                                   f"differ by {parity['batch_max_prob_diff']['model.fp16.onnx']:.1e})")  # fmt: skip
             published["model.fp16.onnx"] = tmp / "model.fp16.onnx"
 
+        # --- which file, with which runtime, serves: the fastest against the peer ---------------
+        serving = {"onnxruntime_fp32": ("model.onnx", "onnxruntime")}
+        if "model.int8.onnx" in published:
+            serving[f"onnxruntime_int8_{parity['int8_method']}"] = ("model.int8.onnx", "onnxruntime")
+        for name, v in ov_variants.items():
+            v.update(timings.get(name, {}))
+            file = "model.int8.onnx" if "int8" in name else "model.onnx"
+            if v["passed"] and (file == "model.onnx" or parity.get("int8_method") == "static"):
+                serving[name] = (file, "openvino")
+        if ov_variants:
+            parity["openvino"] = {"gate_split": gate_split, "fp32_gate_top1": fp32_gate,
+                                  "variants": {n: {k: x for k, x in v.items() if k != "path"}
+                                               for n, v in ov_variants.items()}}  # fmt: skip
+        peer = "openvino_default" if "openvino_default" in timings else "onnxruntime_fp32"
+        pick = choose_published(timings, list(serving), peer)
+        file, runtime = serving[pick["variant"]]
+        if runtime == "onnxruntime":  # scored on the test split above
+            test_top1 = parity["int8_top1"] if file == "model.int8.onnx" else parity["onnx_top1"]
+        else:
+            test_top1 = _top1(open_session(published[file], "cpu", ex.threads, runtime), data, test_ids)
+        speed = {k: x for k, x in timings.get(pick["variant"], {}).items() if k != "batch1_p95_ms"}
+        parity["published"] = {**pick, "file": file, "runtime": runtime, "test_top1": test_top1, **speed}
+        for name, path in published.items():  # the runtime each classifier file was measured fastest with
+            if name.startswith("model.") and name != "model.fp16.onnx":
+                fastest = choose_published(timings, [v for v, (f, _) in serving.items() if f == name], peer)
+                set_metadata(path, {**metadata_of(path), "runtime": serving[fastest["variant"]][1]})
+
         # --- the pre-trained encoder as a feature extractor -----------------------
         if ex.encoder:
             encoder = feature_extractor(
@@ -309,10 +369,19 @@ def run(cfg: Config) -> dict:
     }  # fmt: skip
     write_json(reports / "parity.json", parity)
     if ex.benchmark_runs:
-        write_json(reports / "benchmark.json", _benchmark_report(timings, args, model_path, ex))
+        bench = _benchmark_report(timings, args, model_path, ex)
+        write_json(reports / "benchmark.json", bench | {"peer": parity["published"]["peer"],
+                                                        "published": parity["published"]["variant"]})  # fmt: skip
     log.info("exported %s: max |diff| %.2e, top-1 agreement %.4f; fused %s", ", ".join(published),
              parity["max_abs_diff"], parity["top1_agreement"], fused or "nothing")  # fmt: skip
     return parity
+
+
+def _openvino_default(path: Path, threads: int) -> Callable[[np.ndarray], object]:
+    """The peer: OpenVINO on the unfused fp32 graph as a user would first run it, its default
+    settings (dynamic batch; bf16 where the CPU has it), with the stage's thread count."""
+    session = OpenVINOSession(path, threads, tuned=False)
+    return lambda x: session.run(["logits"], {"pixels": x})
 
 
 def _torch_logits(deployable: nn.Module, x: np.ndarray) -> torch.Tensor:

@@ -3,8 +3,9 @@
     python benchmarks/onnx_latency.py --threads 2
 
 `mae-ops export` already measures every variant it made (fp32 fused, dynamic and
-static int8) into reports/export/benchmark.json; this script re-measures the
-published files (e.g. on the serving machine) with the same code: p50/p95
+static int8, with onnxruntime and OpenVINO) into reports/export/benchmark.json; this
+script re-measures the published files with both runtimes (e.g. on the serving
+machine) with the same code: p50/p95
 latency at batch 1 and throughput at batch 32 on real test images; it prints
 one JSON object and writes --out.
 """
@@ -23,7 +24,7 @@ from mae_ops.atomic import write_json
 from mae_ops.deploy import Deployable, machine, measure_all
 from mae_ops.models.classifier import load_classifier
 from mae_ops.reporting import file_sha256
-from mae_ops.serving import open_session
+from mae_ops.serving import open_session, openvino_installed
 from mae_ops.store import open_eval_images
 
 
@@ -49,11 +50,13 @@ def main() -> None:
             return eager(torch.from_numpy(x))
 
     runners = {"torch_eager": torch_run}
-    for name, file in (("onnxruntime_fp32", "model.onnx"), ("onnxruntime_int8", "model.int8.onnx")):
-        path = args.export_dir / file
-        if path.exists():
-            sess = open_session(path, "cpu", args.threads)
-            runners[name] = lambda x, s=sess: s.run(["logits"], {"pixels": x})
+    runtimes = ["onnxruntime", *(["openvino"] if openvino_installed() else [])]
+    for runtime in runtimes:
+        for kind, file in (("fp32", "model.onnx"), ("int8_static", "model.int8.onnx")):
+            path = args.export_dir / file
+            if path.exists():
+                sess = open_session(path, "cpu", args.threads, runtime)
+                runners[f"{runtime}_{kind}"] = lambda x, s=sess: s.run(["logits"], {"pixels": x})
     results = measure_all(runners, batch[:1], batch, args.runs)
     base = results["torch_eager"]
     for r in results.values():

@@ -136,3 +136,25 @@ def test_fine_tuning_recipes_fill_what_params_leave_out() -> None:
     demo = load_params(REPO / "params.yaml").finetune
     assert demo.recipe == "small-data" and (demo.mixup, demo.crop_scale, demo.layer_decay) == (0.0, None, 0.9)
     assert FinetuneConfig().recipe == "reference" and FinetuneConfig().mixup == 0.8
+
+
+def test_a_searched_recipe_brings_its_defaults_and_keeps_explicit_keys() -> None:
+    """``recipe`` is tunable: a trial (or the final model) with another recipe gets that
+    recipe's augmentation, except for the keys params.yaml sets explicitly; the other
+    params (lr, epochs) stay as they were."""
+    cfg = load_params(REPO / "params.yaml", ["finetune.rotate=5.0", "finetune.base_lr=0.004",
+                                             "hpo.space={recipe: {choices: [small-data, reference]}}"])  # fmt: skip
+    assert cfg.hpo.space["recipe"].choices == ["small-data", "reference"]
+    small = cfg.finetune
+    ref = small.with_params({"recipe": "reference", "drop_path": 0.05})
+    assert ref.recipe == "reference" and (ref.mixup, ref.crop_scale, ref.hflip) == (0.8, (0.08, 1.0), True)
+    assert ref.rotate == 5.0 and ref.base_lr == 0.004 and ref.drop_path == 0.05  # explicit and tuned keys win
+    assert ref.epochs == small.epochs
+    back = ref.with_params({"recipe": "small-data"})  # and back: small-data's own defaults again
+    assert (back.mixup, back.crop_scale, back.rotate, back.drop_path) == (0.0, None, 5.0, 0.05)
+    same = small.with_params({"base_lr": 0.01})  # no recipe among the params: nothing else moves
+    assert same.model_dump() == {**small.model_dump(), "base_lr": 0.01}
+    scratch = small.with_params({"init": "scratch", "layer_decay": 1.0}).with_params({"recipe": "reference"})
+    assert scratch.layer_decay == 1.0  # a baseline's fixed choice is explicit too
+    with pytest.raises(ParamsError, match="cannot tune"):
+        load_params(REPO / "params.yaml", ["hpo.space={epochs: {choices: [1, 2]}}"])

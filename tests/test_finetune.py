@@ -178,6 +178,26 @@ def test_pruner_stops_trials_in_a_hopeless_region(run_root: Path) -> None:
     assert sum(s in hpo.FINISHED for s in states) == 6
 
 
+def test_the_search_chooses_the_recipe_and_the_final_model_trains_with_it(run_root: Path) -> None:
+    """``recipe`` in hpo.space: each trial trains with its recipe's augmentation (the keys
+    params.yaml sets explicitly kept), and so does the final model of the best trial."""
+    space = "hpo.space={recipe: {choices: [reference, small-data]}, base_lr: {low: 1.0e-3, high: 0.01}}"
+    cfg = ft_config(run_root, "finetune.recipe=small-data", "finetune.rotate=5.0", "hpo.enabled=true",
+                    "hpo.n_trials=2", "hpo.epochs=1", "hpo.pruner=none", space)  # fmt: skip
+    study = hpo.create_study(cfg, PreparedData(cfg.data.out_dir).manifest["content_hash"])
+    study.enqueue_trial({"recipe": "reference", "base_lr": 0.01})  # both recipes tried, whatever the sampler draws
+    study.enqueue_trial({"recipe": "small-data", "base_lr": 0.001})
+    finetune.run(cfg)
+    trials = {t.params["recipe"]: t for t in _study(cfg).get_trials() if t.state == TrialState.COMPLETE}
+    assert set(trials) == {"reference", "small-data"}
+    best = max(trials.values(), key=lambda t: t.value).params["recipe"]
+    final = read_checkpoint(run_root / "models/finetune/model.pth")["args"]["finetune"]
+    assert final["recipe"] == best and final["rotate"] == 5.0  # explicit key kept whichever recipe won
+    want = {"reference": (0.8, [0.08, 1.0], True), "small-data": (0.0, None, False)}[best]
+    assert (final["mixup"], list(final["crop_scale"]) if final["crop_scale"] else None, final["hflip"]) == want
+    assert json.loads((run_root / "reports/hpo/best_params.json").read_text())["params"]["recipe"] == best
+
+
 def test_a_failing_trial_does_not_stop_the_study(run_root: Path) -> None:
     cfg = ft_config(run_root, "hpo.enabled=true", "hpo.n_trials=4", "hpo.pruner=none",
                     "hpo.space={base_lr: {choices: [0.01, 1.0e+12]}}")  # fmt: skip

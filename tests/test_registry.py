@@ -47,7 +47,8 @@ def test_promotes_better_keeps_champion_against_worse_and_rolls_back(project: Pa
     weak = info["version"]
     parity = json.loads((project / "reports/export/parity.json").read_text())
     assert info["published"]["file"] in parity["files"]  # what export published, with its test top-1
-    assert info["published"]["test_top1"] in (parity["onnx_top1"], parity.get("int8_top1"))
+    assert info["published"]["test_top1"] == parity["published"]["test_top1"]  # what that runtime scored
+    assert info["published"]["runtime"] in ("onnxruntime", "openvino")
     first = registry.challenge(reg, weak, data)
     assert first["promoted"] and registry.production(reg)["version"] == weak
 
@@ -239,3 +240,15 @@ def test_the_published_variant_is_named_with_its_accuracy_and_latency(tmp_path: 
     summary = run_summary(tmp_path, [])
     assert "**Published for serving**: `model.int8.onnx` (onnxruntime_int8_static): test top-1 94.00%, " \
            "batch-1 p50 1.50 ms, batch 32 900 img/s." in summary  # fmt: skip
+
+    # the export stage's own choice, against OpenVINO's default: file, runtime, accuracy, speed and margin
+    chosen = {"variant": "openvino_fp32", "peer": "openvino_default", "vs_peer": {"batch1": 1.08, "batch32": 1.1},
+              "file": "model.onnx", "runtime": "openvino", "test_top1": 0.95, "batch1_p50_ms": 1.4,
+              "batch32_images_per_s": 990.0}  # fmt: skip
+    assert registry.published_variant({**parity, "published": chosen}) == {
+        "variant": "openvino_fp32", "file": "model.onnx", "runtime": "openvino", "test_top1": 0.95,
+        "batch1_p50_ms": 1.4, "batch32_images_per_s": 990.0}  # fmt: skip
+    write_json(tmp_path / "reports/export/parity.json", {**parity, "published": chosen})
+    assert "**Published for serving**: `model.onnx` with openvino (openvino_fp32): test top-1 95.00%, batch-1 p50 " \
+           "1.40 ms, batch 32 990 img/s; against openvino_default: ×1.08 at batch 1, ×1.10 at batch 32." \
+           in run_summary(tmp_path, [])  # fmt: skip

@@ -20,6 +20,8 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    ModelWrapValidatorHandler,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
@@ -289,12 +291,27 @@ class FinetuneConfig(_Section):
     seed: int = Field(0, ge=0)
     save_every: int = Field(10, ge=1)
 
-    @model_validator(mode="before")
+    _given: frozenset[str] = PrivateAttr(default=frozenset())  # keys set explicitly, not by the recipe
+
+    @model_validator(mode="wrap")
     @classmethod
-    def _recipe_defaults(cls, data: Any) -> Any:
+    def _recipe_defaults(cls, data: Any, handler: ModelWrapValidatorHandler[FinetuneConfig]) -> FinetuneConfig:
         if isinstance(data, dict) and data.get("recipe", "reference") in RECIPES:
-            return {**RECIPES[data.get("recipe", "reference")], **data}
-        return data
+            model = handler({**RECIPES[data.get("recipe", "reference")], **data})
+            model._given = frozenset(data)
+            return model
+        return handler(data)
+
+    def with_params(self, params: dict[str, Any]) -> FinetuneConfig:
+        """These params with ``params`` set on top (a search's choice, a baseline's change). A
+        ``recipe`` among them brings its own defaults for the augmentation keys not set
+        explicitly, as a recipe in params.yaml does."""
+        values = self.model_dump()
+        if "recipe" in params:
+            values = {k: v for k, v in values.items() if k in self._given or k not in RECIPES[self.recipe]}
+        model = FinetuneConfig.model_validate({**values, **params})
+        model._given = self._given | set(params)
+        return model
 
     auto_resume: bool = True
     out_dir: str = "models/finetune"
@@ -322,7 +339,7 @@ class SearchDim(_Section):
         return self
 
 
-TUNABLE = ("base_lr", "layer_decay", "weight_decay", "drop_path", "label_smoothing", "mixup", "cutmix",
+TUNABLE = ("recipe", "base_lr", "layer_decay", "weight_decay", "drop_path", "label_smoothing", "mixup", "cutmix",
            "translate", "rotate", "random_erase", "warmup_epochs")  # fmt: skip
 
 

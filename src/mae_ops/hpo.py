@@ -36,7 +36,6 @@ from mae_ops.atomic import write_json, write_text
 from mae_ops.config import (
     STORAGE_PASSWORD_ENV,
     Config,
-    FinetuneConfig,
     HpoConfig,
     InputError,
     SearchDim,
@@ -195,7 +194,7 @@ def objective_for(cfg: Config, data: PreparedData, rt: runtime.Runtime):
         trial.set_user_attr("worker", _this_host_pid())  # first: a dead worker's trial is recognised by it
         trial.set_user_attr("device", str(rt.device) + _pinned())
         params = suggest(trial, cfg.hpo.space)
-        ft = FinetuneConfig.model_validate({**cfg.finetune.model_dump(), **params})
+        ft = cfg.finetune.with_params(params)
 
         def report(epoch: int, val_top1: float) -> None:
             trial.report(val_top1, epoch)

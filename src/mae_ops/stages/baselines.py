@@ -41,7 +41,7 @@ def scratch_config(cfg: Config) -> Config:
     fine-tuning's trials, epochs per trial, pruner and seed; layer decay off."""
     space = {k: v for k, v in cfg.hpo.space.items() if k != "layer_decay"}
     return cfg.model_copy(update={
-        "finetune": cfg.finetune.model_copy(update={"init": "scratch", "layer_decay": 1.0}),
+        "finetune": cfg.finetune.with_params({"init": "scratch", "layer_decay": 1.0}),
         "hpo": cfg.hpo.model_copy(update={"study_name": f"{cfg.hpo.study_name}-scratch", "space": space}),
     })  # fmt: skip
 
@@ -52,11 +52,11 @@ def scratch_params(
     """The scratch baseline's params: tuned by its own study when the MAE model's
     (``tuned``) were, else the MAE model's own."""
     if not (cfg.hpo.enabled and cfg.finetune.mode == "finetune"):
-        ft = FinetuneConfig.model_validate({**tuned.model_dump(), "init": "scratch", "layer_decay": 1.0})
+        ft = tuned.with_params({"init": "scratch", "layer_decay": 1.0})
         return ft, {"tuned": False, "why": "no search for the MAE model either: the same params as it"}
     scfg = scratch_config(cfg)
     study = hpo.run_study(scfg, data, rt)
-    ft = FinetuneConfig.model_validate({**scfg.finetune.model_dump(), **study.best_trial.params})
+    ft = scfg.finetune.with_params(study.best_trial.params)
     finished = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
     log.info("scratch study %s: best val top-1 %.4f of %d trials", study.study_name, study.best_value, len(finished))
     return ft, {"tuned": True, "study": study.study_name, "trials": len(finished),

@@ -51,7 +51,7 @@ def search(cfg: Config) -> tuple[FinetuneConfig, dict[str, Any], dict[str, Any],
             hpo_summary["retrained"] = "the best trial's model is not readable here"
     finally:
         runtime.teardown()
-    return FinetuneConfig.model_validate({**ft.model_dump(), **tuned}), tuned, hpo_summary, kept
+    return ft.with_params(tuned), tuned, hpo_summary, kept
 
 
 def run(cfg: Config, resume: bool = False) -> dict:

@@ -138,13 +138,18 @@ def _int8_variants(
     if ex.calibration_images > 0:
         quantize_static_int8(fp32, tmp / "int8-static.onnx", _calibration(data, ex.calibration_images, ex.seed))
         made["static"] = tmp / "int8-static.onnx"
-    report: dict[str, dict[str, Any]] = {}
-    for name, path in made.items():
-        top1 = _top1(open_session(path, "cpu", ex.threads), data, gate_ids)
-        drop, spread = fp32_gate_top1 - top1, _spread(path, ex, spread_images)
-        report[name] = {"path": path, "gate_top1": top1, "drop": drop, "batch_max_prob_diff": spread,
-                        "passed": drop <= ex.max_int8_drop and spread <= ex.max_abs_diff}  # fmt: skip
-    return report
+    return {name: _gated(path, "onnxruntime", ex, data, gate_ids, fp32_gate_top1, spread_images)
+            for name, path in made.items()}  # fmt: skip
+
+
+def _gated(path: Path, runtime: str, ex: ExportConfig, data: PreparedData, gate_ids: np.ndarray,
+           fp32_gate_top1: float, spread_images: np.ndarray) -> dict[str, Any]:  # fmt: skip
+    """A candidate for serving (a file and a runtime) held to the gates: at most
+    ``export.max_int8_drop`` of fp32 validation top-1 lost, one answer per image in any batch."""
+    top1 = _top1(open_session(path, "cpu", ex.threads, runtime), data, gate_ids)
+    drop, spread = fp32_gate_top1 - top1, _spread(path, ex, spread_images, runtime=runtime)
+    return {"path": path, "gate_top1": top1, "drop": drop, "batch_max_prob_diff": spread,
+            "passed": drop <= ex.max_int8_drop and spread <= ex.max_abs_diff}  # fmt: skip
 
 
 def deployed_checkpoint(cfg: Config) -> tuple[Path, str]:
@@ -170,19 +175,6 @@ def deployed_checkpoint(cfg: Config) -> tuple[Path, str]:
 def _onnx_runner(path: Path, threads: int, runtime: str = "onnxruntime") -> Callable[[np.ndarray], object]:
     session = open_session(path, "cpu", threads, runtime)
     return lambda x: session.run(["logits"], {"pixels": x})
-
-
-def _openvino_variants(ex: ExportConfig, files: dict[str, Path], data: PreparedData, gate_ids: np.ndarray,
-                       fp32_gate_top1: float, spread_images: np.ndarray) -> dict[str, dict[str, Any]]:  # fmt: skip
-    """The published files run by OpenVINO, each held to the gates its onnxruntime twin passed:
-    at most ``export.max_int8_drop`` of fp32 validation top-1 lost, one answer per image."""
-    report: dict[str, dict[str, Any]] = {}
-    for name, path in files.items():
-        top1 = _top1(open_session(path, "cpu", ex.threads, "openvino"), data, gate_ids)
-        drop, spread = fp32_gate_top1 - top1, _spread(path, ex, spread_images, runtime="openvino")
-        report[name] = {"path": path, "gate_top1": top1, "drop": drop, "batch_max_prob_diff": spread,
-                        "passed": drop <= ex.max_int8_drop and spread <= ex.max_abs_diff}  # fmt: skip
-    return report
 
 
 def run(cfg: Config) -> dict:
@@ -263,7 +255,8 @@ def run(cfg: Config) -> dict:
             ov_files = {"openvino_fp32": tmp / "model.onnx"}
             if variants.get("static", {}).get("passed"):
                 ov_files["openvino_int8_static"] = variants["static"]["path"]
-            ov_variants = _openvino_variants(ex, ov_files, data, gate_ids, fp32_gate, spread_images)
+            ov_variants = {n: _gated(path, "openvino", ex, data, gate_ids, fp32_gate, spread_images)
+                           for n, path in ov_files.items()}  # fmt: skip
             runners.update({n: _onnx_runner(v["path"], ex.threads, "openvino") for n, v in ov_variants.items()})
         # every model timed in one interleaved run on this machine
         timings = measure_all(runners, one, batch, ex.benchmark_runs) if ex.benchmark_runs else {}

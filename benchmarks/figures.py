@@ -340,6 +340,27 @@ def loader_throughput(root: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+@block
+def recipe_search(root: Path) -> str:
+    """What the fine-tuning search chose between the recipes (benchmarks/recipe_search.py)."""
+    r = _json(root, f"{RESULTS}/cpu-cifar-recipe-search.json")
+    best, chosen = r["best_val_top1_by_recipe"], r["chosen"]
+    rows = [[t["trial"], f"`{t['recipe']}`", t["base_lr"], t["layer_decay"], t["state"].lower(),
+             "–" if t["val_top1"] is None else _pct(t["val_top1"], 1)] for t in r["trials"]]  # fmt: skip
+    lines = [
+        f"On the CIFAR-10 subset ({_n(r['counts']['train'])} training photos, {r['num_labelled']} of them labelled, "
+        f"{r['img_size']} px; {r['pretrain_epochs']} pre-training epochs, {len(r['trials'])} trials of "
+        f"{r['trial_epochs']} epochs, params.yaml's recipe left at the schema's `reference`), the search chose "
+        f"**`{chosen['recipe']}`** (best validation top-1 by recipe: `small-data` {_pct(best['small-data'], 1)}, "
+        f"`reference` {_pct(best['reference'], 1)}); the final model, {r['finetune_epochs']} epochs with the chosen "
+        f"params, scored {_pct(r['final']['val_top1'], 1)} on validation "
+        f"(`benchmarks/results/cpu-cifar-recipe-search.json`).",
+        "",
+        *_table(["trial", "recipe", "base lr", "layer decay", "state", "val top-1"], rows),
+    ]
+    return "\n".join(lines) + "\n"
+
+
 # ------------------------------------------------------------ the results index
 def _h100(root: Path, preset: str) -> str:
     plain, fast = (_json(root, f"{RESULTS}/h100-{preset}-{m}.json")["images_per_s"] for m in ("plain", "fast"))
@@ -456,6 +477,13 @@ def results_index(root: Path) -> str:
                 for k, v in _json(root, f"{RESULTS}/cpu-loader-throughput.json")["to_feed_the_gpu"].items()
                 if isinstance(v, dict)
             ),
+        ),
+        (
+            "`cpu-cifar-recipe-search.json`",
+            "same",
+            "see its `commit`",
+            "the fine-tuning search choosing the recipe on the CIFAR-10 subset: "
+            + _json(root, f"{RESULTS}/cpu-cifar-recipe-search.json")["chosen"]["recipe"],
         ),
         ("`study-cifar10/`", "same", "see `results.json`", _study_line(root, "study-cifar10")),
         ("`study-digits/`", "same", "see `results.json`", _study_line(root, "study-digits")),

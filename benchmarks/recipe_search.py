@@ -80,6 +80,8 @@ def main() -> None:
     manifest = json.loads((args.work.resolve() / "data/prepared/manifest.json").read_text())
     result = {
         "measured_by": "benchmarks/recipe_search.py", "measured": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        .stdout.strip(),
         "cpu": platform.processor() or platform.machine(), "source": args.source.name,
         "counts": manifest.get("counts"), "img_size": manifest.get("img_size"),
         "num_labelled": final.get("num_labelled"),

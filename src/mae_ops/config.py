@@ -345,6 +345,8 @@ TUNABLE = ("recipe", "base_lr", "layer_decay", "weight_decay", "drop_path", "lab
 
 def _default_space() -> dict[str, SearchDim]:
     return {
+        # a few hundred labels rarely want the reference's photo augmentation: the search decides
+        "recipe": SearchDim(choices=["small-data", "reference"]),
         "base_lr": SearchDim(low=3e-4, high=1e-2, log=True),
         "layer_decay": SearchDim(low=0.5, high=0.95),
         "weight_decay": SearchDim(low=0.01, high=0.3, log=True),

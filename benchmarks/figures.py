@@ -120,7 +120,7 @@ def export_table(root: Path) -> str:
     names = {
         "torch_eager": "PyTorch eager",
         "onnxruntime_fp32": "ONNX fp32, fused",
-        "onnxruntime_int8_dynamic": "ONNX int8 dynamic, fused",
+        "onnxruntime_int8_dynamic": "ONNX int8 dynamic, fused (answers depend on the batch: never published)",
         "onnxruntime_int8_static": "ONNX int8 static (QDQ), fused",
         "openvino_default": "OpenVINO's default, unfused fp32 graph (the peer)",
         "openvino_fp32": "OpenVINO, fp32 fused, static shapes",

@@ -258,7 +258,10 @@ def test_large_models_keep_their_tensors_beside_the_onnx_file(exported: Path, tm
     pixels = images[:16].astype(np.float32) / 255.0
     single = open_session(exported / "models/export/model.onnx", "cpu")
     split = open_session(moved / "model.onnx", "cpu")
-    assert ModelInfo.from_session(split).metadata == ModelInfo.from_session(single).metadata
+    moved_meta, single_meta = ModelInfo.from_session(split).metadata, ModelInfo.from_session(single).metadata
+    # all but `runtime`: the runtime each export measured fastest for the file, a timing of its own
+    assert {moved_meta.pop("runtime"), single_meta.pop("runtime")} <= {"onnxruntime", "openvino"}
+    assert moved_meta == single_meta
     np.testing.assert_allclose(run_logits(split, pixels), run_logits(single, pixels), atol=1e-4)
 
 

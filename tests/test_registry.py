@@ -247,6 +247,7 @@ def test_the_published_variant_is_named_with_its_accuracy_and_latency(tmp_path: 
               "batch32_images_per_s": 990.0}  # fmt: skip
     assert registry.published_variant({**parity, "published": chosen}) == {
         "variant": "openvino_fp32", "file": "model.onnx", "runtime": "openvino", "test_top1": 0.95,
+        "peer": "openvino_default", "vs_peer": {"batch1": 1.08, "batch32": 1.1},
         "batch1_p50_ms": 1.4, "batch32_images_per_s": 990.0}  # fmt: skip
     write_json(tmp_path / "reports/export/parity.json", {**parity, "published": chosen})
     assert "**Published for serving**: `model.onnx` with openvino (openvino_fp32): test top-1 95.00%, batch-1 p50 " \

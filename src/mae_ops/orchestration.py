@@ -360,9 +360,8 @@ def run_summary(repo: Path, results: list[StageResult]) -> str:
         timing = (f", batch-1 p50 {pub['batch1_p50_ms']:.2f} ms, batch 32 {pub['batch32_images_per_s']:,.0f} img/s"
                   if "batch1_p50_ms" in pub else "")  # fmt: skip
         top1 = f"test top-1 {pub['test_top1']:.2%}" if pub.get("test_top1") is not None else "test top-1 ?"
-        peer = parity.get("published", {})
-        versus = (f"; against {peer['peer']}: ×{peer['vs_peer']['batch1']:.2f} at batch 1, "
-                  f"×{peer['vs_peer']['batch32']:.2f} at batch 32" if "vs_peer" in peer else "")  # fmt: skip
+        versus = (f"; against {pub['peer']}: ×{pub['vs_peer']['batch1']:.2f} at batch 1, "
+                  f"×{pub['vs_peer']['batch32']:.2f} at batch 32" if "vs_peer" in pub else "")  # fmt: skip
         runtime = f" with {pub['runtime']}" if "runtime" in pub else ""
         lines += [f"**Published for serving**: `{pub['file']}`{runtime} ({pub['variant']}): {top1}{timing}{versus}."]
     if mine:

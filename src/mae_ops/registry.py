@@ -104,16 +104,18 @@ def register(repo: Path, registry: Path) -> dict[str, Any]:
 
 
 def published_variant(parity: dict[str, Any], timings: dict[str, dict] | None = None) -> dict[str, Any]:
-    """The model file export published for serving, read from its parity report: the
-    int8 model it chose, else the fp32 one; with its test top-1 and, when known, its
+    """The model file export published for serving, read from its parity report: the file
+    and runtime it chose against the peer (with the margins), or, in reports of older
+    exports, the int8 model it chose, else the fp32 one; with its test top-1 and, when known, its
     latency (``timings``: benchmark.json's results for this very model; the int8 gate's
     own timing otherwise)."""
+    if "published" in parity:  # the export stage chose a file and a runtime against the peer
+        pub = parity["published"]
+        out = {k: pub[k] for k in ("variant", "file", "runtime", "test_top1", "peer", "vs_peer") if k in pub}
+        timing = (timings or {}).get(out["variant"]) or pub
+        return out | {k: timing[k] for k in ("batch1_p50_ms", "batch32_images_per_s") if k in timing}
     int8 = parity.get("int8") or {}
     chosen = int8.get("chosen")
-    if "published" in parity:  # the export stage chose a file and a runtime against the peer
-        out = {k: parity["published"][k] for k in ("variant", "file", "runtime", "test_top1")}
-        timing = (timings or {}).get(out["variant"]) or parity["published"]
-        return out | {k: timing[k] for k in ("batch1_p50_ms", "batch32_images_per_s") if k in timing}
     if chosen and "model.int8.onnx" in parity.get("files", []):
         out = {"variant": f"onnxruntime_int8_{chosen}", "file": "model.int8.onnx", "test_top1": parity.get("int8_top1")}
     else:

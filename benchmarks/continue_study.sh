@@ -10,7 +10,7 @@
 # from scratch and from those weights (--sweep pretrain.init), seeds 0 and 1, and scores
 # both on the target's validation split with the same probes (k-NN, linear probe, a
 # 15-epoch fine-tune). About 20 minutes on 2 CPU cores.
-# Results: WORK/reports/{summary.md,results.csv,results.json,*.png}.
+# Results: WORK/project/reports/study/{summary.md,results.csv,results.json,*.png}.
 set -euo pipefail
 src=$(realpath "${1:?usage: continue_study.sh FOLDER [WORK] [--set key=value ...]}"); shift
 work=$(realpath -m "${1:-work/continue-cifar10}"); shift $(( $# >= 1 ? 1 : 0 ))
@@ -40,7 +40,9 @@ mae-ops pretrain --params params.yaml "${common[@]}" --set "data.out_dir=$work/s
 # the target: the other five classes, from scratch and continued, at equal epochs
 sets=("${common[@]}" --set "data.source=$work/target" --set data.val_fraction=0.2 --set pretrain.epochs=8
       --set finetune.recipe=small-data --set finetune.hflip=true --set study.finetune_epochs=15
-      --set "study.seeds=[0, 1]" --set "data.out_dir=$work/data" --set "study.models_dir=$work/models"
-      --set "study.reports_dir=$work/reports" "$@")
-mae-ops prepare --params params.yaml "${sets[@]}"
-mae-ops study --params params.yaml "${sets[@]}" --sweep "pretrain.init=null,$work/source-model/mae.pth"
+      --set "study.seeds=[0, 1]" "$@")
+# the study in a project of its own (a clone of this one): its DVC experiments live there
+repo=$(pwd)
+[ -d "$work/project/.git" ] || git clone -q "$repo" "$work/project"
+cd "$work/project"
+mae-ops study "${sets[@]}" --sweep "pretrain.init=null,$work/source-model/mae.pth"

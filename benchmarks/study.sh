@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # The pre-training studies in the README ("Is pre-training worth it on my data?"),
-# each in a work folder of its own (the demo's data/, models/ and reports/ stay as
-# they are); stop one and run it again to resume.
+# each in a project of its own under WORK; stop one and run it again to resume.
 #   bash benchmarks/study.sh digits [WORK] [--set key=value ...]
 #       the embedded digits: 5 pre-training epochs as the base (quick, but still on the
 #       digits' loss plateau), 15 and 40 epochs (the demo's) to show it, a 10-epoch
@@ -10,7 +9,8 @@
 #       FOLDER holds train/<class>/*.jpg and test/<class>/*.jpg (the CIFAR-10 subset):
 #       32 px, 8 pre-training epochs as the base, a 15-epoch fine-tune, 20 % of the
 #       training images for validation, seeds 0 and 1, 18 runs (about 100 minutes on 2 CPU cores)
-# Results: WORK/reports/{summary.md,results.csv,results.json,*.png}.
+# Results: WORK/project/reports/study/{summary.md,results.csv,results.json,*.png}; each setting is a
+# DVC experiment of WORK/project (`dvc exp show` there).
 set -euo pipefail
 which=${1:?usage: study.sh digits|cifar10 [FOLDER] [WORK] [--set key=value ...]}
 shift
@@ -31,9 +31,9 @@ case "$which" in
             --sweep model.decoder_depth=1,2,4 --sweep pretrain.norm_pix_loss=false,true) ;;
   *) echo "usage: study.sh digits|cifar10 [FOLDER] [WORK] [--set key=value ...]" >&2; exit 2 ;;
 esac
-cd "$(dirname "$0")/.."  # the project: the study runs its flow from there
-sets+=(--set "data.out_dir=$work/data" --set "study.models_dir=$work/models" --set "study.reports_dir=$work/reports"
-       "$@")
-mkdir -p "$work"
-mae-ops prepare --params params.yaml "${sets[@]}"
-mae-ops study --params params.yaml "${sets[@]}" "${sweeps[@]}"
+repo=$(cd "$(dirname "$0")/.." && pwd)
+# a project of its own (a clone of this one): the study's DVC experiments live in its git and
+# its DVC cache, and the demo's data/, models/ and reports/ stay as they are
+[ -d "$work/project/.git" ] || git clone -q "$repo" "$work/project"
+cd "$work/project"
+mae-ops study "${sets[@]}" "$@" "${sweeps[@]}"

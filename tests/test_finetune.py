@@ -23,6 +23,7 @@ from mae_ops.data import PreparedData
 from mae_ops.models.checkpoint import read_checkpoint
 from mae_ops.models.classifier import build_classifier, load_classifier, load_encoder
 from mae_ops.models.mae import create_mae
+from mae_ops.reporting import read_predictions
 from mae_ops.stages import baselines, evaluate, finetune
 from tests.conftest import BIN, FT, REPO, ft_config, subprocess_env, tiny_overrides
 
@@ -288,9 +289,15 @@ def test_the_final_fine_tune_and_the_scratch_baseline_run_in_two_processes(run_r
     assert history["train_loss"].iloc[-1] < history["train_loss"].iloc[0]
     data = PreparedData(cfg.data.out_dir, hide_test=True)
     model, args = load_classifier(run_root / "models/finetune/model.pth")
-    top1, _ = finetuning.validate_model(model, data, data.indices("val"), torch.device("cpu"))
+    top1, pred = finetuning.validate_model(model, data, data.indices("val"), torch.device("cpu"))
     assert top1 == pytest.approx(metrics["val_top1"], abs=1e-4)
     assert args["finetune"]["nproc_per_node"] == 2
+    # rank 0's per-image validation classes (the study pairs them) and its DVCLive log, epoch by epoch
+    table = read_predictions((run_root / "reports/finetune/val_predictions.csv").read_text())
+    assert np.array_equal(table["id"], data.indices("val")) and (table["pred"] == pred).mean() > 0.99
+    live = pd.read_csv(run_root / "reports/finetune/live/plots/metrics/train_loss.tsv", sep="\t")
+    assert live["step"].tolist() == list(range(1, 7))
+    assert live["train_loss"].tolist() == pytest.approx(history["train_loss"].tolist())
     one = finetune.run(ft_config(run_root / "one", "finetune.batch_size=32", "finetune.epochs=6",
                                  f"data.out_dir={run_root}/data/prepared",
                                  f"pretrain.out_dir={run_root}/models/pretrain"))  # fmt: skip

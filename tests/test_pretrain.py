@@ -19,6 +19,7 @@ from PIL import Image
 
 from mae_ops import pretraining
 from mae_ops.models.checkpoint import load_state_dict
+from mae_ops.reporting import read_predictions
 from mae_ops.stages import pretrain
 from mae_ops.training import ResumeError
 from tests.conftest import BIN, REPO, subprocess_env, tiny_config, tiny_overrides
@@ -468,3 +469,32 @@ def test_the_monitor_scores_the_encoder_during_pre_training(mnist_root: Path) ->
     with torch.no_grad():
         torch.testing.assert_close(model.forward_features(x), extractor(x), atol=1e-5, rtol=1e-5)
     assert np.isfinite(monitor.encoder_features(model, data, ids[1][:16], mean, std)).all()
+
+    # the final encoder's class of each validation image, for the study's paired checks
+    table = read_predictions((mnist_root / "reports/pretrain/monitor_predictions.csv").read_text())
+    assert np.array_equal(table["id"], ids[1]) and np.array_equal(table["label"], data.labels[ids[1]])
+    assert (table["probe"] == table["label"]).mean() == pytest.approx(metrics["probe_val_top1"], abs=1e-5)
+    # DVCLive logged every epoch as it went (dvc exp show / plots read these), the same numbers
+    live = mnist_root / "reports/pretrain/live"
+    assert json.loads((live / "metrics.json").read_text())["step"] == 4
+    with open(live / "plots/metrics/knn_val_top1.tsv") as fh:
+        knn = list(csv.DictReader(fh, delimiter="\t"))
+    assert [(int(r["step"]), float(r["knn_val_top1"])) for r in knn] == [
+        (int(r["epoch"]), float(r["knn_val_top1"])) for r in rows if r["knn_val_top1"]]  # fmt: skip
+
+
+def test_a_resumed_run_logs_each_epoch_once_with_dvclive(tmp_path: Path) -> None:
+    """Killed after epoch 5 with its checkpoint at epoch 3: the resumed run starts DVCLive's
+    files again from the checkpoint's history, so no epoch is there twice."""
+    from mae_ops.tracking import EpochLog
+
+    first = EpochLog(tmp_path)
+    for epoch in range(1, 6):
+        first.log({"epoch": epoch, "loss": 1.0 / epoch, "lr": 0.1})
+    resumed = EpochLog(tmp_path, [{"epoch": e, "loss": 1.0 / e, "lr": 0.1} for e in (1, 2, 3)])
+    resumed.log({"epoch": 4, "loss": 0.2, "lr": 0.05})
+    resumed.close()
+    with open(tmp_path / "live/plots/metrics/loss.tsv") as fh:
+        steps = [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(fh, delimiter="\t")]
+    assert steps == [(1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3)), (4, 0.2)]
+    assert json.loads((tmp_path / "live/metrics.json").read_text()) == {"loss": 0.2, "lr": 0.05, "step": 4}

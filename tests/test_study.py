@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import csv
-import json
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from scipy.stats import binomtest
 from scipy.stats import t as t_dist
 
 from mae_ops import study as plan
-from tests.conftest import load_flow_module, tiny_config
+from mae_ops.reporting import read_predictions, write_predictions
+from tests.conftest import BIN, load_flow_module, subprocess_env, tiny_config, tiny_project
 
 
 def _rows(path: Path) -> list[dict]:
@@ -20,58 +22,80 @@ def _rows(path: Path) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
-def test_study_runs_each_setting_once_scores_it_and_resumes(mnist_root: Path) -> None:
+def test_the_study_runs_its_settings_as_dvc_experiments_and_resumes(tmp_path: Path) -> None:
+    """Each setting is a DVC experiment run by DVC's queue: dvc exp show lists it with its
+    params and its DVCLive metrics, the report is built from them, a second study queues
+    nothing, and dvc exp apply brings a setting into the workspace."""
     from prefect.testing.utilities import prefect_test_harness
 
-    root = mnist_root
-    cfg = tiny_config(
-        root, "pretrain.epochs=1", "pretrain.norm_pix_loss=true", "finetune.linprobe_epochs=3",
-        "study.finetune_epochs=1", f"study.models_dir={root}/models/study", f"study.reports_dir={root}/reports/study",
-        'study.sweeps={"pretrain.mask_ratio": [0.25, 0.75], "pretrain.norm_pix_loss": [false, true], '
-        '"model.decoder_depth": [1, 2]}',
-    )  # fmt: skip
-    runs = plan.settings(cfg, "data")
-    assert len(runs) == 6 and len({r["run"] for r in runs}) == 4  # mask 0.75 = norm-pix on = depth 1 (the preset's)
-    assert {r["config"].model.decoder_depth for r in runs} == {None, 1, 2}
-
+    root = tiny_project(tmp_path / "project", pretrain={"monitor_every": 0}, finetune={"linprobe_epochs": 2})
+    # the stages a study runs (a project that ran its whole pipeline has the others' outputs in DVC's
+    # cache, which `dvc exp apply` checks out too)
+    pipeline = yaml.safe_load((root / "dvc.yaml").read_text())
+    pipeline["stages"] = {k: v for k, v in pipeline["stages"].items() if k in ("prepare", "pretrain", "finetune")}
+    (root / "dvc.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
+    for cmd in (["git", "add", "-A"], ["git", "commit", "-qm", "project"]):
+        subprocess.run(cmd, cwd=root, check=True, env=subprocess_env())
+    overrides = ["study.finetune_epochs=1",
+                 'study.sweeps={"pretrain.mask_ratio": [0.25, 0.75], "model.decoder_depth": [1, 2]}']  # fmt: skip
     study = load_flow_module("study").study
     with prefect_test_harness(server_startup_timeout=120):
-        result = study(cfg)
+        result = study(str(root), overrides)
         reports = root / "reports/study"
         rows = _rows(reports / "results.csv")
-        assert [(r["key"], r["value"]) for r in rows] == [(r["key"], str(r["value"])) for r in runs]
+        names = ["study-pretrain.mask_ratio-0.25-s0", "study-pretrain.mask_ratio-0.75-s0",
+                 "study-model.decoder_depth-1-s0", "study-model.decoder_depth-2-s0"]  # fmt: skip
+        assert [r["run"] for r in rows] == names
         for r in rows:
-            for score in ("knn_top1", "linprobe_top1", "finetune_top1"):
-                assert 0.0 <= float(r[score]) <= 1.0
-        assert len(list((root / "models/study").iterdir())) == 4
-        for key in ("pretrain_mask_ratio", "pretrain_norm_pix_loss", "model_decoder_depth"):
+            assert all(0.0 <= float(r[s]) <= 1.0 for s in ("knn_top1", "linprobe_top1", "finetune_top1"))
+            assert int(r["num_val"]) > 0
+        exps = plan.experiments(root)
+        assert all(exps[n]["state"] == "success" for n in names)
+        assert exps[names[0]]["params"]["pretrain"]["mask_ratio"] == 0.25
+        assert exps[names[3]]["params"]["model"]["decoder_depth"] == 2
+        one = exps[names[0]]
+        assert one["params"]["hpo"]["enabled"] is False and one["params"]["finetune"]["epochs"] == 1
+        # the scores are the experiment's own metrics, DVCLive's among them
+        assert float(rows[0]["finetune_top1"]) == one["metrics"]["reports/finetune/metrics.json"]["val_top1"]
+        assert float(rows[0]["linprobe_top1"]) == one["metrics"]["reports/pretrain/metrics.json"]["probe_val_top1"]
+        assert one["metrics"]["reports/pretrain/live/metrics.json"]["step"] == 1
+        assert "loss" in one["metrics"]["reports/pretrain/live/metrics.json"]
+        assert "val_top1" in one["metrics"]["reports/finetune/live/metrics.json"]
+        for key in ("pretrain_mask_ratio", "model_decoder_depth"):
             assert (reports / f"{key}.png").read_bytes()[:4] == b"\x89PNG"
         summary = (reports / "summary.md").read_text()
         assert "## pretrain.mask_ratio" in summary and "Against the paper" in summary
-        # the planned checks: mask, norm-pix, and decoder depth on the probe and on fine-tuning
         assert [(t["key"], t["score"]) for t in result["tests"]] == [
-            ("pretrain.mask_ratio", "finetune_top1"), ("pretrain.norm_pix_loss", "finetune_top1"),
-            ("model.decoder_depth", "linprobe_top1"), ("model.decoder_depth", "finetune_top1")]  # fmt: skip
-        assert all(t["p_holm"] >= t["p"] for t in result["tests"]) and len(result["directions"]) == 4
-        probe = json.loads(next((reports / "runs").glob("*/probe-*.json")).read_text())
-        assert probe["num_val"] > 0 and probe["knn_k"] == 20
-        # the 1-epoch probe fine-tune warms up for the full fine-tune's share of its epochs, not 5 epochs
-        share = cfg.finetune.warmup_epochs / cfg.finetune.epochs
-        assert probe["finetune_warmup_epochs"] == pytest.approx(share, abs=1e-3)
+            ("pretrain.mask_ratio", "finetune_top1"), ("model.decoder_depth", "linprobe_top1"),
+            ("model.decoder_depth", "finetune_top1")]  # fmt: skip
         # every check is paired on the same validation images
-        assert result["tests"] and all(t["p"] is not None and t["pairs"] == probe["num_val"] for t in result["tests"])
+        assert all(t["p"] is not None and t["pairs"] == int(rows[0]["num_val"]) for t in result["tests"])
 
-        # a second run finds every setting scored: nothing is trained again
-        encoders = {p: p.stat().st_mtime_ns for p in (root / "models/study").glob("*/encoder.pth")}
-        again = study(cfg)
+        # a second study finds every setting done on this commit: nothing is queued or run again
+        again = study(str(root), overrides)
         assert again["directions"] == result["directions"]
-        assert {p: p.stat().st_mtime_ns for p in encoders} == encoders
+        assert {n: e["rev"] for n, e in plan.experiments(root).items()} == {n: e["rev"] for n, e in exps.items()}
+
+    # a setting is applied with DVC's own tool
+    proc = subprocess.run([str(BIN / "dvc"), "exp", "apply", names[0]], cwd=root, env=subprocess_env(),
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    applied = yaml.safe_load((root / "params.yaml").read_text())
+    assert applied["pretrain"]["mask_ratio"] == 0.25
+
+
+def test_the_study_refuses_a_params_file_outside_a_project(tmp_path: Path) -> None:
+    params = tmp_path / "params.yaml"
+    params.write_text("{}\n")
+    proc = subprocess.run([str(BIN / "mae-ops"), "study", "--params", str(params)], capture_output=True, text=True,
+                          env=subprocess_env())  # fmt: skip
+    assert proc.returncode == 2 and "DVC experiments" in proc.stderr
 
 
 def _probe_files(tmp: Path, name: str, seed: int, labels: np.ndarray, right: np.ndarray) -> dict:
     pred = np.where(right, labels, (labels + 1) % 10)
-    path = tmp / f"{name}-{seed}.predictions.npz"
-    np.savez(path, val_ids=np.arange(len(labels)), labels=labels, linprobe=pred)
+    path = tmp / f"{name}-{seed}.csv"
+    write_predictions(path, np.arange(len(labels)), labels, {"linprobe": pred})
     return {
         "key": "pretrain.mask_ratio",
         "value": name,
@@ -124,9 +148,8 @@ def test_paired_check_counts_each_image_once_and_the_spread_between_seeds(tmp_pa
     assert wide["ci95"] == pytest.approx(t_dist.ppf(0.975, wide["df"]) * se) and wide["df"] < 399
 
     # predictions of another validation split cannot be paired: the check falls back, unpaired
-    z = dict(np.load(rows_b[0]["predictions"]))
-    z["val_ids"] = z["val_ids"] + 1
-    np.savez(rows_b[0]["predictions"], **z)
+    z = read_predictions(Path(rows_b[0]["predictions"]).read_text())
+    write_predictions(rows_b[0]["predictions"], z.pop("id") + 1, z.pop("label"), z)
     assert plan.paired(rows_a, rows_b, "linprobe_top1") is None
 
     groups = plan.group(rows_a + rows_b)
@@ -154,24 +177,35 @@ def test_holm_and_planned_pairs_do_not_depend_on_the_scores() -> None:
     assert plan.label("pretrain.init", None) == "scratch" and plan.label("model.decoder_depth", None) == "preset"
 
 
-def test_a_continued_setting_is_keyed_by_its_checkpoints_content(tmp_path: Path) -> None:
-    weights = tmp_path / "mae_full.pth"
-    sweep = f'study.sweeps={{"pretrain.init": [null, "{weights}"]}}'
-    weights.write_bytes(b"one")
-    first = plan.settings(tiny_config(tmp_path, sweep), "data")
-    weights.write_bytes(b"two")
-    second = plan.settings(tiny_config(tmp_path, sweep), "data")
-    assert first[0]["run"] == second[0]["run"]  # from scratch: the same run
-    assert first[1]["run"] != second[1]["run"]  # other weights under the same name: another run
+def test_each_setting_is_one_experiment_with_its_overrides(tmp_path: Path) -> None:
+    sweeps = 'study.sweeps={"pretrain.mask_ratio": [0.5, 0.75], "pretrain.init": [null, "/w/mae_full.pth"]}'
+    cfg = tiny_config(tmp_path, "study.seeds=[0, 1]", "study.finetune_epochs=3", "pretrain.monitor_every=0", sweeps)
+    runs = plan.settings(cfg)
+    assert [(r.key, r.value, r.seed) for r in runs][:4] == [
+        ("pretrain.mask_ratio", 0.5, 0), ("pretrain.mask_ratio", 0.5, 1), ("pretrain.mask_ratio", 0.75, 0),
+        ("pretrain.mask_ratio", 0.75, 1)]  # fmt: skip
+    assert len({r.name for r in runs}) == 8 and runs[6].name == "study-pretrain.init-mae_full.pth-s0"
+    first = set(runs[0].sets)
+    assert {"pretrain.seed=0", "finetune.seed=0", "pretrain.mask_ratio=0.5", "hpo.enabled=false",
+            "finetune.epochs=3", f"pretrain.monitor_every={cfg.pretrain.epochs}"} <= first  # fmt: skip
+    assert "pretrain.init=null" in runs[4].sets and 'pretrain.init="/w/mae_full.pth"' in runs[6].sets
+    assert all(r.target == "finetune" for r in runs)
+    probes_only = plan.settings(tiny_config(tmp_path, "study.finetune_epochs=0", "pretrain.monitor_every=2"))
+    assert all(r.target == "pretrain" and not any(x.startswith(("finetune.epochs", "pretrain.monitor_every"))
+                                                  for x in r.sets) for r in probes_only)  # fmt: skip
 
 
-def test_seeds_multiply_the_runs_and_fine_tuning_params_rescore(tmp_path: Path) -> None:
-    cfg = tiny_config(tmp_path, "study.seeds=[0, 1]", 'study.sweeps={"pretrain.mask_ratio": [0.5, 0.75]}')
-    runs = plan.settings(cfg, "data")
-    assert [(r["value"], r["seed"]) for r in runs] == [(0.5, 0), (0.5, 1), (0.75, 0), (0.75, 1)]
-    assert len({r["run"] for r in runs}) == 4
-    assert all(r["config"].pretrain.seed == r["seed"] == r["config"].finetune.seed for r in runs)
-    other = plan.settings(tiny_config(tmp_path, "study.seeds=[0, 1]", "finetune.base_lr=0.01",
-                                      'study.sweeps={"pretrain.mask_ratio": [0.5, 0.75]}'), "data")  # fmt: skip
-    assert [r["run"] for r in other] == [r["run"] for r in runs]  # the same encoders...
-    assert not {r["probe"] for r in other} & {r["probe"] for r in runs}  # ...scored again
+def test_a_setting_runs_again_when_its_params_changed_or_it_failed(tmp_path: Path) -> None:
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"pretrain": {"epochs": 2}, "study": {"seeds": [0]}}))
+    cfg = tiny_config(tmp_path, 'study.sweeps={"pretrain.mask_ratio": [0.5, 0.75]}')
+    runs = plan.settings(cfg)
+    done = {r.name: {"state": "success", "params": plan.wanted_params(tmp_path, r)} for r in runs}
+    assert plan.to_run(tmp_path, runs, done) == []
+    # the study section changes no result; another epoch count does; so does a failure
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"pretrain": {"epochs": 2}, "study": {"seeds": [0, 1]}}))
+    assert plan.to_run(tmp_path, runs, done) == []
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"pretrain": {"epochs": 3}, "study": {"seeds": [0]}}))
+    assert plan.to_run(tmp_path, runs, done) == runs
+    done = {r.name: {"state": "success", "params": plan.wanted_params(tmp_path, r)} for r in runs}
+    done[runs[1].name]["state"] = "failed"
+    assert plan.to_run(tmp_path, runs, done) == [runs[1]]

@@ -387,9 +387,10 @@ def study(
     set_: SetOpt = None,
     sweep: Annotated[list[str] | None, typer.Option(help=SWEEP_HELP)] = None,
 ) -> None:
-    """Sweep pre-training settings (study.sweeps, one key at a time) and score each without the
-    full fine-tuning: table, checks against the paper and PNG plots in study.reports_dir."""
-    from mae_ops.orchestration import configure_prefect
+    """Sweep pre-training settings (study.sweeps, one key at a time), each a DVC experiment of the
+    pipeline run by DVC's queue (`dvc exp show`, `dvc exp apply`), scored without the full
+    fine-tuning: table, checks against the paper and PNG plots in study.reports_dir."""
+    from mae_ops.orchestration import configure_prefect, plan_overrides
 
     overrides = list(set_ or [])
     if sweep:
@@ -400,11 +401,15 @@ def study(
                 _fail(f"--sweep {item!r}: expected key=v1,v2,...")
             sweeps[key.strip()] = [yaml.safe_load(v) for v in values.split(",")]
         overrides.append(f"study.sweeps={json.dumps(sweeps)}")
-    cfg = _config(params, overrides)
+    repo = params.resolve().parent
+    if params.name != "params.yaml" or not (repo / "dvc.yaml").exists() or not (repo / ".git").exists():
+        _fail(f"the study runs DVC experiments of a project's pipeline: give the params.yaml beside dvc.yaml in "
+              f"a git repository ({params} is not)")  # fmt: skip
+    cfg, _ = plan_overrides(repo, overrides)
     configure_prefect()
     flow = _load_flow("study", "study")
     setup_logging()
-    result = flow(cfg)
+    result = flow(str(repo), overrides)
     typer.echo("\n".join(result["directions"]) or "no direction to check")
     typer.echo(f"table and plots: {cfg.study.reports_dir}/summary.md")
 

@@ -459,8 +459,9 @@ class RetrainConfig(_Section):
 
 
 class StudyConfig(_Section):
-    """`mae-ops study`: pre-training settings swept one at a time from the params above,
-    each scored without fine-tuning the full budget (k-NN, linear probe, short fine-tune)."""
+    """`mae-ops study`: pre-training settings swept one at a time from the params above, each
+    a DVC experiment of the pipeline scored without the full fine-tuning budget (the
+    monitor's k-NN and linear probe, a short fine-tune without search)."""
 
     sweeps: dict[str, list[Any]] = Field(
         default_factory=lambda: {
@@ -480,8 +481,12 @@ class StudyConfig(_Section):
         description="each setting pre-trained and probed once per seed (pretrain.seed, finetune.seed); "
         "tables show the mean, the checks pair every seed's predictions image by image",
     )  # fmt: skip
-    knn_k: int = Field(20, ge=1, description="k of the k-NN score (fixed: no choice made on the validation split)")
-    models_dir: str = "models/study"
+    knn_k: int = Field(
+        20,
+        ge=1,
+        description="k of `mae-ops probe`'s k-NN (fixed: no choice made on the validation "
+        "split); the study's k-NN is the pre-training monitor's (k = 20)",
+    )
     reports_dir: str = "reports/study"
 
     @field_validator("sweeps")

@@ -43,6 +43,7 @@ from mae_ops.data import (
     set_epoch,
 )
 from mae_ops.models.classifier import build_classifier, classifier_checkpoint, load_encoder
+from mae_ops.tracking import EpochLog
 from mae_ops.training import Checkpointer, cosine_schedule, fingerprint
 
 log = logging.getLogger(__name__)
@@ -172,10 +173,11 @@ def train_finetune(
     report: ReportFn | None = None,
     checkpointer: Checkpointer | None = None,
     desc: str = "finetune",
+    tracked: str | Path | None = None,
 ) -> TrainResult:
     """Fine-tune the whole network on the labelled training subset; validate every
     ``eval_every`` epochs from epoch ``eval_from`` on (and after the last), passing the
-    score to ``report``."""
+    score to ``report``; rank 0 logs each epoch with DVCLive under ``tracked``/live."""
     _seed_everything(ft.seed)
     model, args = make_classifier(cfg, ft, data, init)
     model.to(rt.device)
@@ -232,6 +234,7 @@ def train_finetune(
             model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None
         )
 
+    live = EpochLog(tracked, history) if tracked is not None and rt.is_main else None
     eval_every = eval_every or ft.eval_every
     val_top1, val_pred = (history[-1]["val_top1"] if history else float("nan")), None
     t0 = time.perf_counter()
@@ -276,11 +279,17 @@ def train_finetune(
                 report(epoch + 1, val_top1)
         history.append({"epoch": epoch + 1, "train_loss": round(train_loss, 5), "val_top1": round(val_top1, 5),
                         "lr": float(f"{optimizer.param_groups[-1]['lr']:.6g}")})  # fmt: skip
+        if live is not None:
+            live.log(history[-1])
         bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{val_top1:.3f}")
         if rt.is_main and checkpointer is not None and ((epoch + 1) % ft.save_every == 0 or last):
             checkpointer.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                "scaler": scaler.state_dict(), "epoch": epoch,
                                "args": {"history": history}})  # fmt: skip
+    if live is not None:
+        live.close()
+    if rt.is_main and val_pred is None:  # resumed after its last epoch: validate the model it restored
+        val_top1, val_pred = validate_model(model, data, val_ids, rt.device)
     model.eval()
     return TrainResult(model, args, history, val_top1, time.perf_counter() - t0, val_pred)
 
@@ -296,24 +305,24 @@ def run_fingerprint(cfg: Config, ft: FinetuneConfig, data: PreparedData, init: s
 def summary(result: TrainResult, world_size: int = 1) -> dict[str, Any]:
     """What a stage reports of a saved model (the model itself stays in the file)."""
     return {"val_top1": result.val_top1, "train_time_s": result.train_time_s, "history": result.history,
-            "world_size": world_size}  # fmt: skip
+            "world_size": world_size, "val_pred": result.val_pred}  # fmt: skip
 
 
 def train_saved(
     cfg: Config, ft: FinetuneConfig, *, init: str, epochs: int, dest: Path, checkpoint: Path | None = None,
-    resume: bool = False, desc: str = "finetune",
+    resume: bool = False, desc: str = "finetune", tracked: Path | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Fine-tune in ``ft.nproc_per_node`` processes (DDP; ``auto``: one per visible GPU)
     and save the model to ``dest``; resumable from ``checkpoint`` (``resume`` insists);
-    returns rank 0's ``summary``."""
+    DVCLive under ``tracked``/live; returns rank 0's ``summary``."""
     nproc = launch.resolve_nproc(ft.nproc_per_node, ft.device, "finetune.nproc_per_node")
     resumable = checkpoint is not None and (resume or ft.auto_resume)
-    return launch.run_ranks(_train_rank, (cfg, ft, init, epochs, dest, checkpoint, resume, desc), nproc, resumable,
-                            desc)  # fmt: skip
+    return launch.run_ranks(_train_rank, (cfg, ft, init, epochs, dest, checkpoint, resume, desc, tracked), nproc,
+                            resumable, desc)  # fmt: skip
 
 
 def _train_rank(cfg: Config, ft: FinetuneConfig, init: str, epochs: int, dest: Path, checkpoint: Path | None,
-                resume: bool, desc: str) -> dict[str, Any]:  # fmt: skip
+                resume: bool, desc: str, tracked: Path | None) -> dict[str, Any]:  # fmt: skip
     rt = runtime.setup(ft.device, ft.amp)
     try:
         data = PreparedData(cfg.data.out_dir, hide_test=True)
@@ -322,7 +331,8 @@ def _train_rank(cfg: Config, ft: FinetuneConfig, init: str, epochs: int, dest: P
             checkpointer = Checkpointer(checkpoint, run_fingerprint(cfg, ft, data, init, epochs, rt.world_size))
             if resume:
                 checkpointer.load(required=True)
-        result = train_finetune(cfg, ft, data, rt, init=init, epochs=epochs, checkpointer=checkpointer, desc=desc)
+        result = train_finetune(cfg, ft, data, rt, init=init, epochs=epochs, checkpointer=checkpointer, desc=desc,
+                                tracked=tracked)  # fmt: skip
         if not rt.is_main:
             return {}
         save_result(result, dest)

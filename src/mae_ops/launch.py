@@ -92,7 +92,8 @@ def run_ranks(fn: Callable[..., Any], args: tuple, nproc: int, resumable: bool, 
             break
         except ChildFailedError as exc:
             first = next(iter(exc.failures.values()), None)
-            why = first.message if first else str(exc)
+            msg = first.message if first else str(exc)  # torch gives the rank's error file as a dict
+            why = str(msg.get("message", msg)) if isinstance(msg, dict) else str(msg)
             if attempt == max_restarts:
                 raise RuntimeError(f"{name}: a rank failed {attempt + 1} time(s); the last failure:\n{why}") from exc
             log.warning("%s: a rank failed (%s); starting the %d processes again (%d of %d), from the last "

@@ -55,6 +55,15 @@ def scores(
     std: torch.Tensor, autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> dict[str, float]:  # fmt: skip
     """Validation top-1 of a k-NN and of a linear probe on the encoder's features now."""
+    return predict(model, data, ids, mean, std, autocast)[0]
+
+
+def predict(
+    model: MaskedAutoencoderViT, data: PreparedData, ids: tuple[np.ndarray, np.ndarray], mean: torch.Tensor,
+    std: torch.Tensor, autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:  # fmt: skip
+    """The scores, and each validation image's class under each ("knn", "probe"): the study
+    pairs two settings image by image."""
     train, val = ids
     was_training = model.training
     model.eval()
@@ -64,5 +73,5 @@ def scores(
     knn = KNeighborsClassifier(min(KNN_K, len(x)), metric="cosine").fit(unit_rows(x), y)
     scaler = StandardScaler().fit(x)
     probe = LogisticRegression(C=1.0, max_iter=1000).fit(scaler.transform(x), y)
-    return {"knn_val_top1": round(float((knn.predict(unit_rows(xv)) == yv).mean()), 5),
-            "probe_val_top1": round(float((probe.predict(scaler.transform(xv)) == yv).mean()), 5)}  # fmt: skip
+    pred = {"knn": knn.predict(unit_rows(xv)), "probe": probe.predict(scaler.transform(xv))}
+    return {f"{name}_val_top1": round(float((p == yv).mean()), 5) for name, p in pred.items()}, pred

@@ -10,9 +10,13 @@ import logging
 import subprocess
 from pathlib import Path
 
+import numpy as np
+
 from mae_ops.atomic import write_text
 from mae_ops.errors import UserError
 
+MONITOR_PREDICTIONS = "monitor_predictions.csv"  # in pretrain.reports_dir: the final monitor's classes
+VAL_PREDICTIONS = "val_predictions.csv"  # in finetune.reports_dir: the fine-tuned model's classes
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -33,6 +37,25 @@ def write_history(history: list[dict], dest: str | Path) -> None:
     writer.writeheader()
     writer.writerows(history)
     write_text(dest, buf.getvalue())
+
+
+def write_predictions(dest: str | Path, ids: np.ndarray, labels: np.ndarray, preds: dict[str, np.ndarray]) -> None:
+    """Each validation image's class under each model (columns id, label, then one per
+    model): the study pairs two runs image by image, far finer than two accuracies."""
+    table = {"id": ids, "label": labels, **preds}
+    buf = io.StringIO()
+    buf.write(",".join(table) + "\n")
+    for row in zip(*table.values(), strict=True):
+        buf.write(",".join(str(int(v)) for v in row) + "\n")
+    write_text(dest, buf.getvalue())
+
+
+def read_predictions(text: str) -> dict[str, np.ndarray]:
+    """The columns of a ``write_predictions`` table, as int64 arrays."""
+    header, *rows = text.strip().splitlines()
+    names = header.split(",")
+    values = np.array([r.split(",") for r in rows], dtype=np.int64).reshape(len(rows), len(names))
+    return {name: values[:, i] for i, name in enumerate(names)}
 
 
 def file_sha256(path: str | Path) -> str:

@@ -1,13 +1,24 @@
-"""The pre-training study's settings and its report: which runs a sweep needs, and the
-table, the paired direction checks and the PNG plots made from their probe scores (no
-training here: flows/study.py runs the stages)."""
+"""The pre-training study: its settings as DVC experiments of the pipeline, read back from
+`dvc exp show --json`, and the report made of them: the table, the paired direction
+checks and the PNG plots (the queue runs the stages; flows/study.py orchestrates).
+
+Each setting (one swept key changed, one seed) is one experiment, `study-<key>-<value>-s<seed>`,
+queued with `dvc exp run --queue -S ...` up to `finetune` (or `pretrain` alone when
+study.finetune_epochs is 0) and run by DVC's queue: its scores are the pipeline's own metrics
+(the pre-training monitor's k-NN and linear probe at the last epoch, the short fine-tune's
+validation top-1), its per-image predictions the stages' CSV files. DVC's run cache decides
+what must run again; `dvc exp apply NAME` brings a setting into the workspace.
+"""
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import math
+import re
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,59 +27,209 @@ from scipy.stats import binomtest
 from scipy.stats import t as t_dist
 
 from mae_ops.atomic import write_json, write_text
-from mae_ops.config import Config, apply_overrides, semantic_params, validate
-from mae_ops.models.presets import preset_config
+from mae_ops.config import Config, apply_overrides, validate
+from mae_ops.errors import UserError
 from mae_ops.plots import sweep_plot
-from mae_ops.reporting import weights_sha256
+from mae_ops.reporting import MONITOR_PREDICTIONS, VAL_PREDICTIONS, read_predictions, write_predictions
 
 SCORES = ("knn_top1", "linprobe_top1", "finetune_top1")
-NOT_PROBE_KEYS = ("sweeps", "seeds", "models_dir", "reports_dir")  # the study's keys that change no score
+NOT_COMPARED = ("study",)  # params sections that change no experiment's result
 
 
-def _hash(payload: Any) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+@dataclass(frozen=True)
+class Setting:
+    """One experiment of the study: a swept key's value, under one seed."""
+
+    key: str
+    value: Any
+    seed: int
+    name: str  # the experiment's name
+    sets: tuple[str, ...]  # its `dvc exp run -S` overrides
+    target: str  # the last stage it runs
 
 
-def settings(cfg: Config, data_hash: str) -> list[dict[str, Any]]:
-    """One entry per swept (key, value) and seed: its config, with the pre-training folders
-    keyed by what pre-training computes (the same setting in two sweeps, e.g. the base,
-    pre-trains once) and the probe's file keyed by what the probe computes too (changed
-    fine-tuning params score the same encoders again)."""
-    raw = cfg.model_dump(mode="json")
+def _yaml(value: Any) -> str:
+    return "null" if value is None else json.dumps(value)
+
+
+def settings(cfg: Config) -> list[Setting]:
+    """One experiment per swept (key, value) and seed, on top of params.yaml: the seed of
+    both stages, the value, and the study's short fine-tune (no search, study.finetune_epochs
+    with its warm-up scaled); the monitor scores the last epoch at least."""
+    target = "finetune" if cfg.study.finetune_epochs > 0 else "pretrain"
     out = []
     for key, values in cfg.study.sweeps.items():
         for value in values:
             for seed in cfg.study.seeds:
-                sets = [f"pretrain.seed={seed}", f"finetune.seed={seed}", f"{key}={json.dumps(value)}"]
-                one = validate(apply_overrides(raw, sets))
-                depth = one.model.decoder_depth or preset_config(one.model.preset)["decoder_depth"]
-                run = _hash({"model": {**one.model.model_dump(mode="json"), "decoder_depth": depth},  # as built
-                             "data": data_hash, "pretrain": semantic_params(one.pretrain),
-                             **({"init": weights_sha256(one.pretrain.init, "pretrain.init")}
-                                if one.pretrain.init else {})})  # fmt: skip
-                scored = _hash({"run": run, "finetune": semantic_params(one.finetune),
-                                "study": one.study.model_dump(mode="json", exclude=set(NOT_PROBE_KEYS))})  # fmt: skip
-                models, reports = Path(cfg.study.models_dir) / run, Path(cfg.study.reports_dir) / "runs" / run
-                where = {"out_dir": str(models), "checkpoint_dir": str(models / "checkpoints"),
-                         "reports_dir": str(reports)}  # fmt: skip
-                one = one.model_copy(update={"pretrain": one.pretrain.model_copy(update=where)})
-                out.append({"key": key, "value": value, "seed": seed, "run": run, "config": one,
-                            "probe": reports / f"probe-{scored}.json"})  # fmt: skip
+                sets = [f"pretrain.seed={seed}", f"finetune.seed={seed}", f"{key}={_yaml(value)}"]
+                epochs = validate(apply_overrides(cfg.model_dump(mode="json"), sets)).pretrain.epochs
+                if not cfg.pretrain.monitor_every:
+                    sets.append(f"pretrain.monitor_every={epochs}")  # the last epoch only
+                if target == "finetune":
+                    sets += ["hpo.enabled=false", "finetune.mode=finetune",
+                             f"finetune.epochs={cfg.study.finetune_epochs}",
+                             f"finetune.warmup_epochs={warmup_epochs(cfg)}"]  # fmt: skip
+                name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"study-{key}-{label(key, value)}-s{seed}").replace("..", ".")
+                out.append(Setting(key, value, seed, name, tuple(sets), target))
     return out
+
+
+def warmup_epochs(cfg: Config) -> float:
+    """The short fine-tune's warm-up: study.finetune_warmup_epochs, or the full
+    fine-tune's share of its epochs (5 of 80 gives 0.94 of 15), so a 10-epoch probe
+    does not spend half of itself warming up."""
+    if cfg.study.finetune_warmup_epochs is not None:
+        return cfg.study.finetune_warmup_epochs
+    share = cfg.finetune.warmup_epochs / max(cfg.finetune.epochs, 1)
+    return round(min(share, 1.0) * cfg.study.finetune_epochs, 3)
+
+
+# ------------------------------------------------------------ DVC experiments
+def dvc(repo: Path, *args: str, env: dict[str, str] | None = None) -> str:
+    """A `dvc` command in ``repo``; its stdout, or a UserError with its last lines."""
+    from mae_ops.orchestration import dvc_executable, tool_env
+
+    proc = subprocess.run([dvc_executable(), *args], cwd=repo, env=env or tool_env(), capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
+        raise UserError(f"`dvc {' '.join(args[:3])} ...` failed in {repo}:\n{tail}")
+    return proc.stdout
+
+
+def experiments(repo: Path) -> dict[str, dict]:
+    """The experiments of the checked-out commit, by name (`dvc exp show --json`): state,
+    rev, params, metrics."""
+    out = {}
+    for baseline in json.loads(dvc(repo, "exp", "show", "--json", "--no-pager") or "[]"):
+        for exp in baseline.get("experiments") or []:
+            rev = exp["revs"][0]
+            data = rev.get("data") or {}
+            out[exp.get("name") or rev.get("name")] = {
+                "state": (exp.get("executor") or {}).get("state", "success"),
+                "log": ((exp.get("executor") or {}).get("local") or {}).get("log"),
+                "rev": rev["rev"],
+                "params": ((data.get("params") or {}).get("params.yaml") or {}).get("data", {}),
+                "metrics": {path: m.get("data", {}) for path, m in (data.get("metrics") or {}).items()},
+            }
+    return out
+
+
+def _compared(params: dict) -> dict:
+    return {k: v for k, v in params.items() if k not in NOT_COMPARED}
+
+
+def wanted_params(repo: Path, setting: Setting) -> dict:
+    """The params.yaml an experiment of ``setting`` runs with."""
+    import yaml
+
+    raw = yaml.safe_load((repo / "params.yaml").read_text()) or {}
+    return json.loads(json.dumps(apply_overrides(raw, list(setting.sets))))
+
+
+def to_run(repo: Path, runs: list[Setting], known: dict[str, dict]) -> list[Setting]:
+    """The settings without a successful experiment of the same params on this commit."""
+    todo = []
+    for s in runs:
+        exp = known.get(s.name)
+        if exp and exp["state"] == "success" and _compared(exp["params"]) == _compared(wanted_params(repo, s)):
+            continue
+        todo.append(s)
+    return todo
+
+
+def queue(repo: Path, s: Setting, known: dict[str, dict]) -> None:
+    """`dvc exp run --queue`, after removing an experiment of the same name (other params, or failed)."""
+    if s.name in known:
+        dvc(repo, "exp", "remove", s.name)
+    dvc(
+        repo,
+        "exp",
+        "run",
+        "--queue",
+        "--name",
+        s.name,
+        *[a for item in s.sets for a in ("-S", f"++{item}")],
+        s.target,
+    )  # ++: set the key whether params.yaml lists it or leaves it to the schema's default
+
+
+def run_queue(repo: Path, log: Callable[[str], None]) -> None:
+    """`dvc exp run --run-all`: DVC's queue runs every queued experiment, one at a time
+    (each uses every core); its log streams into ``log``."""
+    from mae_ops.orchestration import dvc_executable, tool_env
+
+    proc = subprocess.Popen([dvc_executable(), "exp", "run", "--run-all", "--jobs", "1"], cwd=repo, env=tool_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)  # fmt: skip
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.strip():
+            log(line.rstrip())
+    proc.wait()
+
+
+def sources(cfg: Config) -> dict[str, tuple[str, str, str, str]]:
+    """Where each score lives in an experiment (paths as dvc.yaml names them, in the stages'
+    reports_dir): (metrics file, key, predictions table, column)."""
+    pre, ft = Path(cfg.pretrain.reports_dir), Path(cfg.finetune.reports_dir)
+    pre_metrics, monitor = (pre / "metrics.json").as_posix(), (pre / MONITOR_PREDICTIONS).as_posix()
+    return {"knn_top1": (pre_metrics, "knn_val_top1", monitor, "knn"),
+            "linprobe_top1": (pre_metrics, "probe_val_top1", monitor, "probe"),
+            "finetune_top1": ((ft / "metrics.json").as_posix(), "val_top1", (ft / VAL_PREDICTIONS).as_posix(),
+                              "pred")}  # fmt: skip
+
+
+def rows(repo: Path, cfg: Config, runs: list[Setting], dest: Path) -> list[dict]:
+    """One row per setting from its experiment: the scores, and its predictions gathered
+    into ``dest``/<name>.csv; a setting whose experiment failed is a UserError naming it."""
+    known = experiments(repo)
+    where = sources(cfg)
+    failed = [s.name for s in runs if known.get(s.name, {}).get("state") != "success"]
+    if failed:
+        first = known.get(failed[0], {}).get("log")
+        tail = Path(first).read_text().strip().splitlines()[-6:] if first and Path(first).exists() else []
+        raise UserError(f"{len(failed)} experiment(s) of the study failed: {', '.join(failed)} "
+                        f"(`dvc queue logs {failed[0]}`)" + ("\n" + "\n".join(tail) if tail else ""))  # fmt: skip
+    out = []
+    for s in runs:
+        exp = known[s.name]
+        pre = exp["metrics"].get(where["knn_top1"][0], {})
+        row = {"key": s.key, "value": s.value, "seed": s.seed, "run": s.name, "rev": exp["rev"],
+               "final_loss": pre.get("final_loss"), "pretrain_s": pre.get("train_time_s")}  # fmt: skip
+        preds: dict[str, np.ndarray] = {}
+        for score, (metrics, key, table, column) in where.items():
+            value = exp["metrics"].get(metrics, {}).get(key)
+            if value is None or (score == "finetune_top1" and s.target != "finetune"):
+                continue
+            row[score] = value
+            read = read_predictions(_read(repo, table, exp["rev"]))
+            preds.setdefault("id", read["id"])
+            preds.setdefault("label", read["label"])
+            preds[score.removesuffix("_top1")] = read[column]
+        row["num_val"] = len(preds.get("id", []))
+        row["predictions"] = str(dest / f"{s.name}.csv")
+        write_predictions(row["predictions"], preds.pop("id"), preds.pop("label"), preds)
+        out.append(row)
+    return out
+
+
+def _read(repo: Path, path: str, rev: str) -> str:
+    import dvc.api
+
+    return dvc.api.read(path, repo=str(repo), rev=rev)
 
 
 # -------------------------------------------------------------- paired checks
 def _correct(row: dict, score: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """(validation ids, 1 where the score's prediction is right) of one probe, or None
+    """(validation ids, 1 where the score's prediction is right) of one run, or None
     when its predictions were not kept."""
     path = Path(row.get("predictions") or "")
     name = score.removesuffix("_top1")
     if not path.is_file():
         return None
-    with np.load(path, allow_pickle=False) as z:
-        if name not in z.files:
-            return None
-        return z["val_ids"], (z[name] == z["labels"]).astype(np.int8)
+    table = read_predictions(path.read_text())
+    if name not in table:
+        return None
+    return table["id"], (table[name] == table["label"]).astype(np.int8)
 
 
 def _mcnemar(a: np.ndarray, b: np.ndarray) -> dict:
@@ -260,7 +421,7 @@ def report(rows: list[dict], cfg: Config, dest: Path) -> dict:
     """results.csv (one row per setting and seed), results.json, summary.md and one PNG
     per swept key into ``dest``."""
     dest.mkdir(parents=True, exist_ok=True)
-    fields = ["key", "value", "seed", "run", *SCORES, "num_val", "final_loss", "pretrain_s", "probe_s"]
+    fields = ["key", "value", "seed", "run", "rev", *SCORES, "num_val", "final_loss", "pretrain_s"]
     with open(dest / "results.csv.tmp", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fields, extrasaction="ignore")
         writer.writeheader()
@@ -274,8 +435,10 @@ def report(rows: list[dict], cfg: Config, dest: Path) -> dict:
         "# Pre-training study",
         "",
         f"Data: `{cfg.data.source}` ({cfg.data.img_size} px), model `{cfg.model.preset}`. Each setting changes "
-        f"one key from the params; each is scored on the validation split: k-NN on the frozen features "
-        f"(k = {cfg.study.knn_k}), the linear probe, a {cfg.study.finetune_epochs}-epoch fine-tune. "
+        f"one key from the params and is one DVC experiment (`run` below: `dvc exp show`, `dvc exp apply`); each "
+        f"is scored on the validation split: the pre-training monitor's k-NN and linear probe on the final "
+        f"encoder's features"
+        + (f", a {cfg.study.finetune_epochs}-epoch fine-tune. " if cfg.study.finetune_epochs else ". ")
         + (f"Each setting ran with seeds {seeds}: mean ± standard deviation over them." if len(seeds) > 1 else ""),
         "",
     ]

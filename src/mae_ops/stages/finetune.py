@@ -10,6 +10,8 @@ Outputs:
   models/finetune/model.pth       {'model', 'args'} (see models/classifier.py)
   reports/finetune/metrics.json   validation accuracy, time, what was tuned
   reports/finetune/history.csv, learning_curve.png
+  reports/finetune/live/          the same per epoch while it trains (DVCLive: dvc exp show, dvc plots)
+  reports/finetune/val_predictions.csv  the model's class of each validation image (the study pairs them)
   reports/hpo/...                 the search's reports (a note when the search is off)
 """
 
@@ -23,9 +25,10 @@ from mae_ops import hpo, runtime
 from mae_ops.atomic import write_json
 from mae_ops.config import Config, FinetuneConfig
 from mae_ops.data import PreparedData
-from mae_ops.finetuning import TrainResult, save_result, summary, train_linprobe, train_saved
+from mae_ops.finetuning import TrainResult, save_result, summary, train_linprobe, train_saved, validate_model
 from mae_ops.plots import learning_curve
-from mae_ops.reporting import write_history
+from mae_ops.reporting import VAL_PREDICTIONS, write_history, write_predictions
+from mae_ops.tracking import EpochLog
 
 log = logging.getLogger(__name__)
 
@@ -57,24 +60,30 @@ def search(cfg: Config) -> tuple[FinetuneConfig, dict[str, Any], dict[str, Any],
 def run(cfg: Config, resume: bool = False) -> dict:
     ft, tuned, hpo_summary, kept = search(cfg)
     out, reports = Path(ft.out_dir), Path(ft.reports_dir)
+    data = PreparedData(cfg.data.out_dir, hide_test=True)
     if ft.mode == "linprobe" or kept is not None:  # seconds of work, or none: here, in one process
-        if kept is None:
-            rt = runtime.setup(ft.device, ft.amp)
-            try:
-                kept = train_linprobe(cfg, ft, PreparedData(cfg.data.out_dir, hide_test=True), rt, init=ft.init)
-            finally:
-                runtime.teardown()
+        rt = runtime.setup(ft.device, ft.amp)
+        try:
+            if kept is None:
+                kept = train_linprobe(cfg, ft, data, rt, init=ft.init)
+            if kept.val_pred is None:  # the best trial's model, read back
+                kept.val_pred = validate_model(kept.model.to(rt.device), data, data.indices("val"), rt.device)[1]
+        finally:
+            runtime.teardown()
         save_result(kept, out / "model.pth")
         result = summary(kept)
-    else:  # in finetune.nproc_per_node processes; rank 0 saves the model
+        EpochLog(reports, result["history"]).close()  # DVCLive's files, as the trained run would write them
+    else:  # in finetune.nproc_per_node processes; rank 0 saves the model and logs each epoch with DVCLive
         result = train_saved(cfg, ft, init=ft.init, epochs=ft.epochs, dest=out / "model.pth",
-                             checkpoint=Path(ft.checkpoint_dir) / "last.pth", resume=resume)  # fmt: skip
+                             checkpoint=Path(ft.checkpoint_dir) / "last.pth", resume=resume,
+                             tracked=reports)  # fmt: skip
 
     history = result["history"]
     write_history(history, reports / "history.csv")
+    val = data.indices("val")
+    write_predictions(reports / VAL_PREDICTIONS, val, data.labels[val], {"pred": result["val_pred"]})
     keys = [k for k in ("train_loss", "val_top1") if k in history[0]]
     learning_curve(history, keys, reports / "learning_curve.png", title=f"{ft.mode} ({ft.init})")
-    data = PreparedData(cfg.data.out_dir, hide_test=True)
     metrics = {
         "mode": ft.mode,
         "init": ft.init,

@@ -20,7 +20,9 @@ Outputs:
   models/pretrain/mae.pth        {'model', 'epoch', 'args'}: the whole MAE
   models/pretrain/encoder.pth    {'model'}: encoder only, loads strictly into timm's ViT
   reports/pretrain/metrics.json  final loss, throughput, time
-  reports/pretrain/history.csv   per-epoch loss / lr / images/s (DVC plots)
+  reports/pretrain/history.csv   per-epoch loss / lr / images/s / monitor scores (DVC plots)
+  reports/pretrain/live/         the same, epoch by epoch while it runs (DVCLive: dvc exp show, plots)
+  reports/pretrain/monitor_predictions.csv  the final monitor's class of each validation image
   reports/pretrain/loss.png, reconstruction.png
 Resumable checkpoints (official layout {'model','optimizer','epoch','scaler','args'})
 go to checkpoints/pretrain/last.pth every `save_every` epochs.
@@ -57,7 +59,8 @@ from mae_ops.pretraining import (
     use_fp8,
     use_windows,
 )
-from mae_ops.reporting import weights_sha256, write_history
+from mae_ops.reporting import MONITOR_PREDICTIONS, weights_sha256, write_history, write_predictions
+from mae_ops.tracking import EpochLog
 from mae_ops.training import Checkpointer, ResumeError, cosine_schedule, fingerprint
 
 log = logging.getLogger(__name__)
@@ -219,6 +222,8 @@ def _train(cfg: Config, rt: runtime.Runtime, resume: bool) -> dict:
 
     mean, std = (torch.tensor(v, device=rt.device) for v in (data.mean, data.std))  # made once: no copy per step
     monitored = monitor.monitor_ids(data) if p.monitor_every else None
+    monitor_pred: dict[str, np.ndarray] | None = None  # the last scored epoch's, for the study's paired checks
+    live = EpochLog(p.reports_dir, history) if rt.is_main else None  # DVCLive: dvc exp show / plots, live
     if p.monitor_every and monitored is None and rt.is_main:
         log.info("pretrain.monitor_every: no labelled training images or no validation split, nothing to score")
     num_patches = model.patch_embed.num_patches
@@ -251,9 +256,12 @@ def _train(cfg: Config, rt: runtime.Runtime, resume: bool) -> dict:
         }
         if rt.is_main and monitored is not None and (epoch + 1 == p.epochs or (epoch + 1) % p.monitor_every == 0):
             t_monitor = time.perf_counter()
-            record.update(monitor.scores(model, data, monitored, mean, std, rt.autocast))
+            seen, monitor_pred = monitor.predict(model, data, monitored, mean, std, rt.autocast)
+            record.update(seen)
             record["monitor_s"] = round(time.perf_counter() - t_monitor, 2)
         history.append(record)
+        if live is not None:
+            live.log(record)
         if rt.is_main:
             epochs_bar.set_postfix(loss=f"{mean_loss:.4f}")
             seen_by = "".join(f", {k.split('_')[0]} {record[k]:.2%}" for k in MONITOR_KEYS if k in record)
@@ -263,10 +271,25 @@ def _train(cfg: Config, rt: runtime.Runtime, resume: bool) -> dict:
                 checkpoint(epoch)
     train_time = time.perf_counter() - t_start
 
-    if not rt.is_main:
+    if live is None:
         return {}
+    live.close()
+    if monitored is not None and monitor_pred is None:  # resumed after the last epoch: score it again
+        monitor_pred = monitor.predict(model, data, monitored, mean, std, rt.autocast)[1]
+    _write_monitor_predictions(data, monitored, monitor_pred, Path(p.reports_dir) / MONITOR_PREDICTIONS)
     return _write_outputs(cfg, model, data, history, run_id, train_time, start_epoch, len(ids), eff_batch, lr,
                           init_sha, rt.world_size)  # fmt: skip
+
+
+def _write_monitor_predictions(
+    data: PreparedData, monitored: tuple[np.ndarray, np.ndarray] | None, pred: dict[str, np.ndarray] | None,
+    dest: Path,
+) -> None:  # fmt: skip
+    """The final encoder's k-NN and probe class of each validation image (a header alone
+    when the monitor is off): what `mae-ops study` pairs between two settings."""
+    val = monitored[1] if monitored is not None and pred is not None else np.zeros(0, np.int64)
+    pred = pred if monitored is not None and pred is not None else {"knn": val, "probe": val}
+    write_predictions(dest, val, data.labels[val], pred)
 
 
 def _write_outputs(

@@ -10,8 +10,8 @@ Besides the JSON, each validation image's predicted class under every score goes
 ``<out>.predictions.npz`` (numpy arrays only): the study pairs two settings image by
 image, which separates far smaller gaps than two independent accuracies.
 
-`mae-ops study` runs it after each pre-training setting; it runs on its own too
-(`mae-ops probe --encoder models/pretrain/encoder.pth`).
+It scores any encoder on its own (`mae-ops probe --encoder models/pretrain/encoder.pth`), with
+the study's fine-tuning budget; the study itself reads the pipeline's monitor and fine-tune.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from mae_ops.classical import knn_proba, mae_features
 from mae_ops.config import Config, InputError
 from mae_ops.data import PreparedData
 from mae_ops.finetuning import train_finetune, train_linprobe
+from mae_ops.study import warmup_epochs
 
 log = logging.getLogger(__name__)
 
@@ -71,16 +72,6 @@ def _probe(cfg: Config, encoder: Path, out: Path, rt: runtime.Runtime) -> dict:
     write_json(out, result)
     log.info("probe %s: %s", encoder, {k: v for k, v in result.items() if k.endswith("top1")})
     return result
-
-
-def warmup_epochs(cfg: Config) -> float:
-    """The short fine-tune's warm-up: study.finetune_warmup_epochs, or the full
-    fine-tune's share of its epochs (5 of 80 gives 0.94 of 15), so a 10-epoch probe
-    does not spend half of itself warming up."""
-    if cfg.study.finetune_warmup_epochs is not None:
-        return cfg.study.finetune_warmup_epochs
-    share = cfg.finetune.warmup_epochs / max(cfg.finetune.epochs, 1)
-    return round(min(share, 1.0) * cfg.study.finetune_epochs, 3)
 
 
 def predictions_file(out: Path) -> Path:

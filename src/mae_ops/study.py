@@ -205,9 +205,10 @@ def rows(repo: Path, cfg: Config, runs: list[Setting], dest: Path) -> list[dict]
             preds.setdefault("id", read["id"])
             preds.setdefault("label", read["label"])
             preds[score.removesuffix("_top1")] = read[column]
-        row["num_val"] = len(preds.get("id", []))
-        row["predictions"] = str(dest / f"{s.name}.csv")
-        write_predictions(row["predictions"], preds.pop("id"), preds.pop("label"), preds)
+        none = np.zeros(0, np.int64)  # no score: the monitor found no labelled images or no validation split
+        ids, labels = preds.pop("id", none), preds.pop("label", none)
+        row["num_val"], row["predictions"] = len(ids), str(dest / f"{s.name}.csv")
+        write_predictions(row["predictions"], ids, labels, preds)
         out.append(row)
     return out
 

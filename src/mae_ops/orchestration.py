@@ -130,6 +130,21 @@ def stage_status(repo: Path, stage: str) -> list:
     return [change for changes in status.values() for change in changes]
 
 
+def stream(cmd: list[str], repo: Path, log: Callable[[str], None], env: dict[str, str]) -> tuple[int, list[str]]:
+    """Run ``cmd`` in ``repo``, each line of its output (secrets redacted) into ``log`` as it
+    comes; its exit code and its last 40 lines."""
+    proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            bufsize=1)  # fmt: skip
+    tail: list[str] = []
+    assert proc.stdout is not None
+    for raw in proc.stdout:
+        line = redact(raw.rstrip())
+        if line:
+            log(line)
+            tail = [*tail[-39:], line]
+    return proc.wait(), tail
+
+
 def run_dvc_stage(stage: str, repo: Path, log: Callable[[str], None], force: bool = False) -> StageResult:
     """`dvc repro --single-item STAGE`: DVC decides whether it is up to date (asked
     before), and afterwards must find the stage up to date (outputs in its cache),
@@ -140,16 +155,7 @@ def run_dvc_stage(stage: str, repo: Path, log: Callable[[str], None], force: boo
     error_file = repo / ".dvc" / "tmp" / f"mae-ops-{stage}-{os.getpid()}.error"
     error_file.parent.mkdir(parents=True, exist_ok=True)
     error_file.unlink(missing_ok=True)
-    proc = subprocess.Popen(cmd, cwd=repo, env=tool_env(error_file, force), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, bufsize=1)  # fmt: skip
-    tail: list[str] = []
-    assert proc.stdout is not None
-    for raw in proc.stdout:
-        line = redact(raw.rstrip())
-        if line:
-            log(line)
-            tail = [*tail[-39:], line]
-    code = proc.wait()
+    code, tail = stream(cmd, repo, log, tool_env(error_file, force))
     user_error = error_file.read_text().strip() if error_file.exists() else ""
     error_file.unlink(missing_ok=True)
     if code != 0:

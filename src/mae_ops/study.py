@@ -27,8 +27,9 @@ from scipy.stats import binomtest
 from scipy.stats import t as t_dist
 
 from mae_ops.atomic import write_json, write_text
-from mae_ops.config import Config, apply_overrides, validate
+from mae_ops.config import Config, apply_overrides, redact, validate
 from mae_ops.errors import UserError
+from mae_ops.orchestration import dvc_executable, stream, tool_env
 from mae_ops.plots import sweep_plot
 from mae_ops.reporting import MONITOR_PREDICTIONS, VAL_PREDICTIONS, read_predictions, write_predictions
 
@@ -87,11 +88,9 @@ def warmup_epochs(cfg: Config) -> float:
 # ------------------------------------------------------------ DVC experiments
 def dvc(repo: Path, *args: str, env: dict[str, str] | None = None) -> str:
     """A `dvc` command in ``repo``; its stdout, or a UserError with its last lines."""
-    from mae_ops.orchestration import dvc_executable, tool_env
-
     proc = subprocess.run([dvc_executable(), *args], cwd=repo, env=env or tool_env(), capture_output=True, text=True)
     if proc.returncode != 0:
-        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
+        tail = redact("\n".join((proc.stderr or proc.stdout).strip().splitlines()[-8:]))
         raise UserError(f"`dvc {' '.join(args[:3])} ...` failed in {repo}:\n{tail}")
     return proc.stdout
 
@@ -155,16 +154,9 @@ def queue(repo: Path, s: Setting, known: dict[str, dict]) -> None:
 
 def run_queue(repo: Path, log: Callable[[str], None]) -> None:
     """`dvc exp run --run-all`: DVC's queue runs every queued experiment, one at a time
-    (each uses every core); its log streams into ``log``."""
-    from mae_ops.orchestration import dvc_executable, tool_env
-
-    proc = subprocess.Popen([dvc_executable(), "exp", "run", "--run-all", "--jobs", "1"], cwd=repo, env=tool_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)  # fmt: skip
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if line.strip():
-            log(line.rstrip())
-    proc.wait()
+    (each uses every core); its log streams into ``log`` (a failed experiment is told by
+    ``rows``, from DVC's record of it)."""
+    stream([dvc_executable(), "exp", "run", "--run-all", "--jobs", "1"], repo, log, tool_env())
 
 
 def sources(cfg: Config) -> dict[str, tuple[str, str, str, str]]:

@@ -312,6 +312,24 @@ def gpu_honest(root: Path) -> str:
 
 
 @block
+def peer_rehearsal(root: Path) -> str:
+    """The peers and ours on the same weights, batches and masks (a CPU run of the benchmark)."""
+    data = _json(root, f"{RESULTS}/cpu-pretrain-peers.json")
+    (run,) = data["runs"]
+    gaps = {k: v for k, v in run["curve_gaps"].items() if v is not None}
+    worst = max(gaps.values())
+    official = data["peers"]["official"]
+    return (
+        f"Rehearsed on this project's 2-core CPU (fp32, `{run['preset']}` at {run['img_size']} px RGB, "
+        f"`{RESULTS}/cpu-pretrain-peers.json`): {len(gaps)} ways to run the step ({', '.join(sorted(gaps))}) "
+        f"trained {len(run['results'][0]['loss_curve'])} steps from the same weights on the same batches and "
+        f"masks, and every curve's largest gap to the official code's (facebookresearch/mae at "
+        f"`{official['commit'][:7]}`) is {worst:.2g}: the peers run the same function as ours, so their speeds "
+        f"compare like for like. (A CPU says nothing of GPU speed.)\n"
+    )
+
+
+@block
 def loader_throughput(root: Path) -> str:
     """The host loader against the GPU's step rate (benchmarks/loader_throughput.py)."""
     r = _json(root, f"{RESULTS}/cpu-loader-throughput.json")
@@ -476,6 +494,13 @@ def results_index(root: Path) -> str:
                 for k, v in _json(root, f"{RESULTS}/cpu-loader-throughput.json")["to_feed_the_gpu"].items()
                 if isinstance(v, dict)
             ),
+        ),
+        (
+            "`cpu-pretrain-peers.json`",
+            "same",
+            "see its `code`",
+            "the throughput benchmark's peers rehearsed: the official code, its compiled variant and Hugging Face's "
+            "ViTMAE train the same loss curve as ours from the same weights, batches and masks",
         ),
         (
             "`cpu-cifar-recipe-search.json`",

@@ -2,6 +2,7 @@
 one benchmark mode, the top operators by device (or CPU) time as a table and JSON.
 
     python benchmarks/profile_step.py --preset mae_vit_base_patch16 --mode fast --out reports/benchmarks
+    python benchmarks/profile_step.py --preset mae_vit_base_patch16 --mode official_compiled --official-repo ../mae
 
 Uses the benchmark's own step (benchmarks/pretrain_throughput.py), so the
 profile is of exactly what the throughput numbers measure.
@@ -16,6 +17,7 @@ from pathlib import Path
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peers import import_official
 from pretrain_throughput import MODES, StepBench
 
 from mae_ops.atomic import write_json, write_text
@@ -30,10 +32,12 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--official-repo", type=Path, default=None, help="a clone of facebookresearch/mae")
     ap.add_argument("--out", type=Path, default=Path("reports/benchmarks"))
     args = ap.parse_args()
 
-    bench = StepBench.create(args.preset, args.mode, args.batch_size, args.device, args.compile_mode)
+    official = import_official(args.official_repo) if args.official_repo else None
+    bench = StepBench.create(args.preset, args.mode, args.batch_size, args.device, args.compile_mode, official)
     for _ in range(5):  # compile and warm up outside the profile
         bench.train_step(*bench.ready)
     bench.sync()

@@ -150,6 +150,31 @@ def test_kill_9_in_pretrain_and_in_a_trial_then_the_rerun_completes(tmp_path: Pa
     assert _dvc_clean(repo, *stages)
 
 
+def test_pipeline_params_replaces_params_yaml_once_it_is_valid(tmp_path: Path) -> None:
+    """`mae-ops pipeline --params other.yaml` runs with that file: it becomes params.yaml (DVC's
+    stages read it, dvc.lock records it); a bad one is refused, naming the key, and changes nothing."""
+    repo = _project(tmp_path / "project")
+    before = (repo / "params.yaml").read_text()
+    params = yaml.safe_load(before)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**params, "pretrain": {**params["pretrain"], "mask_ratio": 3}}))
+    _one_clear_line(_cli(["pipeline", "prepare", "--params", str(bad)], repo), "pretrain.mask_ratio")
+    assert (repo / "params.yaml").read_text() == before
+    other = tmp_path / "other.yaml"
+    other.write_text(
+        "# another data set\n" + yaml.safe_dump({**params, "data": {**params["data"], "val_fraction": 0.2}})
+    )
+    proc = _cli(["pipeline", "prepare", "--params", str(other), "--set", "data.seed=3"], repo)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    written = (repo / "params.yaml").read_text()
+    assert written.startswith("# another data set")  # the file itself, comments kept, then --set on top
+    assert yaml.safe_load(written)["data"] == {**params["data"], "val_fraction": 0.2, "seed": 3}
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    assert lock["stages"]["prepare"]["params"]["params.yaml"]["data"]["val_fraction"] == 0.2
+    manifest = json.loads((repo / "data/prepared/manifest.json").read_text())
+    assert manifest["split_definition"]["val_fraction"] == 0.2
+
+
 def test_a_pipeline_that_fails_preflight_changes_nothing(tmp_path: Path) -> None:
     repo = _project(tmp_path / "project")
     assert _cli(["pipeline", "prepare"], repo).returncode == 0

@@ -19,7 +19,7 @@ from optuna.trial import TrialState
 
 from mae_ops import classical, finetuning, hpo, runtime
 from mae_ops.config import Config
-from mae_ops.data import PreparedData
+from mae_ops.data import DeviceBatches, PreparedData, set_epoch
 from mae_ops.models.checkpoint import read_checkpoint
 from mae_ops.models.classifier import build_classifier, load_classifier, load_encoder
 from mae_ops.models.mae import create_mae
@@ -93,6 +93,32 @@ def test_layer_decay_groups_get_the_right_lr_scales(run_root: Path) -> None:
     no_decay = {p for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
     assert model.pos_embed in no_decay and model.blocks[0].norm1.weight in no_decay
     assert model.blocks[0].attn.qkv.weight not in no_decay
+
+
+def test_the_fast_fine_tune_trains_the_same_batches_and_math(run_root: Path) -> None:
+    """finetune.fast: the labelled images resident on the device and the step compiled
+    change where the batches come from and which kernels run, not what is learnt."""
+    cfg = ft_config(run_root)
+    data = PreparedData(cfg.data.out_dir, hide_test=True)
+    ids = data.indices("train", labelled_only=True)
+    resident = finetuning.train_loader(data, ids, 8, _cpu(), resident=True, seed=3)
+    host = finetuning.train_loader(data, ids, 8, _cpu(), resident=False, seed=3)
+    assert isinstance(resident, DeviceBatches) and not isinstance(host, DeviceBatches)
+    for epoch in (0, 1):  # the same images and labels in the same order, every epoch
+        set_epoch(resident, epoch)
+        set_epoch(host, epoch)
+        for (a, la), (b, lb) in zip(resident, host, strict=True):
+            assert torch.equal(a, b) and torch.equal(la, lb)
+    runs = {}
+    for fast in ("off", "on"):
+        ft = cfg.finetune.model_copy(update={"fast": fast, "epochs": 3, "eval_every": 1})
+        runs[fast] = finetuning.train_finetune(cfg, ft, data, _cpu(), init="pretrain", epochs=3)
+    plain, fast = (runs[k].history for k in ("off", "on"))
+    assert [h["epoch"] for h in fast] == [1, 2, 3]
+    for a, b in zip(plain, fast, strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=2e-3)
+        assert abs(b["val_top1"] - a["val_top1"]) <= 0.02
+    assert plain[-1]["train_loss"] < plain[0]["train_loss"]  # it learnt something to compare
 
 
 def test_linprobe_freezes_the_encoder(run_root: Path) -> None:

@@ -326,6 +326,11 @@ def _load_flow(name: str, attr: str):
     return getattr(importlib.import_module(f"flows.{name}"), attr)
 
 
+PIPELINE_PARAMS_HELP = (
+    "run with this params file: it replaces params.yaml (kept for later runs; dvc.lock records it), then --set applies"
+)
+
+
 @app.command()
 def pipeline(
     stages: Annotated[
@@ -335,9 +340,11 @@ def pipeline(
     set_: SetOpt = None,
     force: Annotated[bool, typer.Option(help="re-run the stages even if nothing changed")] = False,
     lock_wait: Annotated[float, typer.Option(help="seconds to wait for another run to finish")] = 0.0,
+    params: Annotated[Path | None, typer.Option("--params", "-p", help=PIPELINE_PARAMS_HELP)] = None,
 ) -> None:
     """Run the pipeline as a Prefect flow over the DVC stages: only what changed runs.
     --set overrides are written into params.yaml, comments kept (and so recorded in dvc.lock)."""
+    from mae_ops.atomic import write_text
     from mae_ops.orchestration import (
         STAGES,
         configure_prefect,
@@ -348,7 +355,12 @@ def pipeline(
     )
 
     root = Path.cwd()
-    cfg, _ = plan_overrides(root, set_ or [])  # bad overrides stop here, before any flow starts
+    own = root / "params.yaml"
+    replace = params is not None and not (own.exists() and params.resolve() == own.resolve())
+    if replace:  # DVC's stages read params.yaml: the file becomes it
+        _config(params, set_)  # a bad file or override stops here, naming the key; params.yaml untouched
+    else:
+        plan_overrides(root, set_ or [])  # bad overrides stop here, before any flow starts
     unknown = sorted(set(stages or []) - set(STAGES))
     if unknown:
         _fail(f"unknown stages {unknown}; stages are {list(STAGES)}")
@@ -357,6 +369,10 @@ def pipeline(
     setup_logging()
     # the lock and the checks come before Prefect starts: a refused run is one line, not a flow traceback
     with pipeline_lock(root, lock_wait):
+        if replace:
+            write_text(own, params.read_text())
+            typer.echo(f"params.yaml now holds {params} (kept for later runs; dvc.lock records it)")
+        cfg, _ = plan_overrides(root, set_ or [])
         preflight(root, cfg, with_upstream(root, stages), set_ or [], force)
         results = flow(repo=".", stages=stages, overrides=set_, force=force, lock_wait_s=lock_wait)
     ran = [r.stage for r in results if r.ran]

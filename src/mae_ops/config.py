@@ -283,6 +283,11 @@ class FinetuneConfig(_Section):
     eval_every: int = Field(5, ge=1, description="validate every N epochs (and at the end)")
     device: DeviceName = "auto"
     amp: Precision = "auto"
+    fast: Switch = Field(
+        "auto",
+        description="labelled images resident on the device (when they fit and randaug is off) and "
+        "torch.compile; auto: on with CUDA (the same batches and math)",
+    )
     nproc_per_node: AutoCount = Field(
         1,
         description="DDP processes of the final fine-tuning and the scratch baseline (trials run one each); "

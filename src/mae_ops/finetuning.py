@@ -28,12 +28,14 @@ from timm.data import Mixup, rand_augment_transform
 from timm.data.random_erasing import RandomErasing
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import Lars, param_groups_layer_decay
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from mae_ops import launch, runtime
 from mae_ops.atomic import save_with
 from mae_ops.config import Config, FinetuneConfig, InputError, semantic_params
 from mae_ops.data import (
+    DeviceBatches,
     PreparedData,
     batch_loader,
     center_view,
@@ -194,9 +196,10 @@ def train_finetune(
         raise InputError(f"{len(train_ids)} labelled training images cannot make a batch for each of "
                          f"{rt.world_size} processes: lower finetune.nproc_per_node")  # fmt: skip
     # every batch is full (drop_last), so every batch is even too
-    loader = batch_loader(data, train_ids, batch, shuffle=True, seed=ft.seed, drop_last=True, rank=rt.rank,
-                          world_size=rt.world_size)  # fmt: skip
+    fast = ft.fast == "on" or (ft.fast == "auto" and rt.device.type == "cuda")
+    loader = train_loader(data, train_ids, batch, rt, resident=fast and not ft.randaug, seed=ft.seed)
     updates_per_epoch = len(loader)
+    mean, std = (torch.tensor(v, device=rt.device) for v in (data.mean, data.std))  # once: no copy per step
 
     lr = ft.base_lr * batch * rt.world_size / 256  # the effective batch
     optimizer = finetune_optimizer(model, ft, lr, fused=rt.device.type == "cuda")
@@ -233,6 +236,8 @@ def train_finetune(
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None
         )
+    if fast:  # the step's many small kernels fused: what small images at large batches are bound by
+        train_model = torch.compile(train_model)
 
     live = EpochLog(tracked, history) if tracked is not None and rt.is_main else None
     eval_every = eval_every or ft.eval_every
@@ -255,7 +260,7 @@ def train_finetune(
             else:  # shift, rotate, zoom, then the evaluation crop
                 x = random_affine(x, ft.translate, ft.rotate, ft.scale, ft.hflip, generator=gen)
                 x = center_view(x, data.img_size, data.crop_pct)
-            x = normalize(x, data.mean, data.std)
+            x = normalize(x, mean, std)
             if eraser is not None:
                 x = eraser(x)
             y = labels.to(rt.device, non_blocking=True)
@@ -294,6 +299,17 @@ def train_finetune(
     return TrainResult(model, args, history, val_top1, time.perf_counter() - t0, val_pred)
 
 
+def train_loader(data: PreparedData, ids: np.ndarray, batch: int, rt: runtime.Runtime, *, resident: bool,
+                 seed: int) -> DataLoader | DeviceBatches:  # fmt: skip
+    """Shuffled full batches of the labelled images, sharded across ranks: served from a
+    copy resident on the device when ``resident`` and they fit (the same batches in the
+    same order), else read from the host memmap."""
+    shard = {"shuffle": True, "seed": seed, "drop_last": True, "rank": rt.rank, "world_size": rt.world_size}
+    if resident and DeviceBatches.fits(data, ids, rt.device):
+        return DeviceBatches(data, ids, batch, rt.device, **shard)
+    return batch_loader(data, ids, batch, **shard)
+
+
 @torch.no_grad()
 def run_fingerprint(cfg: Config, ft: FinetuneConfig, data: PreparedData, init: str, epochs: int,
                     world_size: int) -> str:  # fmt: skip
@@ -323,8 +339,7 @@ def train_saved(
 
 def _train_rank(cfg: Config, ft: FinetuneConfig, init: str, epochs: int, dest: Path, checkpoint: Path | None,
                 resume: bool, desc: str, tracked: Path | None) -> dict[str, Any]:  # fmt: skip
-    rt = runtime.setup(ft.device, ft.amp)
-    try:
+    with runtime.session(ft.device, ft.amp) as rt:
         data = PreparedData(cfg.data.out_dir, hide_test=True)
         checkpointer = None
         if checkpoint is not None and (resume or ft.auto_resume):
@@ -337,8 +352,6 @@ def _train_rank(cfg: Config, ft: FinetuneConfig, init: str, epochs: int, dest: P
             return {}
         save_result(result, dest)
         return summary(result, rt.world_size)
-    finally:
-        runtime.teardown()
 
 
 def features(model: nn.Module, data: PreparedData, ids: np.ndarray, device: torch.device) -> torch.Tensor:

@@ -246,15 +246,12 @@ def work(cfg: Config, worker: int | None = None) -> list[int]:
         raise InputError("nothing to search: the study runs with hpo.enabled: true and finetune.mode: finetune")
     if worker is None:  # distinct sampler seeds on distinct machines and processes
         worker = zlib.crc32(f"{socket.gethostname()}:{os.getpid()}".encode()) % 100_000
-    rt = runtime.setup(cfg.finetune.device, cfg.finetune.amp)
-    try:
+    with runtime.session(cfg.finetune.device, cfg.finetune.amp) as rt:
         data = PreparedData(cfg.data.out_dir, hide_test=True)
         study = create_study(cfg, data.manifest["content_hash"], worker)
         log.info("worker %s joins study %r (%d finished trials) in %s", worker, study.study_name,
                  len(study.get_trials(deepcopy=False, states=FINISHED)), redact(cfg.hpo.storage))  # fmt: skip
         return optimize(cfg, data, rt, study)
-    finally:
-        runtime.teardown()
 
 
 def worker_gpus(cfg: Config) -> list[str | None]:

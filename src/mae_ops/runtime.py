@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -97,6 +98,16 @@ def setup(device: str = "auto", amp: str = "auto") -> Runtime:
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def session(device: str = "auto", amp: str = "auto") -> Iterator[Runtime]:
+    """``setup``, and ``teardown`` however the block ends: how every stage holds a runtime."""
+    rt = setup(device, amp)
+    try:
+        yield rt
+    finally:
+        teardown()
 
 
 def all_reduce_mean(value: torch.Tensor, rt: Runtime) -> torch.Tensor:

@@ -62,6 +62,11 @@ def _file_metadata(path: str | Path) -> dict[str, str]:
         return {}
 
 
+def wants_gpu(device: str) -> bool:
+    """``cuda``, or ``auto`` where onnxruntime's CUDA provider really works."""
+    return device == "cuda" or (device == "auto" and _gpu_present())
+
+
 def resolve_runtime(runtime: str, device: str, path: str | Path | None = None) -> str:
     """``auto``: on the CPU, the runtime the export stage measured fastest for this file (its
     metadata ``runtime``: reports/export/benchmark.json has the numbers) when it is installed;
@@ -74,9 +79,9 @@ def resolve_runtime(runtime: str, device: str, path: str | Path | None = None) -
     if runtime == "openvino" and not openvino_installed():
         raise ModelError("--runtime openvino needs the openvino package: pip install 'mae-ops[openvino]'")
     if runtime == "auto":
-        on_gpu = device == "cuda" or (device == "auto" and _gpu_present())
         measured = _file_metadata(path).get("runtime") if path is not None else None
-        return "openvino" if measured == "openvino" and not on_gpu and openvino_installed() else "onnxruntime"
+        cpu_openvino = measured == "openvino" and not wants_gpu(device) and openvino_installed()
+        return "openvino" if cpu_openvino else "onnxruntime"
     return runtime
 
 
@@ -93,8 +98,7 @@ def open_session(path: str | Path, device: str = "auto", threads: int | None = N
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3  # errors only
-    want_gpu = device == "cuda" or (device == "auto" and _gpu_present())
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if want_gpu else ["CPUExecutionProvider"]
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if wants_gpu(device) else ["CPUExecutionProvider"]
     try:
         session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
     except (Fail, InvalidArgument, InvalidGraph, InvalidProtobuf, NoSuchFile) as exc:

@@ -8,6 +8,13 @@ PRESETS: dict[str, dict[str, float | int]] = {
     "mae_vit_base_patch16": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
     "mae_vit_large_patch16": dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16),
     "mae_vit_huge_patch14": dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16),
+    # 32-px photos (CIFAR-10) on a GPU: ViT-Ti's widths (192-d, 12 blocks, 3 heads) on 4-px patches,
+    # a light decoder (short schedules on small images do well with one: DailyMAE, "MAE are
+    # secretly efficient learners")
+    "mae_vit_ti_patch4": dict(
+        patch_size=4, embed_dim=192, depth=12, num_heads=3,
+        decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4,
+    ),
     # small models that train on a CPU in minutes (28-32 px images)
     "mae_vit_tiny_patch4": dict(
         patch_size=4, embed_dim=128, depth=6, num_heads=4,

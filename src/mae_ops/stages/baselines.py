@@ -10,6 +10,7 @@ linprobe.pth  the frozen pre-trained encoder with BatchNorm + linear head (LARS,
               (finetune.linprobe_lr / 3, x 1, x 3) picked on the validation split
 classical.npz logistic regression and k-NN on raw pixels, k-NN on the frozen MAE
               features (mae_ops/classical.py), each tuned on the validation split
+baselines.json which of the three were asked for (evaluate.baseline, linprobe, classical)
 """
 
 from __future__ import annotations
@@ -84,17 +85,17 @@ def tuned_linprobe(cfg: Config, data: PreparedData, rt: runtime.Runtime) -> tupl
 
 
 def run(cfg: Config) -> dict:
-    rt = runtime.setup(cfg.finetune.device, cfg.finetune.amp)
-    try:
+    with runtime.session(cfg.finetune.device, cfg.finetune.amp) as rt:
         return _fit(cfg, rt)
-    finally:
-        runtime.teardown()
 
 
 def _fit(cfg: Config, rt: runtime.Runtime) -> dict:
     ev = cfg.evaluate
     data = PreparedData(cfg.data.out_dir, hide_test=True)
     out = Path(ev.baselines_dir)
+    # which baselines this folder holds: DVC's output exists even when every one is off
+    write_json(out / "baselines.json", {"scratch": ev.baseline == "scratch", "linprobe": ev.linprobe,
+                                        "classical": ev.classical})  # fmt: skip
     metrics: dict[str, dict] = {}
     if ev.baseline == "scratch":
         ft, search = scratch_params(cfg, final_finetune_params(cfg), data, rt)

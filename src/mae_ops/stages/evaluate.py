@@ -124,6 +124,9 @@ def _summary(results: dict[str, dict], infos: dict[str, dict], manifest: dict, n
     return "\n".join(lines) + "\n"
 
 
+NEAR_DUPLICATE_COLUMNS = ["split_a", "file_a", "split_b", "file_b", "cosine"]
+
+
 def near_duplicate_report(cfg: Config, data: PreparedData, files: np.ndarray, device: torch.device) -> dict:
     """Pairs of images in different splits that the pre-trained encoder sees as (nearly)
     the same picture, cosine >= evaluate.near_duplicates: a test image with a twin in
@@ -143,7 +146,7 @@ def near_duplicate_report(cfg: Config, data: PreparedData, files: np.ndarray, de
             pair = sorted([(names[int(data.split[a])], files[a]), (names[int(data.split[b])], files[b])])
             rows.append({"split_a": pair[0][0], "file_a": pair[0][1], "split_b": pair[1][0], "file_b": pair[1][1],
                          "cosine": round(sim, 5)})  # fmt: skip
-    table = pd.DataFrame(rows, columns=["split_a", "file_a", "split_b", "file_b", "cosine"])
+    table = pd.DataFrame(rows, columns=NEAR_DUPLICATE_COLUMNS)
     table = table.sort_values("cosine", ascending=False, kind="stable")
     write_text(Path(cfg.evaluate.data_reports_dir) / "near_duplicates.csv", table.to_csv(index=False))
     counts = {f"{a}-{b}": int(n) for (a, b), n in table.groupby(["split_a", "split_b"]).size().items()}
@@ -213,7 +216,11 @@ def run(cfg: Config) -> dict:
     )  # fmt: skip
     display.ax_.set_title(f"fine-tuned model, test top-1 {results['finetune']['top1']:.2%}")
     save_figure(display.figure_, out / "confusion_matrix.png")
-    near = near_duplicate_report(cfg, data, files, device) if ev.near_duplicates is not None else None
+    near = None
+    if ev.near_duplicates is not None:
+        near = near_duplicate_report(cfg, data, files, device)
+    else:  # off: the header alone (DVC's output exists either way)
+        write_text(Path(ev.data_reports_dir) / "near_duplicates.csv", ",".join(NEAR_DUPLICATE_COLUMNS) + "\n")
     deployed = choose_deployed(paths, infos)
     deployed["test_top1"] = results[deployed["model"]]["top1"]  # reported, not chosen on
     write_json(out / "deployed.json", deployed)

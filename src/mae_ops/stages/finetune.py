@@ -43,8 +43,7 @@ def search(cfg: Config) -> tuple[FinetuneConfig, dict[str, Any], dict[str, Any],
         log.info("no search: %s; training with the params as given", why)
         hpo.write_disabled_report(cfg.hpo, why)
         return ft, {}, {}, None
-    rt = runtime.setup(ft.device, ft.amp)
-    try:
+    with runtime.session(ft.device, ft.amp) as rt:
         data = PreparedData(cfg.data.out_dir, hide_test=True)
         study = hpo.run_study(cfg, data, rt)
         tuned = dict(study.best_params)
@@ -52,8 +51,6 @@ def search(cfg: Config) -> tuple[FinetuneConfig, dict[str, Any], dict[str, Any],
         kept = None if cfg.hpo.retrain else hpo.best_trial_model(cfg, study)
         if not cfg.hpo.retrain and kept is None:
             hpo_summary["retrained"] = "the best trial's model is not readable here"
-    finally:
-        runtime.teardown()
     return ft.with_params(tuned), tuned, hpo_summary, kept
 
 
@@ -61,15 +58,13 @@ def run(cfg: Config, resume: bool = False) -> dict:
     ft, tuned, hpo_summary, kept = search(cfg)
     out, reports = Path(ft.out_dir), Path(ft.reports_dir)
     data = PreparedData(cfg.data.out_dir, hide_test=True)
+    val = data.indices("val")
     if ft.mode == "linprobe" or kept is not None:  # seconds of work, or none: here, in one process
-        rt = runtime.setup(ft.device, ft.amp)
-        try:
+        with runtime.session(ft.device, ft.amp) as rt:
             if kept is None:
                 kept = train_linprobe(cfg, ft, data, rt, init=ft.init)
             if kept.val_pred is None:  # the best trial's model, read back
-                kept.val_pred = validate_model(kept.model.to(rt.device), data, data.indices("val"), rt.device)[1]
-        finally:
-            runtime.teardown()
+                kept.val_pred = validate_model(kept.model.to(rt.device), data, val, rt.device)[1]
         save_result(kept, out / "model.pth")
         result = summary(kept)
         EpochLog(reports, result["history"]).close()  # DVCLive's files, as the trained run would write them
@@ -80,7 +75,6 @@ def run(cfg: Config, resume: bool = False) -> dict:
 
     history = result["history"]
     write_history(history, reports / "history.csv")
-    val = data.indices("val")
     write_predictions(reports / VAL_PREDICTIONS, val, data.labels[val], {"pred": result["val_pred"]})
     keys = [k for k in ("train_loss", "val_top1") if k in history[0]]
     learning_curve(history, keys, reports / "learning_curve.png", title=f"{ft.mode} ({ft.init})")

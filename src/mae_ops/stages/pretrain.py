@@ -124,11 +124,8 @@ def run(cfg: Config, resume: bool = False) -> dict:
 def run_rank(cfg: Config, resume: bool) -> dict:
     """One process of the run (all of it when alone)."""
     p = cfg.pretrain
-    rt = runtime.setup(p.device, p.amp)
-    try:
+    with runtime.session(p.device, p.amp) as rt:
         return _train(cfg, rt, resume)
-    finally:
-        runtime.teardown()
 
 
 def _train(cfg: Config, rt: runtime.Runtime, resume: bool) -> dict:
@@ -287,8 +284,11 @@ def _write_monitor_predictions(
 ) -> None:  # fmt: skip
     """The final encoder's k-NN and probe class of each validation image (a header alone
     when the monitor is off): what `mae-ops study` pairs between two settings."""
-    val = monitored[1] if monitored is not None and pred is not None else np.zeros(0, np.int64)
-    pred = pred if monitored is not None and pred is not None else {"knn": val, "probe": val}
+    if monitored is None or pred is None:
+        val = np.zeros(0, np.int64)
+        pred = {"knn": val, "probe": val}
+    else:
+        val = monitored[1]
     write_predictions(dest, val, data.labels[val], pred)
 
 

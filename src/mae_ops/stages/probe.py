@@ -36,11 +36,8 @@ log = logging.getLogger(__name__)
 def run(cfg: Config, encoder: Path, out: Path) -> dict:
     if not encoder.exists():
         raise InputError(f"encoder checkpoint {encoder} not found: run `mae-ops pretrain` first")
-    rt = runtime.setup(cfg.finetune.device, "auto")
-    try:
+    with runtime.session(cfg.finetune.device, "auto") as rt:
         return _probe(cfg, encoder, out, rt)
-    finally:
-        runtime.teardown()
 
 
 def _probe(cfg: Config, encoder: Path, out: Path, rt: runtime.Runtime) -> dict:

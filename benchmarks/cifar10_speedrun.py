@@ -178,8 +178,12 @@ def main() -> None:
     logfile.parent.mkdir(parents=True, exist_ok=True)
     logfile.write_text("")
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{platform.machine()} CPU"
-    report: dict = {"device": device, "torch": torch.__version__, "commit": git_revision(REPO), "params": PARAMS,
-                    "sets": args.sets, "parts": {}}  # fmt: skip
+    status = subprocess.run(["git", "status", "--porcelain", "--", "src", "benchmarks"], cwd=REPO,
+                            capture_output=True, text=True)  # fmt: skip
+    dirty = bool(status.stdout.strip()) if status.returncode == 0 else None  # a copied tree has no .git
+    code = {"git_commit": git_revision(REPO), "git_dirty": dirty}
+    report: dict = {"device": device, "torch": torch.__version__, "code": code, "params": PARAMS, "sets": args.sets,
+                    "parts": {}}  # fmt: skip
     project = fresh_project(args.work / "project", args.data)
     os.environ.update(tools(args.work, project / "src"))
     sets = [a for s in args.sets for a in ("--set", s)]

@@ -123,8 +123,11 @@ Path("predict-in").mkdir(exist_ok=True)
 for i in ids:
     Image.fromarray(np.asarray(data.images[i])[0]).save(f"predict-in/{i}.png")
 PY
+  # on CUDA where onnxruntime-gpu is installed (the device image's onnxruntime is CPU-only)
+  device=$($PY -c "import onnxruntime as o; print('cuda' if 'CUDAExecutionProvider' in o.get_available_providers() else 'cpu')")
+  echo "predict on $device"
   for model in model.onnx model.fp16.onnx; do
-    mae-ops predict "models/export/$model" predict-in --json --device auto > "predict-$model.jsonl"
+    mae-ops predict "models/export/$model" predict-in --json --device "$device" > "predict-$model.jsonl"
     echo "$model: $(wc -l < "predict-$model.jsonl") predictions"
   done
 }
@@ -193,6 +196,11 @@ if e2e_ok and parity.exists():
 metrics = work / "e2e/reports/metrics.json"
 if e2e_ok and metrics.exists():
     facts["metrics"] = json.loads(metrics.read_text())
+run_json = work / "e2e/reports/pipeline/run.json"
+if run_json.exists():  # issue 26: which stages ran on CUDA, and for how long
+    stages = [s for s in json.loads(run_json.read_text())["stages"] if s["ran"]]
+    facts["stages_completed_on_cuda"] = [s["stage"] for s in stages]
+    facts["stage_seconds"] = {s["stage"]: s["seconds"] for s in stages}
 summary = {"passed": all(gates.values()) and bool(gates), "gates": gates, "goals": goals, "facts": facts,
            "steps": steps, "seconds": seconds}
 (out / "summary.json").write_text(json.dumps(summary, indent=2))

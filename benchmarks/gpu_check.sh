@@ -49,6 +49,14 @@ if [ -d .whl ] && [ -z "${NO_WHEELS:-}" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || { echo "wheel install failed"; exit 1; }
   export PYTHONPATH=/tmp/site:$REPO/.gpu/extra:$REPO/src
+  # onnxruntime-gpu (255 MB) travels in parts over several calls (gpu_wheels.sh ORT_GPU=1): once
+  # every part is here, it replaces the image's CPU-only onnxruntime
+  if [ -f .gpu/ort/SHA256 ] && ! ls -d /tmp/site/onnxruntime_gpu-*.dist-info >/dev/null 2>&1; then
+    wheel=/tmp/$(awk '{print $2}' .gpu/ort/SHA256)
+    cat .gpu/ort/part-* > "$wheel" && (cd /tmp && sha256sum -c "$REPO/.gpu/ort/SHA256") \
+      && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$wheel" \
+      || echo "onnxruntime-gpu: parts missing or damaged; the image's onnxruntime stays"
+  fi
 else
   export PYTHONPATH=$REPO/src
 fi

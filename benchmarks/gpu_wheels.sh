@@ -28,6 +28,19 @@ cp -r .venv/lib/python3.11/site-packages/antlr4 .gpu/extra/
 if [ -n "${CIFAR10_SRC:-}" ]; then
   rm -rf .gpu/cifar10.git && git clone -q --bare "$CIFAR10_SRC" .gpu/cifar10.git && du -sh .gpu/cifar10.git
 fi
+# ORT_GPU=1: onnxruntime-gpu (CUDA 13, 255 MB) in four parts under .gpu/ort, one per device call
+# (`carry: [".gpu/ort/part-aa"]`, then ab, ac, ad, while the machine stays warm); gpu_check.sh
+# joins them once all are there and checks the SHA-256
+if [ -n "${ORT_GPU:-}" ]; then
+  version=$(.venv/bin/pip list --format=freeze | sed -n 's/^onnxruntime-gpu==//p')
+  rm -rf .gpu/ort && mkdir -p .gpu/ort /tmp/ort-dl
+  .venv/bin/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    "${platforms[@]}" -d /tmp/ort-dl "onnxruntime-gpu==$version"
+  wheel=$(ls /tmp/ort-dl/onnxruntime_gpu-"$version"-cp312-*.whl)
+  (cd /tmp/ort-dl && sha256sum "$(basename "$wheel")") > .gpu/ort/SHA256
+  split -b 61m "$wheel" .gpu/ort/part-
+  rm -rf /tmp/ort-dl && ls -la .gpu/ort
+fi
 if [ -n "${MAE_OFFICIAL_SRC:-}" ]; then
   rm -rf .gpu/mae && git clone -q "$MAE_OFFICIAL_SRC" .gpu/mae && git -C .gpu/mae log -1 --format='official MAE: %H %s'
 fi

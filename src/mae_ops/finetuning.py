@@ -196,7 +196,7 @@ def train_finetune(
         raise InputError(f"{len(train_ids)} labelled training images cannot make a batch for each of "
                          f"{rt.world_size} processes: lower finetune.nproc_per_node")  # fmt: skip
     # every batch is full (drop_last), so every batch is even too
-    fast = ft.fast == "on" or (ft.fast == "auto" and rt.device.type == "cuda")
+    fast = runtime.fast_path(ft.fast, rt.device)
     loader = train_loader(data, train_ids, batch, rt, resident=fast and not ft.randaug, seed=ft.seed)
     updates_per_epoch = len(loader)
     mean, std = (torch.tensor(v, device=rt.device) for v in (data.mean, data.std))  # once: no copy per step

@@ -32,10 +32,6 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, fuse
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=fused or None)
 
 
-def use_fast_path(p: PretrainConfig, device: torch.device) -> bool:
-    return p.fast == "on" or (p.fast == "auto" and device.type == "cuda")
-
-
 def compile_model(model: torch.nn.Module, mode: str) -> torch.nn.Module:
     """torch.compile of the whole forward, loss included (the MAE returns it)."""
     return torch.compile(model, mode=None if mode == "default" else mode)

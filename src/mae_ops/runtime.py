@@ -70,6 +70,11 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16
 
 
+def fast_path(switch: str, device: torch.device) -> bool:
+    """A section's ``fast`` switch: ``on``, ``off``, or ``auto`` = on with CUDA (same math, other kernels)."""
+    return switch == "on" or (switch == "auto" and device.type == "cuda")
+
+
 def use_fast_cuda_kernels() -> None:
     """TF32 for fp32 matmuls and convolutions; cuDNN picks the fastest conv once (fixed shapes)."""
     torch.backends.cuda.matmul.allow_tf32 = True

@@ -55,7 +55,6 @@ from mae_ops.pretraining import (
     loader_workers,
     make_loader,
     train_one_epoch,
-    use_fast_path,
     use_fp8,
     use_windows,
 )
@@ -157,7 +156,7 @@ def _train(cfg: Config, rt: runtime.Runtime, resume: bool) -> dict:
     eff_batch = batch * p.accum_iter * rt.world_size
     lr = p.base_lr * eff_batch / 256
     drop_last = len(ids) >= batch * rt.world_size
-    fast = use_fast_path(p, rt.device)
+    fast = runtime.fast_path(p.fast, rt.device)
     if p.fp8 and not fast:
         raise InputError("pretrain.fp8 needs the fast path (pretrain.fast: auto or on): FP8 is slow uncompiled")
     fp8_layers = use_fp8(model, rt.device) if p.fp8 else 0

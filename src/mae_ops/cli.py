@@ -357,10 +357,11 @@ def pipeline(
     root = Path.cwd()
     own = root / "params.yaml"
     replace = params is not None and not (own.exists() and params.resolve() == own.resolve())
-    if replace:  # DVC's stages read params.yaml: the file becomes it
-        _config(params, set_)  # a bad file or override stops here, naming the key; params.yaml untouched
+    # a bad file or override stops here, naming the key, before params.yaml or any flow is touched
+    if replace:  # DVC's stages read params.yaml: the file becomes it (the same params, once written)
+        cfg = _config(params, set_)
     else:
-        plan_overrides(root, set_ or [])  # bad overrides stop here, before any flow starts
+        cfg, _ = plan_overrides(root, set_ or [])
     unknown = sorted(set(stages or []) - set(STAGES))
     if unknown:
         _fail(f"unknown stages {unknown}; stages are {list(STAGES)}")
@@ -372,7 +373,6 @@ def pipeline(
         if replace:
             write_text(own, params.read_text())
             typer.echo(f"params.yaml now holds {params} (kept for later runs; dvc.lock records it)")
-        cfg, _ = plan_overrides(root, set_ or [])
         preflight(root, cfg, with_upstream(root, stages), set_ or [], force)
         results = flow(repo=".", stages=stages, overrides=set_, force=force, lock_wait_s=lock_wait)
     ran = [r.stage for r in results if r.ran]

@@ -18,6 +18,16 @@ project under ``--work``, with the photos copied in as ``cifar10/``:
   few_labels  10 % of the labels (prepared apart, ``data.label_fraction=0.1``), fine-tuned
               from the speedrun's pre-trained encoder with the same recipe
 
+``--budget SECONDS`` sizes the epochs to the machine instead of taking the file's: a
+calibration run of the same pipeline up to the fine-tune (3 epochs of each stage) measures each stage's
+seconds per epoch and its fixed cost (start, compile, checkpoints, the last validation),
+and the speedrun then gets the epochs that fill ``--pretrain-share`` of the budget with
+pre-training and the rest with fine-tuning; the schedule's other epoch counts (warm-up,
+checkpoints, validation) keep their share of the file's epochs. The calibration's own
+numbers and the predicted wall time are in the JSON beside the measured one. (Its compile
+leaves the kernels in inductor's cache, so the timed run compiles faster than a cold
+first run would: the calibration's stage seconds say by how much at most.)
+
 ``--set`` applies to every part (the CPU rehearsal's small budgets). The JSON is
 written after each part, so a run cut short keeps what it measured.
 """
@@ -25,11 +35,13 @@ written after each part, so a run cut short keeps what it measured.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -39,6 +51,7 @@ import torch
 import yaml
 
 from mae_ops.atomic import write_json
+from mae_ops.config import load_params
 from mae_ops.data import PreparedData
 from mae_ops.finetuning import validate_model
 from mae_ops.models.classifier import load_classifier
@@ -132,8 +145,62 @@ def params_of(project: Path) -> dict:
     return yaml.safe_load((project / "params.yaml").read_text())
 
 
-def speedrun(project: Path, sets: list[str], logfile: Path, limit: float | None) -> dict:
-    wall = run(["mae-ops", "pipeline", "evaluate", "--params", PARAMS, *sets], project, logfile, limit)
+# the calibration: enough epochs for a steady one after the compiling first
+CALIBRATION = {"pretrain": 3, "finetune": 3}
+# epoch counts of a schedule that scale with its length
+SCALED = {"pretrain": ("warmup_epochs", "save_every", "monitor_every"),
+          "finetune": ("warmup_epochs", "save_every", "eval_every")}  # fmt: skip
+
+
+def epoch_cost(project: Path, stage: str, stage_s: float) -> dict[str, float]:
+    """A stage's steady seconds per epoch (the median after the first, which compiles)
+    and its fixed seconds (the rest of the stage's wall time), from its history.csv."""
+    with (project / f"reports/{stage}/history.csv").open() as fh:
+        seconds = [float(row["seconds"]) for row in csv.DictReader(fh)]
+    steady = statistics.median(seconds[1:] or seconds)
+    return {"epoch_s": round(steady, 4), "fixed_s": round(max(0.0, stage_s - len(seconds) * steady), 2),
+            "epochs": len(seconds)}  # fmt: skip
+
+
+def size_epochs(costs: dict[str, dict[str, float]], budget: float, pretrain_share: float) -> dict[str, int]:
+    """The epochs of each stage that fill its share of the budget after its fixed cost
+    (at least one)."""
+    shares = {"pretrain": pretrain_share, "finetune": 1.0 - pretrain_share}
+    return {stage: max(1, math.floor((budget * shares[stage] - c["fixed_s"]) / c["epoch_s"]))
+            for stage, c in costs.items()}  # fmt: skip
+
+
+def schedule_sets(base: dict[str, dict], epochs: dict[str, int]) -> list[str]:
+    """``--set`` overrides giving each stage ``epochs[stage]`` epochs, with the base
+    schedule's warm-up, checkpoint and validation counts scaled to the new length
+    (a count of 0, which turns a thing off, stays 0)."""
+    sets = []
+    for stage, n in epochs.items():
+        section = base[stage]
+        ratio = n / section["epochs"]
+        sets.append(f"{stage}.epochs={n}")
+        for key in SCALED[stage]:
+            value = section[key]
+            if isinstance(value, int):
+                scaled = 0 if value == 0 else max(1, round(value * ratio))
+            else:
+                scaled = round(min(value * ratio, n - 1), 3) if n > 1 else 0.0  # warm-up: inside the run
+            sets.append(f"{stage}.{key}={scaled}")
+    return sets
+
+
+def calibrate(project: Path, sets: list[str], logfile: Path, limit: float | None) -> dict:
+    """The pipeline with CALIBRATION's epochs: each stage's cost per epoch and fixed cost."""
+    short = flags([s for stage, n in CALIBRATION.items() for s in (f"{stage}.epochs={n}", f"{stage}.warmup_epochs=1")])
+    part = speedrun(project, [*sets, *short], logfile, limit, until="finetune")
+    part["cost"] = {stage: epoch_cost(project, stage, part["stage_seconds"][stage]) for stage in CALIBRATION}
+    return part
+
+
+def speedrun(project: Path, sets: list[str], logfile: Path, limit: float | None, until: str = "evaluate") -> dict:
+    """``mae-ops pipeline <until>`` on the recipe: the fine-tuned model's test top-1, each
+    stage's seconds, epochs and images/s."""
+    wall = run(["mae-ops", "pipeline", until, "--params", PARAMS, *sets], project, logfile, limit)
     seconds = stage_seconds(project)
     pre, fine = metrics(project, "reports/pretrain/metrics.json"), metrics(project, "reports/finetune/metrics.json")
     p = params_of(project)
@@ -151,11 +218,16 @@ def speedrun(project: Path, sets: list[str], logfile: Path, limit: float | None)
     }
 
 
+def flags(sets: list[str]) -> list[str]:
+    """``section.key=value`` overrides as command-line arguments."""
+    return [a for s in sets for a in ("--set", s)]
+
+
 def side_finetune(project: Path, name: str, sets: list[str], logfile: Path, limit: float | None) -> dict:
     """``mae-ops finetune`` beside the pipeline, into models|checkpoints|reports/<name>."""
     where = [f"finetune.out_dir=models/{name}", f"finetune.checkpoint_dir=checkpoints/{name}",
              f"finetune.reports_dir=reports/{name}", "hpo.enabled=false"]  # fmt: skip
-    wall = run(["mae-ops", "finetune", *[a for s in [*sets, *where] for a in ("--set", s)]], project, logfile, limit)
+    wall = run(["mae-ops", "finetune", *flags([*sets, *where])], project, logfile, limit)
     fine = metrics(project, f"reports/{name}/metrics.json")
     return {"epochs": fine["epochs"], "num_labelled": fine["num_labelled"], "val_top1": fine["val_top1"],
             "train_time_s": fine["train_time_s"], "wall_s": round(wall, 1)}  # fmt: skip
@@ -168,6 +240,10 @@ def main() -> None:
     ap.add_argument("--parts", default="speedrun,scratch,few_labels")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="section.key=value, for every part")
     ap.add_argument("--limit", type=float, default=None, help="seconds each command may take")
+    ap.add_argument("--budget", type=float, default=None,
+                    help="seconds of pre-training + fine-tuning to size the epochs to (a calibration run first); "
+                         "default: the params file's epochs")  # fmt: skip
+    ap.add_argument("--pretrain-share", type=float, default=0.5, help="the budget's share for pre-training")
     ap.add_argument("--out", type=Path, default=Path("reports/benchmarks/cifar10-speedrun.json"))
     args = ap.parse_args()
 
@@ -186,10 +262,28 @@ def main() -> None:
                     "parts": {}}  # fmt: skip
     project = fresh_project(args.work / "project", args.data)
     os.environ.update(tools(args.work, project / "src"))
-    sets = [a for s in args.sets for a in ("--set", s)]
+    every = list(args.sets)  # the overrides of every part: the given ones, then the budget's
+    base = load_params(project / PARAMS, every)  # the file's schedule, --set on top
+    if args.budget is not None:  # epochs sized to this machine: calibrate, then fill the budget
+        log(f"calibration: the pipeline with {CALIBRATION} epochs")
+        calibration = calibrate(project, flags(every), logfile, args.limit)
+        epochs = size_epochs(calibration["cost"], args.budget, args.pretrain_share)
+        sized = schedule_sets({stage: getattr(base, stage).model_dump() for stage in epochs}, epochs)
+        predicted = sum(c["fixed_s"] + epochs[stage] * c["epoch_s"] for stage, c in calibration["cost"].items())
+        report["budget"] = {
+            "seconds": args.budget,
+            "pretrain_share": args.pretrain_share,
+            "epochs": epochs,
+            "sets": sized,
+            "predicted_wall_s": round(predicted, 1),
+            "calibration": calibration,
+        }
+        write_json(args.out, report)
+        log(f"budget {args.budget:.0f}s: {epochs} epochs, {predicted:.0f}s predicted")
+        every += sized  # the parts beside it train on the same schedule
     if "speedrun" in parts or {"scratch", "few_labels"} & set(parts):
         log("speedrun: the pipeline up to evaluate")
-        report["parts"]["speedrun"] = speedrun(project, sets, logfile, args.limit)
+        report["parts"]["speedrun"] = speedrun(project, flags(every), logfile, args.limit)
         report.update({k: report["parts"]["speedrun"][k] for k in ("test_top1", "wall_s_pretrain_finetune")})
         write_json(args.out, report)
         log(f"speedrun: test top-1 {report['test_top1']:.4f} after {report['wall_s_pretrain_finetune']}s of training")
@@ -198,15 +292,15 @@ def main() -> None:
         per_epoch = first["finetune"]["train_time_s"] / first["finetune"]["epochs"]
         epochs = max(1, math.floor(first["wall_s_pretrain_finetune"] / per_epoch))
         log(f"scratch: {epochs} epochs from random weights")
-        part = side_finetune(project, "scratch", [*args.sets, "finetune.init=scratch", f"finetune.epochs={epochs}"],
-                             logfile, args.limit)  # fmt: skip
+        schedule = schedule_sets({"finetune": base.finetune.model_dump()}, {"finetune": epochs})
+        part = side_finetune(project, "scratch", [*every, "finetune.init=scratch", *schedule], logfile, args.limit)
         report["parts"]["scratch"] = {**part, **test_top1(project, "models/scratch/model.pth")}
         write_json(args.out, report)
     if "few_labels" in parts:  # the pre-trained encoder, 10 % of the labels (their own prepared copy)
         few = "data/prepared-10pct"
         run(["mae-ops", "prepare", "--params", "params.yaml", "--set", f"data.out_dir={few}", "--set",
-             "data.label_fraction=0.1", *sets], project, logfile, args.limit)  # fmt: skip
-        part = side_finetune(project, "few_labels", [*args.sets, f"data.out_dir={few}",
+             "data.label_fraction=0.1", *flags(every)], project, logfile, args.limit)  # fmt: skip
+        part = side_finetune(project, "few_labels", [*every, f"data.out_dir={few}",
                              "finetune.init=models/pretrain/mae.pth"], logfile, args.limit)  # fmt: skip
         report["parts"]["few_labels"] = {**part, **test_top1(project, "models/few_labels/model.pth", few)}
         write_json(args.out, report)

@@ -231,32 +231,69 @@ def _photo_repo(root: Path, train: int, test: int) -> Path:
     return root / "photos.git"
 
 
+def _speedrun_module():
+    return load_module_file(REPO / "benchmarks" / "cifar10_speedrun.py", "bench_cifar10_speedrun")
+
+
+def test_speedrun_budget_sizes_each_stage_and_scales_its_schedule() -> None:
+    """--budget: each stage's share of the budget, less its fixed cost, in its steady epochs
+    (at least one); warm-up, checkpoint and validation counts keep their share of the schedule."""
+    sr = _speedrun_module()
+    costs = {"pretrain": {"epoch_s": 0.5, "fixed_s": 40.0}, "finetune": {"epoch_s": 1.5, "fixed_s": 30.0}}
+    assert sr.size_epochs(costs, 540, 0.5) == {"pretrain": 460, "finetune": 160}  # (270-40)/0.5, (270-30)/1.5
+    assert sr.size_epochs(costs, 540, 0.25) == {"pretrain": 190, "finetune": 250}
+    assert sr.size_epochs(costs, 50, 0.5) == {"pretrain": 1, "finetune": 1}  # the fixed cost alone is over
+    base = {"pretrain": {"epochs": 100, "warmup_epochs": 5, "save_every": 25, "monitor_every": 0},
+            "finetune": {"epochs": 60, "warmup_epochs": 5.0, "save_every": 10, "eval_every": 10}}  # fmt: skip
+    sets = sr.schedule_sets(base, {"pretrain": 460, "finetune": 30})
+    assert sets == ["pretrain.epochs=460", "pretrain.warmup_epochs=23", "pretrain.save_every=115",
+                    "pretrain.monitor_every=0", "finetune.epochs=30", "finetune.warmup_epochs=2.5",
+                    "finetune.save_every=5", "finetune.eval_every=5"]  # fmt: skip
+    assert sr.schedule_sets(base, {"finetune": 1}) == [
+        "finetune.epochs=1", "finetune.warmup_epochs=0.0", "finetune.save_every=1", "finetune.eval_every=1"
+    ]  # fmt: skip
+
+
 def test_the_cifar10_speedrun_runs_its_three_parts_through_the_pipeline(tmp_path: Path) -> None:
     """benchmarks/cifar10_speedrun.py on a small photo folder given as a bare git repository:
-    the pipeline on benchmarks/cifar10.yaml (a micro model and one epoch here), then the
-    scratch ViT at the same wall time and the few-label fine-tune, each scored on the test photos."""
+    a calibration run of the pipeline on benchmarks/cifar10.yaml (a micro model here) sizes
+    the epochs to --budget, the speedrun trains them, then the scratch ViT at the same wall
+    time and the few-label fine-tune, each scored on the test photos."""
+    sr = _speedrun_module()
     photos = _photo_repo(tmp_path, train=40, test=10)
     out = tmp_path / "out" / "speedrun.json"
-    sets = ["model.preset=mae_vit_micro_patch4", "pretrain.epochs=1", "pretrain.batch_size=32",
-            "pretrain.warmup_epochs=0", "pretrain.monitor_every=0", "finetune.epochs=2", "finetune.batch_size=16",
-            "finetune.warmup_epochs=0", "data.val_fraction=0.1"]  # fmt: skip
+    sets = ["model.preset=mae_vit_micro_patch4", "pretrain.batch_size=32", "finetune.batch_size=16",
+            "data.val_fraction=0.1"]  # fmt: skip
     run_script("cifar10_speedrun.py", "--data", str(photos), "--work", str(tmp_path / "work"), "--out", str(out),
-               *[a for s in sets for a in ("--set", s)])  # fmt: skip
+               "--budget", "30", *[a for s in sets for a in ("--set", s)])  # fmt: skip
     report = json.loads(out.read_text())
     speedrun, scratch, few = (report["parts"][k] for k in ("speedrun", "scratch", "few_labels"))
     assert speedrun["num_test"] == scratch["num_test"] == few["num_test"] == 30  # the test/ folder, all of it
     assert report["test_top1"] == speedrun["test_top1"] and 0.0 <= report["test_top1"] <= 1.0
-    assert set(speedrun["stage_seconds"]) == {"prepare", "pretrain", "finetune", "baselines", "evaluate"}
+    # prepared once, by the calibration; DVC skips it in the timed run
+    assert set(report["budget"]["calibration"]["stage_seconds"]) == {"prepare", "pretrain", "finetune"}
+    assert set(speedrun["stage_seconds"]) == {"pretrain", "finetune", "baselines", "evaluate"}
     assert report["wall_s_pretrain_finetune"] == pytest.approx(
         speedrun["stage_seconds"]["pretrain"] + speedrun["stage_seconds"]["finetune"], abs=0.2
     )
-    assert speedrun["pretrain"]["epochs"] == 1 and speedrun["finetune"]["epochs"] == 2
+    # the calibration: 3 epochs of each stage, their steady cost; the speedrun trains the sized epochs
+    budget = report["budget"]
+    calibration = budget["calibration"]
+    assert calibration["pretrain"]["epochs"] == calibration["finetune"]["epochs"] == 3
+    assert all(c["epochs"] == 3 and c["epoch_s"] > 0 for c in calibration["cost"].values())
+    assert budget["epochs"] == sr.size_epochs(calibration["cost"], 30, 0.5)
+    assert speedrun["pretrain"]["epochs"] == budget["epochs"]["pretrain"]
+    assert speedrun["finetune"]["epochs"] == budget["epochs"]["finetune"]
+    assert f"finetune.epochs={budget['epochs']['finetune']}" in budget["sets"]
     assert speedrun["params"]["model"]["preset"] == "mae_vit_micro_patch4"  # the file, then --set on top
-    # the scratch ViT gets the speedrun's wall time in fine-tuning epochs (at least its 2)
-    per_epoch = speedrun["finetune"]["train_time_s"] / 2
-    assert scratch["epochs"] == max(1, int(report["wall_s_pretrain_finetune"] // per_epoch)) >= 2
+    assert speedrun["params"]["pretrain"]["monitor_every"] == 0  # the file's: off in the timed run
+    assert report["sets"] == sets  # as given
+    # the scratch ViT gets the speedrun's wall time in fine-tuning epochs
+    per_epoch = speedrun["finetune"]["train_time_s"] / speedrun["finetune"]["epochs"]
+    assert scratch["epochs"] == max(1, int(report["wall_s_pretrain_finetune"] // per_epoch))
     # 10 % of the labels: its own prepared copy, fine-tuned from the speedrun's encoder
     assert 0 < few["num_labelled"] < speedrun["finetune"]["num_labelled"]
+    assert few["epochs"] == speedrun["finetune"]["epochs"]
     project = tmp_path / "work" / "project"
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     assert lock["stages"]["finetune"]["params"]["params.yaml"]["finetune"]["randaug"] == ""

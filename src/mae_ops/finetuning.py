@@ -246,6 +246,7 @@ def train_finetune(
     bar = tqdm(range(start_epoch, epochs), desc=desc, unit="epoch", leave=False,
                **({} if rt.is_main else {"disable": True}))  # fmt: skip
     for epoch in bar:
+        t_epoch = time.perf_counter()
         _seed_everything(ft.seed * 1009 + epoch + 7919 * rt.rank)  # Mixup, RandAugment: their own draws per rank
         set_epoch(loader, epoch)
         gen = torch.Generator(device=rt.device).manual_seed(ft.seed * 1_000_003 + epoch + 7919 * rt.rank)
@@ -283,7 +284,8 @@ def train_finetune(
             if report is not None:
                 report(epoch + 1, val_top1)
         history.append({"epoch": epoch + 1, "train_loss": round(train_loss, 5), "val_top1": round(val_top1, 5),
-                        "lr": float(f"{optimizer.param_groups[-1]['lr']:.6g}")})  # fmt: skip
+                        "lr": float(f"{optimizer.param_groups[-1]['lr']:.6g}"),
+                        "seconds": round(time.perf_counter() - t_epoch, 3)})  # fmt: skip
         if live is not None:
             live.log(history[-1])
         bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{val_top1:.3f}")

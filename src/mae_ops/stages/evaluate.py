@@ -127,11 +127,13 @@ def _summary(results: dict[str, dict], infos: dict[str, dict], manifest: dict, n
 NEAR_DUPLICATE_COLUMNS = ["split_a", "file_a", "split_b", "file_b", "cosine"]
 
 
-def near_duplicate_report(cfg: Config, data: PreparedData, files: np.ndarray, device: torch.device) -> dict:
+def near_duplicate_report(
+    cfg: Config, data: PreparedData, files: np.ndarray, device: torch.device
+) -> tuple[pd.DataFrame, dict]:  # fmt: skip
     """Pairs of images in different splits that the pre-trained encoder sees as (nearly)
     the same picture, cosine >= evaluate.near_duplicates: a test image with a twin in
-    training flatters the test score. Written to reports/data/near_duplicates.csv, most
-    similar first; returns the counts per pair of splits."""
+    training flatters the test score. Returns the pairs, most similar first (for
+    reports/data/near_duplicates.csv), and their counts per pair of splits."""
     threshold = cfg.evaluate.near_duplicates
     encoder = feature_extractor(cfg.model.preset, data.img_size, data.channels,
                                 Path(cfg.pretrain.out_dir) / "encoder.pth").to(device)  # fmt: skip
@@ -148,10 +150,9 @@ def near_duplicate_report(cfg: Config, data: PreparedData, files: np.ndarray, de
                          "cosine": round(sim, 5)})  # fmt: skip
     table = pd.DataFrame(rows, columns=NEAR_DUPLICATE_COLUMNS)
     table = table.sort_values("cosine", ascending=False, kind="stable")
-    write_text(Path(cfg.evaluate.data_reports_dir) / "near_duplicates.csv", table.to_csv(index=False))
     counts = {f"{a}-{b}": int(n) for (a, b), n in table.groupby(["split_a", "split_b"]).size().items()}
     log.info("near-duplicates across splits (cosine >= %g): %s", threshold, counts or "none")
-    return {"threshold": threshold, "images": len(ids), "pairs": counts}
+    return table, {"threshold": threshold, "images": len(ids), "pairs": counts}
 
 
 DEPLOYABLE = ("finetune", "linprobe")  # the ViT classifiers the pipeline trains; both export to ONNX
@@ -216,11 +217,10 @@ def run(cfg: Config) -> dict:
     )  # fmt: skip
     display.ax_.set_title(f"fine-tuned model, test top-1 {results['finetune']['top1']:.2%}")
     save_figure(display.figure_, out / "confusion_matrix.png")
-    near = None
+    near, pairs = None, pd.DataFrame(columns=NEAR_DUPLICATE_COLUMNS)  # off: the header alone (DVC's output)
     if ev.near_duplicates is not None:
-        near = near_duplicate_report(cfg, data, files, device)
-    else:  # off: the header alone (DVC's output exists either way)
-        write_text(Path(ev.data_reports_dir) / "near_duplicates.csv", ",".join(NEAR_DUPLICATE_COLUMNS) + "\n")
+        pairs, near = near_duplicate_report(cfg, data, files, device)
+    write_text(Path(ev.data_reports_dir) / "near_duplicates.csv", pairs.to_csv(index=False))
     deployed = choose_deployed(paths, infos)
     deployed["test_top1"] = results[deployed["model"]]["top1"]  # reported, not chosen on
     write_json(out / "deployed.json", deployed)

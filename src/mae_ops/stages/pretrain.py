@@ -249,6 +249,7 @@ def _train(cfg: Config, rt: runtime.Runtime, resume: bool) -> dict:
             "loss": round(mean_loss, 6),
             "lr": float(f"{optimizer.param_groups[0]['lr']:.6g}"),
             "images_per_s": round(seen * rt.world_size / elapsed, 1),
+            "seconds": round(elapsed, 3),
         }
         if rt.is_main and monitored is not None and (epoch + 1 == p.epochs or (epoch + 1) % p.monitor_every == 0):
             t_monitor = time.perf_counter()

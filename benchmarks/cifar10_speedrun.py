@@ -49,13 +49,13 @@ from pathlib import Path
 
 import torch
 import yaml
+from pretrain_throughput import code_version  # a sibling script: its folder is on sys.path when run
 
 from mae_ops.atomic import write_json
 from mae_ops.config import load_params
 from mae_ops.data import PreparedData
 from mae_ops.finetuning import validate_model
 from mae_ops.models.classifier import load_classifier
-from mae_ops.reporting import git_revision
 
 REPO = Path(__file__).resolve().parent.parent
 PARAMS = "benchmarks/cifar10.yaml"
@@ -254,12 +254,8 @@ def main() -> None:
     logfile.parent.mkdir(parents=True, exist_ok=True)
     logfile.write_text("")
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{platform.machine()} CPU"
-    status = subprocess.run(["git", "status", "--porcelain", "--", "src", "benchmarks"], cwd=REPO,
-                            capture_output=True, text=True)  # fmt: skip
-    dirty = bool(status.stdout.strip()) if status.returncode == 0 else None  # a copied tree has no .git
-    code = {"git_commit": git_revision(REPO), "git_dirty": dirty}
-    report: dict = {"device": device, "torch": torch.__version__, "code": code, "params": PARAMS, "sets": args.sets,
-                    "parts": {}}  # fmt: skip
+    report: dict = {"device": device, "torch": torch.__version__, "code": code_version(), "params": PARAMS,
+                    "sets": args.sets, "parts": {}}  # fmt: skip
     project = fresh_project(args.work / "project", args.data)
     os.environ.update(tools(args.work, project / "src"))
     every = list(args.sets)  # the overrides of every part: the given ones, then the budget's

@@ -18,6 +18,9 @@
 #                  `mae-ops pipeline --params benchmarks/cifar10.yaml`, its epochs sized by a
 #                  calibration run to $SPEEDRUN_BUDGET seconds of pre-training + fine-tuning
 #                  (cifar10-speedrun.json); $SPEEDRUN_PARTS adds scratch,few_labels
+#   6. stage       (STAGE_LIMIT > 0) the pretrain stage itself, issue 25: `mae-ops pretrain` on a
+#                  store of $STAGE_IMAGES (100,000) images at 224 px, loader included, against the
+#                  bare step of the same preset and batch measured in the same step (pretrain-stage.json)
 #
 # Gates (exit 1 when one fails): every step exits 0; the export stage's parity gates (inside
 # the pipeline); serving parity of every runner vs torch fp32; our modes' curves within the
@@ -29,9 +32,11 @@
 #
 # Output in $OUT (the device tool brings back at most 8 files): summary.json,
 # pretrain_throughput-cuda.json, benchmark-gpu.json, benchmark-gpu-vit_b16.json, cifar10-speedrun.json,
+# pretrain-stage.json,
 # gpu_check.tar.gz (every log, the pipeline's reports, metrics, dvc.lock and plots).
 # Issue 25's run alone: E2E_LIMIT=0 SERVING_B16=0 THROUGHPUT_LIMIT=540.
 # Issue 26's speedrun alone: E2E_LIMIT=0 SERVING_B16=0 PRESETS="" SPEEDRUN_LIMIT=540.
+# Issue 25's stage on a large store alone: E2E_LIMIT=0 SERVING_B16=0 PRESETS="" STAGE_LIMIT=300.
 # Rehearse on a CPU: NO_WHEELS=1 PY=.venv/bin/python E2E_SET="--set pretrain.epochs=1 ..." \
 #   PRESETS=mae_vit_tiny_patch4 IN_CHANS=3 MODES=... bash benchmarks/gpu_check.sh
 set -uo pipefail
@@ -44,6 +49,7 @@ WORK=$(mktemp -d /tmp/gpu_check.XXXX)
 E2E=$WORK/e2e
 E2E_SET=${E2E_SET:-}
 SPEEDRUN_SET=${SPEEDRUN_SET:-}  # --set section.key=value ... for the speedrun (a CPU rehearsal's small model)
+STAGE_SET=${STAGE_SET:-}  # pretrain_stage.py's options (a CPU rehearsal's small store and model)
 # five modes per preset fit one call with both presets (run 1 on an H200: 25-35 s per mode plus
 # 35 s (ViT-B) or 55 s (ViT-L) per compile); add official_compiled@512,fast@512 when time allows
 MODES=${MODES:-official@64,official@256,official_compiled@256,hf_compiled@256,fast@256}
@@ -180,6 +186,10 @@ if [ "${SPEEDRUN_LIMIT:-0}" != 0 ]; then  # the CIFAR-10 speedrun: the JSON writ
     --work "$WORK/speedrun" --parts "${SPEEDRUN_PARTS:-speedrun}" --budget "${SPEEDRUN_BUDGET:-300}" \
     --out "$WORK/cifar10-speedrun.json" $SPEEDRUN_SET
 fi
+if [ "${STAGE_LIMIT:-0}" != 0 ]; then  # the stage on a store of 100,000 images (19.7 GB at 256 px, made once)
+  step stage "$STAGE_LIMIT" $PY benchmarks/pretrain_stage.py --store /tmp/stage-store --images "${STAGE_IMAGES:-100000}" \
+    --work "$WORK/stage" --out "$WORK/pretrain-stage.json" $STAGE_SET
+fi
 [ "${SERVING_B16:-1}" = 0 ] || step serving_b16 120 $PY benchmarks/gpu_serving.py --preset mae_vit_base_patch16 --img-size 224 --runs 100 --no-cpu \
   --out "$WORK/benchmark-gpu-vit_b16.json"
 
@@ -224,6 +234,14 @@ if speedrun.exists():  # issue 26: a good model on real photos, and how long it 
         "epochs": (report.get("budget") or {}).get("epochs"),
         "predicted_wall_s": (report.get("budget") or {}).get("predicted_wall_s"),
         **{name: part.get("test_top1") for name, part in report["parts"].items()}}
+stage = work / "pretrain-stage.json"
+if stage.exists():  # issue 25: the stage on a large store, loader included, against the bare step
+    report = json.loads(stage.read_text())
+    (out / "pretrain-stage.json").write_text(json.dumps(report, indent=2))
+    goals.update({f"{report['preset']} {k}": v for k, v in (report.get("goal") or {}).items()})
+    facts["pretrain stage"] = {k: report.get(k) for k in ("images", "stage_over_step")} | {
+        "stage_images_per_s": report["stage"]["images_per_s"], "fast_path": report["stage"]["fast_path"],
+        "step_images_per_s": (report.get("step") or {}).get("images_per_s")}
 for name in ("benchmark-gpu.json", "benchmark-gpu-vit_b16.json"):
     if (work / name).exists():
         report = json.loads((work / name).read_text())
@@ -253,7 +271,8 @@ tar -C "$WORK" -czf "$OUT/gpu_check.tar.gz" --exclude='e2e/.venv' --exclude='e2e
   --exclude='e2e/src' --exclude='e2e/tests' --exclude='e2e/.prefect' --exclude='bin' \
   --exclude='speedrun/project/cifar10' --exclude='speedrun/project/data' --exclude='speedrun/project/models' \
   --exclude='speedrun/project/.dvc/cache' --exclude='speedrun/project/checkpoints' --exclude='speedrun/project/.git' \
-  --exclude='speedrun/project/src' --exclude='speedrun/project/tests' --exclude='speedrun/bin' . 2>/dev/null || true
+  --exclude='speedrun/project/src' --exclude='speedrun/project/tests' --exclude='speedrun/bin' \
+  --exclude='stage/models' --exclude='stage/checkpoints' . 2>/dev/null || true
 echo "gpu_check: $(($(date +%s) - START))s, results in $OUT"
 if [ $verdict -ne 0 ] || ! $PY -c "import json,sys; sys.exit(0 if json.load(open('$OUT/summary.json'))['passed'] else 1)"; then
   echo "gpu_check: FAILED (see summary.json)"

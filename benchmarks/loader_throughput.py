@@ -45,11 +45,13 @@ from mae_ops.store import StoreWriter, rows_per_shard, write_table
 COLD, WARM = "larger than RAM", "in the page cache"
 
 
-def make_store(root: Path, n: int, size: int, channels: int = 3) -> PreparedData:
-    """A prepared folder of ``n`` random ``size``-px images (reused when already there)."""
+def make_store(root: Path, n: int, size: int, channels: int = 3, img_size: int | None = None) -> PreparedData:
+    """A prepared folder of ``n`` random ``size``-px images (reused when already there),
+    for a model at ``img_size`` px (default: ``size``; pre-training crops from the larger store)."""
+    img_size = img_size or size
     if (root / "manifest.json").exists():
         data = PreparedData(root)
-        if len(data.images) == n and data.img_size == size:
+        if len(data.images) == n and data.store_size == size and data.img_size == img_size:
             return data
         raise SystemExit(f"{root} holds another store: remove it or choose another --store")
     rng = np.random.default_rng(0)
@@ -70,8 +72,8 @@ def make_store(root: Path, n: int, size: int, channels: int = 3) -> PreparedData
     np.save(root / "labels.npy", np.zeros(n, dtype=np.int64))
     np.save(root / "split.npy", np.zeros(n, dtype=np.int8))
     np.save(root / "labelled.npy", np.zeros(n, dtype=bool))
-    manifest = {"classes": ["x"], "content_hash": "synthetic", "shards": writer.names,
-                "mean": [0.5] * channels, "std": [0.25] * channels}  # fmt: skip
+    manifest = {"classes": ["x"], "content_hash": "synthetic", "shards": writer.names, "img_size": img_size,
+                "crop_pct": img_size / size, "mean": [0.5] * channels, "std": [0.25] * channels}  # fmt: skip
     write_json(root / "manifest.json", manifest)
     return PreparedData(root)
 

@@ -210,6 +210,32 @@ def test_loader_benchmark_compares_the_orders_and_says_what_feeds_the_gpu(tmp_pa
     assert feed["larger than RAM, shard windows"]["cores_to_feed_gpu"] >= 1
 
 
+def test_pretrain_stage_benchmark_runs_the_stage_on_a_store_and_the_bare_step_beside_it(tmp_path: Path) -> None:
+    """benchmarks/pretrain_stage.py: `mae-ops pretrain` on a made store (a model at 32 px
+    cropping from 36-px stored images), each epoch's images/s, and the same preset's bare
+    step from pretrain_throughput.py; the ratio of the two is the stage's share."""
+    out, store = tmp_path / "stage.json", tmp_path / "store"
+    args = ["--store", str(store), "--images", "96", "--img-size", "32", "--store-size", "36", "--preset", PRESET,
+            "--batch-size", str(BATCH), "--epochs", "2", "--fast", "off", "--mode", "plain",
+            "--work", str(tmp_path / "work"), "--out", str(out)]  # fmt: skip
+    run_script("pretrain_stage.py", *args)
+    report = json.loads(out.read_text())
+    stage = report["stage"]
+    assert len(stage["images_per_s_per_epoch"]) == 2 and stage["images_per_s"] == stage["images_per_s_per_epoch"][-1]
+    assert stage["fast_path"] == "fast path off" and stage["data_on_device"] is False  # as the stage's log says
+    assert report["step"] == {"mode": "plain", "measured_here": True, "images_per_s": report["step"]["images_per_s"]}
+    assert report["stage_over_step"] == pytest.approx(stage["images_per_s"] / report["step"]["images_per_s"], abs=1e-3)
+    assert list(report["goal"].values()) == [report["stage_over_step"] >= 0.9]
+    manifest = json.loads((store / "manifest.json").read_text())
+    assert (manifest["img_size"], len(np.load(store / "labels.npy"))) == (32, 96)
+    # the store is made once: a second run with a given step rate reuses it
+    made = [(f.name, f.stat().st_mtime_ns) for f in sorted((store / "shards").iterdir())]
+    run_script("pretrain_stage.py", *args, "--step-images-per-s", "1e9")
+    again = json.loads(out.read_text())
+    assert again["step"]["measured_here"] is False and again["stage_over_step"] < 0.9
+    assert [(f.name, f.stat().st_mtime_ns) for f in sorted((store / "shards").iterdir())] == made
+
+
 def _photo_repo(root: Path, train: int, test: int) -> Path:
     """A CIFAR-10-images-like folder (train/<class>/*.jpg, test/<class>/*.jpg, 32 px, a colour
     per class under noise) committed to git and cloned bare: how the photos travel to a GPU."""
@@ -232,6 +258,8 @@ def _photo_repo(root: Path, train: int, test: int) -> Path:
 
 
 def _speedrun_module():
+    if str(REPO / "benchmarks") not in sys.path:  # its sibling scripts, as when it runs
+        sys.path.insert(0, str(REPO / "benchmarks"))
     return load_module_file(REPO / "benchmarks" / "cifar10_speedrun.py", "bench_cifar10_speedrun")
 
 

@@ -12,7 +12,7 @@
 #                  at batch 64 and 256, the official model compiled, Hugging Face's ViTMAE
 #                  compiled, and ours, each with a loss curve from the same weights on the same
 #                  batches and masks (issue 25)
-#   4. serving_b16 serving speed of a ViT-B/16 classifier at 224 px (random weights)
+#   4. serving_b16 serving speed of a ViT-B/16 classifier at 224 px (random weights; runs last)
 #   5. speedrun    (SPEEDRUN_LIMIT > 0) the CIFAR-10 speedrun, issue 26: all 60,000 photos from
 #                  $CIFAR10_DATA (default .gpu/cifar10.git: gpu_wheels.sh CIFAR10_SRC=...) through
 #                  `mae-ops pipeline --params benchmarks/cifar10.yaml`, its epochs sized by a
@@ -35,7 +35,8 @@
 # pretrain-stage.json,
 # gpu_check.tar.gz (every log, the pipeline's reports, metrics, dvc.lock and plots).
 # Issue 25's run alone: E2E_LIMIT=0 SERVING_B16=0 THROUGHPUT_LIMIT=540.
-# Issue 26's speedrun alone: E2E_LIMIT=0 SERVING_B16=0 PRESETS="" SPEEDRUN_LIMIT=540.
+# Issue 26's speedrun alone: E2E_LIMIT=0 SERVING_B16=0 PRESETS="" SPEEDRUN_LIMIT=540 (in a call
+# after one that installed the wheels: wheels and photos together are over a call's 64 MiB).
 # Issue 25's stage on a large store alone: E2E_LIMIT=0 SERVING_B16=0 PRESETS="" STAGE_LIMIT=300.
 # Rehearse on a CPU: NO_WHEELS=1 PY=.venv/bin/python E2E_SET="--set pretrain.epochs=1 ..." \
 #   PRESETS=mae_vit_tiny_patch4 IN_CHANS=3 MODES=... bash benchmarks/gpu_check.sh

@@ -106,11 +106,11 @@ MODES.update(PEERS)
 CURVE_SMOOTHING = 10  # steps: a curve is compared by its moving mean
 
 
-def code_version() -> dict:
+def code_version(script: str | Path = __file__) -> dict:
     """Which code produced the numbers: the git commit where there is one, and always
-    a hash of the package's sources and this script (a copied tree has no .git)."""
+    a hash of the package's sources and the benchmark ``script`` (a copied tree has no .git)."""
     root = Path(__file__).resolve().parent.parent
-    sources = [*sorted((root / "src" / "mae_ops").rglob("*.py")), Path(__file__).resolve()]
+    sources = [*sorted((root / "src" / "mae_ops").rglob("*.py")), Path(script).resolve()]
     digest = hashlib.sha256()
     for path in sources:
         digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())

@@ -11,9 +11,9 @@ project under ``--work``, with the photos copied in as ``cifar10/``:
 
   speedrun    ``mae-ops pipeline finetune --params benchmarks/cifar10.yaml``: prepare,
               pretrain, finetune; each stage's seconds (reports/pipeline/run.json), the
-              fine-tuned model's test top-1, the epochs, images/s per stage; then
-              ``mae-ops pipeline evaluate`` (the reports), apart, so that a failure there
-              keeps the numbers
+              fine-tuned model's test top-1, the epochs, images/s per stage
+  evaluate    then ``mae-ops pipeline evaluate`` (the reports), apart, so that a failure
+              there keeps the speedrun's numbers
   scratch     the same ViT fine-tuned from random weights, with the same recipe, for the
               same budget: with ``--budget``, all of it in fine-tuning epochs after the
               fine-tune's fixed cost (the calibration's; so it can run in a call of its
@@ -30,6 +30,8 @@ checkpoints, validation) keep their share of the file's epochs. The calibration'
 numbers and the predicted wall time are in the JSON beside the measured one. (Its compile
 leaves the kernels in inductor's cache, so the timed run compiles faster than a cold
 first run would: the calibration's stage seconds say by how much at most.)
+``--calibration JSON`` takes an earlier run's calibration instead (same machine, same
+``--set``: benchmarks/speedrun_recipe.py splits one budget several ways on one calibration).
 
 ``--set`` applies to every part (the CPU rehearsal's small budgets). The JSON is
 written after each part, so a run cut short keeps what it measured.
@@ -252,15 +254,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, required=True, help="CIFAR-10 as train/ and test/ folders, or a git repo")
     ap.add_argument("--work", type=Path, default=Path("/tmp/cifar10-speedrun"))
-    ap.add_argument("--parts", default="speedrun,scratch,few_labels")
+    ap.add_argument("--parts", default="speedrun,evaluate,scratch,few_labels")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="section.key=value, for every part")
     ap.add_argument("--limit", type=float, default=None, help="seconds each command may take")
     ap.add_argument("--budget", type=float, default=None,
                     help="seconds of pre-training + fine-tuning to size the epochs to (a calibration run first); "
                          "default: the params file's epochs")  # fmt: skip
-    ap.add_argument("--pretrain-share", type=float, default=0.5, help="the budget's share for pre-training")
+    ap.add_argument("--pretrain-share", type=float, default=0.25,
+                    help="the budget's share for pre-training (the CPU study's pick: speedrun_recipe.py)")  # fmt: skip
+    ap.add_argument("--calibration", type=Path, default=None,
+                    help="with --budget: the calibration of an earlier run's JSON (same machine and --set) "
+                         "instead of a calibration run")  # fmt: skip
     ap.add_argument("--out", type=Path, default=Path("reports/benchmarks/cifar10-speedrun.json"))
     args = ap.parse_args()
+    if args.calibration is not None and args.budget is None:
+        ap.error("--calibration sizes a --budget: give both")
 
     parts = args.parts.split(",")
     shutil.rmtree(args.work, ignore_errors=True)
@@ -276,8 +284,13 @@ def main() -> None:
     every = list(args.sets)  # the overrides of every part: the given ones, then the budget's
     base = load_params(project / PARAMS, every)  # the file's schedule, --set on top
     if args.budget is not None:  # epochs sized to this machine: calibrate, then fill the budget
-        log(f"calibration: the pipeline with {CALIBRATION} epochs")
-        calibration = calibrate(project, flags(every), logfile, args.limit)
+        if args.calibration is not None:
+            calibration = json.loads(args.calibration.read_text())["budget"]["calibration"]
+            calibration["from"] = str(args.calibration)
+            log(f"calibration: {args.calibration}'s")
+        else:
+            log(f"calibration: the pipeline with {CALIBRATION} epochs")
+            calibration = calibrate(project, flags(every), logfile, args.limit)
         epochs = size_epochs(calibration["cost"], args.budget, args.pretrain_share)
         sized = schedule_sets({stage: getattr(base, stage).model_dump() for stage in epochs}, epochs)
         predicted = sum(c["fixed_s"] + epochs[stage] * c["epoch_s"] for stage, c in calibration["cost"].items())
@@ -302,6 +315,7 @@ def main() -> None:
         }
         write_json(args.out, report)
         log(f"speedrun: test top-1 {report['test_top1']:.4f} after {report['wall_s_pretrain_finetune']}s of training")
+    if "evaluate" in parts and "speedrun" in report["parts"]:
         log("evaluate: the rest of the pipeline")
         report["parts"]["speedrun"]["evaluate"] = evaluate(project, flags(every), logfile, args.limit)
         write_json(args.out, report)
@@ -313,6 +327,8 @@ def main() -> None:
             first = report["parts"]["speedrun"]
             per_epoch = first["finetune"]["train_time_s"] / first["finetune"]["epochs"]
             epochs = max(1, math.floor(first["wall_s_pretrain_finetune"] / per_epoch))
+        if not (project / "data/prepared/manifest.json").exists():  # alone, on an earlier run's calibration
+            run(["mae-ops", "pipeline", "prepare", "--params", PARAMS, *flags(every)], project, logfile, args.limit)
         log(f"scratch: {epochs} epochs from random weights")
         schedule = schedule_sets({"finetune": base.finetune.model_dump()}, {"finetune": epochs})
         part = side_finetune(project, "scratch", [*every, "finetune.init=scratch", *schedule], logfile, args.limit)

@@ -358,6 +358,34 @@ def loader_throughput(root: Path) -> str:
 
 
 @block
+def speedrun_recipe(root: Path) -> str:
+    """One wall-clock budget spent several ways on the CIFAR-10 subset (benchmarks/speedrun_recipe.py)."""
+    r = _json(root, f"{RESULTS}/cpu-cifar10-speedrun-recipe.json")
+    s = r["summary"]
+    rows = [[f"`{v['name']}`", "scratch" if v["pretrain_share"] == 0 else f"{v['pretrain_share']:.2f}",
+             " ".join(f"`{x}`" for x in v["sets"]) or "–", f"{v['epochs']['pretrain']} + {v['epochs']['finetune']}",
+             f"{v['predicted_wall_s']:.0f} / {v['measured_wall_s']:.0f}", _pct(v["test_top1"])]
+            for v in r["variants"]]  # fmt: skip
+    best = s["best"]
+    head = ["variant", "pre-training share", "overrides", "epochs (pre-train + fine-tune)",
+            "seconds predicted / measured", "test top-1"]  # fmt: skip
+    lines = [
+        f"Each variant: {r['budget_s']:.0f} s of pre-training + fine-tuning on the CIFAR-10 subset "
+        f"(`{r['data']}`, 32 px; {' '.join(f'`{x}`' for x in r['sets'])}; device: {r['device']}), scored on the "
+        f"{r['variants'][0]['num_test']:,} test photos. Best with pre-training: `{best}` "
+        f"({_pct(s['best_test_top1'])}); the ViT from random weights at the same budget: "
+        f"{_pct(s['scratch_test_top1'])} (margin {100 * s['margin_over_scratch']:+.2f} points); two seeds of one "
+        f"setting differ by {100 * s['seed_spread']:.2f} points, the noise any margin here has to clear "
+        f"(`benchmarks/results/cpu-cifar10-speedrun-recipe.json`).",
+        "",
+        *_table(head, rows),
+        "",
+        "![speedrun recipe](benchmarks/results/cpu-cifar10-speedrun-recipe.png)",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+@block
 def recipe_search(root: Path) -> str:
     """What the fine-tuning search chose between the recipes (benchmarks/recipe_search.py)."""
     r = _json(root, f"{RESULTS}/cpu-cifar-recipe-search.json")
@@ -508,6 +536,13 @@ def results_index(root: Path) -> str:
             "see its `commit`",
             "the fine-tuning search choosing the recipe on the CIFAR-10 subset: "
             + _json(root, f"{RESULTS}/cpu-cifar-recipe-search.json")["chosen"]["recipe"],
+        ),
+        (
+            "`cpu-cifar10-speedrun-recipe.json`, `.png`",
+            "same",
+            "see its `code`",
+            "the speedrun's budget spent several ways on the CIFAR-10 subset (a micro model): best "
+            + _json(root, f"{RESULTS}/cpu-cifar10-speedrun-recipe.json")["summary"]["best"],
         ),
         ("`study-cifar10/`", "same", "see `results.json`", _study_line(root, "study-cifar10")),
         ("`study-digits/`", "same", "see `results.json`", _study_line(root, "study-digits")),

@@ -17,7 +17,8 @@
 #                  $CIFAR10_DATA (default .gpu/cifar10.git: gpu_wheels.sh CIFAR10_SRC=...) through
 #                  `mae-ops pipeline --params benchmarks/cifar10.yaml`, its epochs sized by a
 #                  calibration run to $SPEEDRUN_BUDGET seconds of pre-training + fine-tuning
-#                  (cifar10-speedrun.json); $SPEEDRUN_PARTS adds scratch,few_labels
+#                  ($SPEEDRUN_SHARE of it pre-training, else the script's default; cifar10-speedrun.json); $SPEEDRUN_PARTS
+#                  (speedrun,evaluate) adds scratch,few_labels
 #   6. stage       (STAGE_LIMIT > 0) the pretrain stage itself, issue 25: `mae-ops pretrain` on a
 #                  store of $STAGE_IMAGES (100,000) images at 224 px, loader included, against the
 #                  bare step of the same preset and batch measured in the same step (pretrain-stage.json)
@@ -184,8 +185,8 @@ if [ -n "$PRESETS" ]; then  # PRESETS="" skips the throughput step
 fi
 if [ "${SPEEDRUN_LIMIT:-0}" != 0 ]; then  # the CIFAR-10 speedrun: the JSON written after each part
   step speedrun "$SPEEDRUN_LIMIT" $PY benchmarks/cifar10_speedrun.py --data "${CIFAR10_DATA:-$REPO/.gpu/cifar10.git}" \
-    --work "$WORK/speedrun" --parts "${SPEEDRUN_PARTS:-speedrun}" --budget "${SPEEDRUN_BUDGET:-300}" \
-    --out "$WORK/cifar10-speedrun.json" $SPEEDRUN_SET
+    --work "$WORK/speedrun" --parts "${SPEEDRUN_PARTS:-speedrun,evaluate}" --budget "${SPEEDRUN_BUDGET:-300}" \
+    ${SPEEDRUN_SHARE:+--pretrain-share "$SPEEDRUN_SHARE"} --out "$WORK/cifar10-speedrun.json" $SPEEDRUN_SET
 fi
 if [ "${STAGE_LIMIT:-0}" != 0 ]; then  # the stage on a store of 100,000 images (19.7 GB at 256 px, made once)
   step stage "$STAGE_LIMIT" $PY benchmarks/pretrain_stage.py --store /tmp/stage-store --images "${STAGE_IMAGES:-100000}" \

@@ -3,6 +3,7 @@ preset). Device time is scarce: a broken benchmark should fail here, not on a GP
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -330,3 +331,77 @@ def test_the_cifar10_speedrun_runs_its_three_parts_through_the_pipeline(tmp_path
     project = tmp_path / "work" / "project"
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     assert lock["stages"]["finetune"]["params"]["params.yaml"]["finetune"]["randaug"] == ""
+
+
+def _recipe_module():
+    if str(REPO / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(REPO / "benchmarks"))
+    return load_module_file(REPO / "benchmarks" / "speedrun_recipe.py", "bench_speedrun_recipe")
+
+
+def test_speedrun_recipe_summary_takes_the_best_pretrained_variant_its_margin_and_the_seed_spread() -> None:
+    rr = _recipe_module()
+    v = rr.Variant.parse("mask90 0.5 pretrain.mask_ratio=0.9 pretrain.seed=3")
+    assert (v.name, v.share, v.sets) == ("mask90", 0.5, ("pretrain.mask_ratio=0.9", "pretrain.seed=3"))
+    assert v.cost_key == ("pretrain.mask_ratio=0.9",)  # a seed changes nothing an epoch costs
+    for bad in ("alone", "x 1.0", "x -0.1", "x half"):
+        with pytest.raises(argparse.ArgumentTypeError, match="NAME SHARE"):
+            rr.Variant.parse(bad)
+
+    def r(name: str, share: float, top1: float, *sets: str) -> dict:
+        return {"name": name, "pretrain_share": share, "test_top1": top1, "sets": list(sets)}
+
+    rows = [r("mae", 0.5, 0.40), r("mae-seed1", 0.5, 0.37, "pretrain.seed=1", "finetune.seed=1"),
+            r("share25", 0.25, 0.42, "pretrain.seed=1"), r("mask90", 0.5, 0.30, "pretrain.mask_ratio=0.9"),
+            r("scratch", 0.0, 0.45), r("scratch-seed1", 0.0, 0.43, "finetune.seed=1")]  # fmt: skip
+    summary = rr.summarise(rows)
+    assert summary["best"] == "share25" and summary["best_test_top1"] == 0.42  # scratch is not a candidate
+    assert summary["scratch_test_top1"] == 0.45 and summary["margin_over_scratch"] == pytest.approx(-0.03)
+    # the largest spread between seeds of one setting (share and overrides, less the seeds)
+    assert summary["seed_spread"] == pytest.approx(0.03)
+    assert rr.summarise(rows[2:4])["seed_spread"] is None and "margin_over_scratch" not in rr.summarise(rows[:4])
+
+
+def test_speedrun_recipe_spends_one_budget_several_ways_on_one_calibration(tmp_path: Path) -> None:
+    """benchmarks/speedrun_recipe.py: every variant a budgeted speedrun of the pipeline;
+    the variants that cost the same per epoch share the first one's calibration; share 0
+    is the ViT from random weights at the same budget; a second run keeps what the first
+    finished."""
+    sr = _speedrun_module()
+    photos = _photo_repo(tmp_path, train=40, test=10)
+    out, work = tmp_path / "out" / "recipe.json", tmp_path / "work"
+    sets = ["model.preset=mae_vit_micro_patch4", "pretrain.batch_size=32", "finetune.batch_size=16",
+            "data.val_fraction=0.1"]  # fmt: skip
+    args = ["--data", str(photos), "--work", str(work), "--out", str(out), "--budget", "30",
+            *[a for s in sets for a in ("--set", s)], "--variant", "mae 0.5",
+            "--variant", "share25 0.25 pretrain.seed=1", "--variant", "scratch 0"]  # fmt: skip
+    run_script("speedrun_recipe.py", *args)
+    report = json.loads(out.read_text())
+    rows = {r["name"]: r for r in report["variants"]}
+    assert list(rows) == ["mae", "share25", "scratch"] and report["budget_s"] == 30 and report["sets"] == sets
+    own = {name: json.loads((work / f"{name}.json").read_text()) for name in rows}
+    cost = own["mae"]["budget"]["calibration"]["cost"]
+    # one calibration, the first variant's; the others sized on it
+    assert rows["mae"]["calibration"] == "its own"
+    assert rows["share25"]["calibration"] == rows["scratch"]["calibration"] == str(work / "mae.json")
+    assert own["share25"]["budget"]["calibration"]["cost"] == cost
+    assert "prepare" in own["share25"]["parts"]["speedrun"]["stage_seconds"]  # no calibration run prepared it
+    assert rows["mae"]["epochs"] == sr.size_epochs(cost, 30, 0.5)
+    assert rows["share25"]["epochs"] == sr.size_epochs(cost, 30, 0.25)
+    assert own["share25"]["parts"]["speedrun"]["params"]["pretrain"]["seed"] == 1  # its own overrides on top
+    assert rows["scratch"]["epochs"] == {"pretrain": 0, **sr.size_epochs({"finetune": cost["finetune"]}, 30, 0.0)}
+    for name, r in rows.items():
+        part = own[name]["parts"]["scratch" if name == "scratch" else "speedrun"]
+        assert r["test_top1"] == part["test_top1"] and r["num_test"] == 30
+        assert not (work / name).exists()  # the project copy is gone, its numbers kept
+    best = max(("mae", "share25"), key=lambda n: rows[n]["test_top1"])
+    assert report["summary"]["best"] == best and report["summary"]["seed_spread"] is None
+    assert report["summary"]["margin_over_scratch"] == pytest.approx(
+        rows[best]["test_top1"] - rows["scratch"]["test_top1"], abs=1e-5
+    )
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # again: every variant finished, so nothing runs; a new variant would
+    before = {name: (work / f"{name}.json").stat().st_mtime_ns for name in rows}
+    run_script("speedrun_recipe.py", *args)
+    assert {name: (work / f"{name}.json").stat().st_mtime_ns for name in rows} == before
+    assert json.loads(out.read_text())["variants"] == report["variants"]

@@ -1,0 +1,233 @@
+"""Which recipe for the CIFAR-10 speedrun? One wall-clock budget spent several ways,
+chosen on a CPU before the GPU minutes are spent (issue 26).
+
+    python benchmarks/speedrun_recipe.py --data /tmp/cifar/cifar10-subset --budget 300 \\
+        --set model.preset=mae_vit_micro_patch4 --set pretrain.batch_size=256 --set finetune.batch_size=256 \\
+        --out benchmarks/results/cpu-cifar10-speedrun-recipe.json
+
+Each variant is one run of ``cifar10_speedrun.py --budget`` (the pipeline up to the
+fine-tune on ``benchmarks/cifar10.yaml``, in a fresh git + DVC copy of the project, the
+epochs sized to the budget), scored on the test photos. A variant is a name, the
+budget's share for pre-training and its own ``--set`` overrides on top of the common
+ones; share 0 is the same ViT from random weights, all of the budget in fine-tuning
+epochs (the speedrun's ``scratch`` part). Variants whose overrides differ only in seeds
+cost the same per epoch, so they share one calibration (the first's): only the first
+of each pays for one.
+
+``--out``: every variant's test top-1, its epochs, the predicted and the measured
+seconds, where its calibration came from; the best variant with pre-training, its
+margin over scratch, and the spread between seeds of one setting (the noise a margin
+has to clear); a PNG beside it. Each variant's own JSON and log stay under ``--work``;
+a variant whose JSON there is complete for the same budget and overrides is kept, so
+a study cut short resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from itertools import groupby
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+from pretrain_throughput import code_version  # a sibling script: its folder is on sys.path
+
+from mae_ops.atomic import save_with, write_json
+
+HERE = Path(__file__).resolve().parent
+
+
+def without_seeds(sets: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(sorted(s for s in sets if not s.partition("=")[0].endswith(".seed")))
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    share: float  # the budget's share for pre-training; 0: from random weights
+    sets: tuple[str, ...] = ()
+
+    @property
+    def cost_key(self) -> tuple[str, ...]:
+        """What the seconds per epoch depend on: the overrides, less the seeds."""
+        return without_seeds(self.sets)
+
+    @classmethod
+    def parse(cls, text: str) -> Variant:
+        """``NAME SHARE [section.key=value ...]``"""
+        try:
+            name, share, *sets = text.split()
+            if not 0.0 <= float(share) < 1.0:
+                raise ValueError
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: give NAME SHARE [section.key=value ...], SHARE in [0, 1)"
+            ) from None
+        return cls(name, float(share), tuple(sets))
+
+
+# one setting changed at a time from the first, and the first again with other seeds
+VARIANTS = (
+    Variant("mae", 0.5),
+    Variant("mae-share10", 0.1),
+    Variant("mae-share25", 0.25),
+    Variant("mae-share75", 0.75),
+    Variant("mae-seed1", 0.5, ("pretrain.seed=1", "finetune.seed=1")),
+    Variant("mask90", 0.5, ("pretrain.mask_ratio=0.9",)),
+    Variant("decoder2", 0.5, ("model.decoder_depth=2",)),
+    Variant("scratch", 0.0),
+)
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def finished(path: Path, v: Variant, sets: list[str], budget: float) -> dict | None:
+    """The variant's JSON from an earlier run of the same study, if it got to the end."""
+    if not path.exists():
+        return None
+    r = json.loads(path.read_text())
+    part = r.get("parts", {}).get("scratch" if v.share == 0 else "speedrun", {})
+    same = r.get("sets") == [*sets, *v.sets] and r.get("budget", {}).get("seconds") == budget
+    return r if same and "test_top1" in part and (v.share == 0 or r["budget"]["pretrain_share"] == v.share) else None
+
+
+def run_variant(v: Variant, args: argparse.Namespace, calibration: Path | None) -> dict:
+    """cifar10_speedrun.py for one variant; its JSON."""
+    out = args.work / f"{v.name}.json"
+    cmd = [sys.executable, str(HERE / "cifar10_speedrun.py"), "--data", str(args.data), "--work",
+           str(args.work / v.name), "--out", str(out), "--budget", str(args.budget),
+           "--parts", "scratch" if v.share == 0 else "speedrun",
+           *(["--pretrain-share", str(v.share)] if v.share else []),
+           *(["--calibration", str(calibration)] if calibration else []),
+           *[a for s in [*args.sets, *v.sets] for a in ("--set", s)]]  # fmt: skip
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, timeout=args.limit)
+    subprocess.run(["rm", "-rf", str(args.work / v.name)], check=True)  # the project copy: its numbers are in out
+    return json.loads(out.read_text())
+
+
+def row(v: Variant, r: dict) -> dict:
+    budget = r["budget"]
+    cost = budget["calibration"]["cost"]
+    if v.share == 0:
+        part = r["parts"]["scratch"]
+        epochs = {"pretrain": 0, "finetune": part["epochs"]}
+        predicted = cost["finetune"]["fixed_s"] + part["epochs"] * cost["finetune"]["epoch_s"]
+        measured = part["wall_s"]
+    else:
+        part = r["parts"]["speedrun"]
+        epochs = budget["epochs"]
+        predicted, measured = budget["predicted_wall_s"], part["wall_s_pretrain_finetune"]
+    return {"name": v.name, "pretrain_share": v.share, "sets": list(v.sets), "test_top1": part["test_top1"],
+            "num_test": part["num_test"], "epochs": epochs, "predicted_wall_s": round(predicted, 1),
+            "measured_wall_s": measured, "calibration": budget["calibration"].get("from", "its own")}  # fmt: skip
+
+
+def summarise(rows: list[dict]) -> dict:
+    """The best variant with pre-training, its margin over scratch, and the seed spread."""
+    mae = [r for r in rows if r["pretrain_share"] > 0]
+    scratch = [r for r in rows if r["pretrain_share"] == 0]
+    best = max(mae, key=lambda r: r["test_top1"]) if mae else None
+
+    def setting(r: dict) -> tuple:
+        return r["pretrain_share"], without_seeds(r["sets"])
+
+    spreads = [
+        max(g) - min(g)
+        for g in ([r["test_top1"] for r in grp] for _, grp in groupby(sorted(rows, key=setting), key=setting))
+        if len(g) > 1
+    ]
+    out: dict = {"best": best and best["name"], "best_test_top1": best and best["test_top1"],
+                 "seed_spread": round(max(spreads), 5) if spreads else None}  # fmt: skip
+    if best and scratch:
+        out["scratch_test_top1"] = max(r["test_top1"] for r in scratch)
+        out["margin_over_scratch"] = round(best["test_top1"] - out["scratch_test_top1"], 5)
+    return out
+
+
+def plot(report: dict, path: Path) -> None:
+    rows = report["variants"]
+    fig, ax = plt.subplots(figsize=(7, 0.5 * len(rows) + 1.6))
+    names = [r["name"] for r in rows][::-1]
+    tops = [100 * r["test_top1"] for r in rows][::-1]
+    colours = ["0.6" if r["pretrain_share"] == 0 else "tab:blue" for r in rows][::-1]
+    ax.barh(names, tops, color=colours)
+    for y, r in enumerate(rows[::-1]):
+        e = r["epochs"]
+        ax.text(tops[y], y, f" {tops[y]:.1f} %  ({e['pretrain']} + {e['finetune']} epochs)", va="center", fontsize=8)
+    spread = report["summary"]["seed_spread"]
+    if spread is not None and report["summary"]["best"]:
+        best = 100 * report["summary"]["best_test_top1"]
+        ax.axvspan(best - 100 * spread, best, color="tab:orange", alpha=0.15, label="best − seed spread")
+        ax.legend(loc="lower right", fontsize=8)
+    ax.set_xlim(0, max(tops) * 1.35)
+    ax.set_xlabel("test top-1 (%)")
+    ax.set_title(f"{report['budget_s']:.0f} s of pre-training + fine-tuning each, {report['device']}", fontsize=9)
+    fig.tight_layout()
+    save_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, required=True, help="train/ and test/ photo folders, or a git repo of them")
+    ap.add_argument("--budget", type=float, required=True, help="seconds of pre-training + fine-tuning per variant")
+    ap.add_argument("--set", dest="sets", action="append", default=[], help="section.key=value, for every variant")
+    ap.add_argument("--variant", dest="variants", action="append", type=Variant.parse, default=None,
+                    help="'NAME SHARE [section.key=value ...]' (repeat); default: " +
+                         "; ".join(f"{v.name} {v.share} {' '.join(v.sets)}".strip() for v in VARIANTS))  # fmt: skip
+    ap.add_argument("--work", type=Path, default=Path("/tmp/speedrun-recipe"))
+    ap.add_argument("--limit", type=float, default=None, help="seconds each variant may take")
+    ap.add_argument("--out", type=Path, default=Path("reports/benchmarks/speedrun-recipe.json"))
+    args = ap.parse_args()
+    variants = args.variants or list(VARIANTS)
+    if len({v.name for v in variants}) < len(variants):
+        ap.error("variant names must differ")
+    args.work.mkdir(parents=True, exist_ok=True)
+
+    calibrated: dict[tuple[str, ...], Path] = {}  # cost key -> the JSON holding its calibration
+    results: dict[str, dict] = {}
+    for v in variants:
+        out = args.work / f"{v.name}.json"
+        r = finished(out, v, args.sets, args.budget)
+        if r is None:
+            reuse = calibrated.get(v.cost_key)
+            log(f"{v.name}: share {v.share}, {' '.join(v.sets) or 'the common settings'}"
+                f"{f', calibration of {reuse.stem}' if reuse else ', calibrating'}")  # fmt: skip
+            r = run_variant(v, args, reuse)
+        else:
+            log(f"{v.name}: kept from {out}")
+        calibrated.setdefault(v.cost_key, out)
+        results[v.name] = r
+        log(f"{v.name}: test top-1 {row(v, r)['test_top1']:.4f}")
+
+    first = next(iter(results.values()))
+    report = {
+        "measured_by": "benchmarks/speedrun_recipe.py",
+        "measured": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "device": first["device"],
+        "cpu": platform.machine(),
+        "torch": first["torch"],
+        "code": code_version(__file__),
+        "data": args.data.name,
+        "budget_s": args.budget,
+        "sets": args.sets,
+        "variants": [row(v, results[v.name]) for v in variants],
+    }
+    report["summary"] = summarise(report["variants"])
+    write_json(args.out, report)
+    plot(report, args.out.with_suffix(".png"))
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

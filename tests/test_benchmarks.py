@@ -315,7 +315,8 @@ def test_the_cifar10_speedrun_runs_its_three_parts_through_the_pipeline(tmp_path
     calibration = budget["calibration"]
     assert calibration["pretrain"]["epochs"] == calibration["finetune"]["epochs"] == 3
     assert all(c["epochs"] == 3 and c["epoch_s"] > 0 for c in calibration["cost"].values())
-    assert budget["epochs"] == sr.size_epochs(calibration["cost"], 30, 0.5)
+    assert budget["pretrain_share"] == 0.25  # the default: the CPU study's pick
+    assert budget["epochs"] == sr.size_epochs(calibration["cost"], 30, 0.25)
     assert speedrun["pretrain"]["epochs"] == budget["epochs"]["pretrain"]
     assert speedrun["finetune"]["epochs"] == budget["epochs"]["finetune"]
     assert f"finetune.epochs={budget['epochs']['finetune']}" in budget["sets"]

@@ -176,6 +176,11 @@ def size_epochs(costs: dict[str, dict[str, float]], budget: float, pretrain_shar
             for stage, c in costs.items()}  # fmt: skip
 
 
+def predicted_seconds(costs: dict[str, dict[str, float]], epochs: dict[str, int]) -> float:
+    """The calibration's forecast of the stages' wall time for these epochs."""
+    return round(sum(c["fixed_s"] + epochs[stage] * c["epoch_s"] for stage, c in costs.items()), 1)
+
+
 def schedule_sets(base: dict[str, dict], epochs: dict[str, int]) -> list[str]:
     """``--set`` overrides giving each stage ``epochs[stage]`` epochs, with the base
     schedule's warm-up, checkpoint and validation counts scaled to the new length
@@ -293,13 +298,13 @@ def main() -> None:
             calibration = calibrate(project, flags(every), logfile, args.limit)
         epochs = size_epochs(calibration["cost"], args.budget, args.pretrain_share)
         sized = schedule_sets({stage: getattr(base, stage).model_dump() for stage in epochs}, epochs)
-        predicted = sum(c["fixed_s"] + epochs[stage] * c["epoch_s"] for stage, c in calibration["cost"].items())
+        predicted = predicted_seconds(calibration["cost"], epochs)
         report["budget"] = {
             "seconds": args.budget,
             "pretrain_share": args.pretrain_share,
             "epochs": epochs,
             "sets": sized,
-            "predicted_wall_s": round(predicted, 1),
+            "predicted_wall_s": predicted,
             "calibration": calibration,
         }
         write_json(args.out, report)
@@ -320,19 +325,22 @@ def main() -> None:
         report["parts"]["speedrun"]["evaluate"] = evaluate(project, flags(every), logfile, args.limit)
         write_json(args.out, report)
     if "scratch" in parts:  # the same budget as pre-training + fine-tuning, all in fine-tuning epochs
+        predicted = None
         if args.budget is not None:  # the budget after the fine-tune's fixed cost (it may run without the speedrun)
-            cost = report["budget"]["calibration"]["cost"]["finetune"]
-            epochs = size_epochs({"finetune": cost}, args.budget, pretrain_share=0.0)["finetune"]
+            cost = {"finetune": report["budget"]["calibration"]["cost"]["finetune"]}
+            epochs = size_epochs(cost, args.budget, pretrain_share=0.0)["finetune"]
+            predicted = predicted_seconds(cost, {"finetune": epochs})
         else:  # the wall time the speedrun's pre-training + fine-tuning took
             first = report["parts"]["speedrun"]
             per_epoch = first["finetune"]["train_time_s"] / first["finetune"]["epochs"]
             epochs = max(1, math.floor(first["wall_s_pretrain_finetune"] / per_epoch))
-        if not (project / "data/prepared/manifest.json").exists():  # alone, on an earlier run's calibration
-            run(["mae-ops", "pipeline", "prepare", "--params", PARAMS, *flags(every)], project, logfile, args.limit)
+        # prepared by the parts before it, or (alone, on an earlier run's calibration) now: DVC decides
+        run(["mae-ops", "pipeline", "prepare", "--params", PARAMS, *flags(every)], project, logfile, args.limit)
         log(f"scratch: {epochs} epochs from random weights")
         schedule = schedule_sets({"finetune": base.finetune.model_dump()}, {"finetune": epochs})
         part = side_finetune(project, "scratch", [*every, "finetune.init=scratch", *schedule], logfile, args.limit)
-        report["parts"]["scratch"] = {**part, **test_top1(project, "models/scratch/model.pth")}
+        report["parts"]["scratch"] = {**part, **test_top1(project, "models/scratch/model.pth"),
+                                      "predicted_wall_s": predicted}  # fmt: skip
         write_json(args.out, report)
     if "few_labels" in parts:  # the pre-trained encoder, 10 % of the labels (their own prepared copy)
         few = "data/prepared-10pct"

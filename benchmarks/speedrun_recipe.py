@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -38,7 +39,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-from pretrain_throughput import code_version  # a sibling script: its folder is on sys.path
+from cifar10_speedrun import flags, log  # sibling scripts: their folder is on sys.path
+from pretrain_throughput import code_version
 
 from mae_ops.atomic import save_with, write_json
 
@@ -87,10 +89,6 @@ VARIANTS = (
 )
 
 
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
 def finished(path: Path, v: Variant, sets: list[str], budget: float) -> dict | None:
     """The variant's JSON from an earlier run of the same study, if it got to the end."""
     if not path.exists():
@@ -109,26 +107,24 @@ def run_variant(v: Variant, args: argparse.Namespace, calibration: Path | None) 
            "--parts", "scratch" if v.share == 0 else "speedrun",
            *(["--pretrain-share", str(v.share)] if v.share else []),
            *(["--calibration", str(calibration)] if calibration else []),
-           *[a for s in [*args.sets, *v.sets] for a in ("--set", s)]]  # fmt: skip
+           *flags([*args.sets, *v.sets])]  # fmt: skip
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, timeout=args.limit)
-    subprocess.run(["rm", "-rf", str(args.work / v.name)], check=True)  # the project copy: its numbers are in out
+    shutil.rmtree(args.work / v.name)  # the project copy: its numbers are in out
     return json.loads(out.read_text())
 
 
 def row(v: Variant, r: dict) -> dict:
     budget = r["budget"]
-    cost = budget["calibration"]["cost"]
     if v.share == 0:
         part = r["parts"]["scratch"]
         epochs = {"pretrain": 0, "finetune": part["epochs"]}
-        predicted = cost["finetune"]["fixed_s"] + part["epochs"] * cost["finetune"]["epoch_s"]
-        measured = part["wall_s"]
+        predicted, measured = part["predicted_wall_s"], part["wall_s"]
     else:
         part = r["parts"]["speedrun"]
         epochs = budget["epochs"]
         predicted, measured = budget["predicted_wall_s"], part["wall_s_pretrain_finetune"]
     return {"name": v.name, "pretrain_share": v.share, "sets": list(v.sets), "test_top1": part["test_top1"],
-            "num_test": part["num_test"], "epochs": epochs, "predicted_wall_s": round(predicted, 1),
+            "num_test": part["num_test"], "epochs": epochs, "predicted_wall_s": predicted,
             "measured_wall_s": measured, "calibration": budget["calibration"].get("from", "its own")}  # fmt: skip
 
 

@@ -258,16 +258,17 @@ def _photo_repo(root: Path, train: int, test: int) -> Path:
     return root / "photos.git"
 
 
-def _speedrun_module():
-    if str(REPO / "benchmarks") not in sys.path:  # its sibling scripts, as when it runs
+def _sibling_script(name: str):
+    """A benchmark script that imports its sibling scripts, loaded as when it runs."""
+    if str(REPO / "benchmarks") not in sys.path:
         sys.path.insert(0, str(REPO / "benchmarks"))
-    return load_module_file(REPO / "benchmarks" / "cifar10_speedrun.py", "bench_cifar10_speedrun")
+    return load_module_file(REPO / "benchmarks" / f"{name}.py", f"bench_{name}")
 
 
 def test_speedrun_budget_sizes_each_stage_and_scales_its_schedule() -> None:
     """--budget: each stage's share of the budget, less its fixed cost, in its steady epochs
     (at least one); warm-up, checkpoint and validation counts keep their share of the schedule."""
-    sr = _speedrun_module()
+    sr = _sibling_script("cifar10_speedrun")
     costs = {"pretrain": {"epoch_s": 0.5, "fixed_s": 40.0}, "finetune": {"epoch_s": 1.5, "fixed_s": 30.0}}
     assert sr.size_epochs(costs, 540, 0.5) == {"pretrain": 460, "finetune": 160}  # (270-40)/0.5, (270-30)/1.5
     assert sr.size_epochs(costs, 540, 0.25) == {"pretrain": 190, "finetune": 250}
@@ -288,7 +289,7 @@ def test_the_cifar10_speedrun_runs_its_three_parts_through_the_pipeline(tmp_path
     a calibration run of the pipeline on benchmarks/cifar10.yaml (a micro model here) sizes
     the epochs to --budget, the speedrun trains them, then the scratch ViT at the same wall
     time and the few-label fine-tune, each scored on the test photos."""
-    sr = _speedrun_module()
+    sr = _sibling_script("cifar10_speedrun")
     photos = _photo_repo(tmp_path, train=40, test=10)
     out = tmp_path / "out" / "speedrun.json"
     sets = ["model.preset=mae_vit_micro_patch4", "pretrain.batch_size=32", "finetune.batch_size=16",
@@ -334,14 +335,8 @@ def test_the_cifar10_speedrun_runs_its_three_parts_through_the_pipeline(tmp_path
     assert lock["stages"]["finetune"]["params"]["params.yaml"]["finetune"]["randaug"] == ""
 
 
-def _recipe_module():
-    if str(REPO / "benchmarks") not in sys.path:
-        sys.path.insert(0, str(REPO / "benchmarks"))
-    return load_module_file(REPO / "benchmarks" / "speedrun_recipe.py", "bench_speedrun_recipe")
-
-
 def test_speedrun_recipe_summary_takes_the_best_pretrained_variant_its_margin_and_the_seed_spread() -> None:
-    rr = _recipe_module()
+    rr = _sibling_script("speedrun_recipe")
     v = rr.Variant.parse("mask90 0.5 pretrain.mask_ratio=0.9 pretrain.seed=3")
     assert (v.name, v.share, v.sets) == ("mask90", 0.5, ("pretrain.mask_ratio=0.9", "pretrain.seed=3"))
     assert v.cost_key == ("pretrain.mask_ratio=0.9",)  # a seed changes nothing an epoch costs
@@ -368,7 +363,7 @@ def test_speedrun_recipe_spends_one_budget_several_ways_on_one_calibration(tmp_p
     the variants that cost the same per epoch share the first one's calibration; share 0
     is the ViT from random weights at the same budget; a second run keeps what the first
     finished."""
-    sr = _speedrun_module()
+    sr = _sibling_script("cifar10_speedrun")
     photos = _photo_repo(tmp_path, train=40, test=10)
     out, work = tmp_path / "out" / "recipe.json", tmp_path / "work"
     sets = ["model.preset=mae_vit_micro_patch4", "pretrain.batch_size=32", "finetune.batch_size=16",
@@ -391,6 +386,9 @@ def test_speedrun_recipe_spends_one_budget_several_ways_on_one_calibration(tmp_p
     assert rows["share25"]["epochs"] == sr.size_epochs(cost, 30, 0.25)
     assert own["share25"]["parts"]["speedrun"]["params"]["pretrain"]["seed"] == 1  # its own overrides on top
     assert rows["scratch"]["epochs"] == {"pretrain": 0, **sr.size_epochs({"finetune": cost["finetune"]}, 30, 0.0)}
+    assert rows["scratch"]["predicted_wall_s"] == pytest.approx(
+        cost["finetune"]["fixed_s"] + rows["scratch"]["epochs"]["finetune"] * cost["finetune"]["epoch_s"], abs=0.06
+    )
     for name, r in rows.items():
         part = own[name]["parts"]["scratch" if name == "scratch" else "speedrun"]
         assert r["test_top1"] == part["test_top1"] and r["num_test"] == 30

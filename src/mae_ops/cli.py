@@ -20,7 +20,7 @@ import typer
 import yaml
 
 from mae_ops.config import Config, InputError, load_params, redact
-from mae_ops.errors import UserError
+from mae_ops.errors import ERROR_FILE_ENV, UserError
 from mae_ops.reporting import setup_logging
 
 T = TypeVar("T")
@@ -44,7 +44,6 @@ SetOpt = Annotated[
 
 
 _DEBUG = {"on": False}
-ERROR_FILE_ENV = "MAE_OPS_ERROR_FILE"  # set by the pipeline for each stage it runs (orchestration.py)
 
 
 @app.callback()
@@ -384,13 +383,13 @@ def pipeline(
 def probe(
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
-    encoder: Annotated[Path, typer.Option(help="encoder checkpoint")] = Path("models/pretrain/encoder.pth"),
+    encoder: Annotated[Path | None, typer.Option(help="encoder checkpoint (default: the pretrain stage's)")] = None,
     out: Annotated[Path, typer.Option(help="scores (JSON)")] = Path("reports/probe.json"),
 ) -> None:
     """Score a pre-trained encoder on the validation split: k-NN, linear probe, short fine-tune."""
     from mae_ops.stages import probe as stage
 
-    _, scores = _run_stage(params, set_, lambda cfg: stage.run(cfg, encoder, out))
+    _, scores = _run_stage(params, set_, lambda cfg: stage.run(cfg, encoder or cfg.outputs().encoder, out))
     typer.echo(json.dumps({k: v for k, v in scores.items() if k.endswith("_top1")}))
 
 

@@ -6,12 +6,13 @@ Errors name the key and what is allowed, e.g.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_type_hints
 
 import yaml
 from pydantic import (
@@ -547,10 +548,75 @@ class Config(_Section):
             )
         return self
 
+    def outputs(self, root: str | Path = ".") -> Outputs:
+        """The files the stages hand to each other, the pipeline's summary and the registry,
+        under ``root`` (absolute paths in the params stay as they are)."""
+        d, p, f, h, e, x = self.data, self.pretrain, self.finetune, self.hpo, self.evaluate, self.export
+        at = Path(root)
+        return Outputs(
+            prepared=at / d.out_dir, manifest=at / d.out_dir / "manifest.json",
+            encoder=at / p.out_dir / "encoder.pth", pretrain_metrics=at / p.reports_dir / "metrics.json",
+            reconstruction_png=at / p.reports_dir / "reconstruction.png", loss_png=at / p.reports_dir / "loss.png",
+            finetune_model=at / f.out_dir / "model.pth", finetune_metrics=at / f.reports_dir / "metrics.json",
+            learning_curve_png=at / f.reports_dir / "learning_curve.png",
+            hpo_best=at / h.reports_dir / "best_params.json",
+            hpo_history_png=at / h.reports_dir / "optimization_history.png",
+            baselines_metrics=at / e.baselines_reports_dir / "metrics.json", metrics=at / e.metrics_file,
+            deployed=at / e.reports_dir / "deployed.json", confusion_png=at / e.reports_dir / "confusion_matrix.png",
+            model_onnx=at / x.out_dir / "model.onnx", int8_onnx=at / x.out_dir / "model.int8.onnx",
+            encoder_onnx=at / x.out_dir / "encoder.onnx", parity=at / x.reports_dir / "parity.json",
+            benchmark=at / x.reports_dir / "benchmark.json",
+        )  # fmt: skip
+
     def section_hash(self, *sections: str) -> str:
         """Stable short hash of some sections, used to match checkpoints to runs."""
         payload = {s: getattr(self, s).model_dump(mode="json") for s in sections}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclasses.dataclass(frozen=True)
+class Outputs:
+    """Where each stage leaves what others read: the one home of these paths (``Config.outputs``;
+    tests check that dvc.yaml tracks each under the stage that writes it)."""
+
+    prepared: Annotated[Path, "prepare"]
+    manifest: Annotated[Path, "prepare"]
+    encoder: Annotated[Path, "pretrain"]
+    pretrain_metrics: Annotated[Path, "pretrain"]
+    reconstruction_png: Annotated[Path, "pretrain"]
+    loss_png: Annotated[Path, "pretrain"]
+    finetune_model: Annotated[Path, "finetune"]
+    finetune_metrics: Annotated[Path, "finetune"]
+    learning_curve_png: Annotated[Path, "finetune"]
+    hpo_best: Annotated[Path, "finetune"]  # the search runs inside the finetune stage
+    hpo_history_png: Annotated[Path, "finetune"]
+    baselines_metrics: Annotated[Path, "baselines"]
+    metrics: Annotated[Path, "evaluate"]  # every model's test top-1
+    deployed: Annotated[Path, "evaluate"]  # the model to ship, chosen on validation
+    confusion_png: Annotated[Path, "evaluate"]
+    model_onnx: Annotated[Path, "export"]
+    int8_onnx: Annotated[Path, "export"]
+    encoder_onnx: Annotated[Path, "export"]
+    parity: Annotated[Path, "export"]
+    benchmark: Annotated[Path, "export"]
+
+    def of_stage(self, stage: str) -> dict[str, Path]:
+        """The outputs written by ``stage`` (each field's annotation names its stage)."""
+        hints = get_type_hints(Outputs, include_extras=True)
+        return {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if hints[f.name].__metadata__[0] == stage
+        }
+
+    @property
+    def pictures(self) -> list[Path]:
+        return [self.reconstruction_png, self.loss_png, self.learning_curve_png, self.hpo_history_png,
+                self.confusion_png]  # fmt: skip
+
+
+def project_outputs(repo: Path) -> Outputs:
+    """The outputs of the project at ``repo``, by its params.yaml (the defaults without one)."""
+    params = repo / "params.yaml"
+    return (load_params(params) if params.exists() else Config()).outputs(repo)
 
 
 # --------------------------------------------------------------------- loading

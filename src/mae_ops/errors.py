@@ -7,6 +7,10 @@ with code 2. Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+# where a stage command run by the pipeline writes its one-line error, for the flow to show it
+# without a traceback (orchestration.py sets it for each stage; cli.py writes it)
+ERROR_FILE_ENV = "MAE_OPS_ERROR_FILE"
+
 
 class UserError(Exception):
     """A problem the user can fix; the message says what and how."""

@@ -68,7 +68,7 @@ def encoder_source(cfg: Config, init: str) -> Path | None:
     """Where the encoder weights come from: None for a from-scratch baseline."""
     if init == "scratch":
         return None
-    path = Path(cfg.pretrain.out_dir) / "encoder.pth" if init == "pretrain" else Path(init)
+    path = cfg.outputs().encoder if init == "pretrain" else Path(init)
     if not path.exists():
         hint = "run `mae-ops pretrain` first" if init == "pretrain" else "init must be pretrain, scratch or a file"
         raise InputError(f"encoder checkpoint {path} not found: {hint}")

@@ -339,30 +339,32 @@ def write_disabled_report(hc: HpoConfig, why: str) -> None:
                "params were used as given in params.yaml.\n")  # fmt: skip
 
 
-def write_reports(study: optuna.Study, hc: HpoConfig) -> dict[str, Any]:
-    out = Path(hc.reports_dir)
+def write_reports(study: optuna.Study, best_file: Path, history_png: Path) -> dict[str, Any]:
+    """The best trial in ``best_file``; the trials and Optuna's plots beside it (the
+    optimization history in ``history_png``)."""
+    out = best_file.parent
     trials = study.get_trials(deepcopy=False)
     counts = {s.name.lower(): sum(t.state == s for t in trials) for s in (*FINISHED, TrialState.RUNNING)}
     best = {"study": study.study_name, "value": study.best_value, "trial": study.best_trial.number,
             "params": study.best_params, "counts": counts}  # fmt: skip
-    write_json(out / "best_params.json", best)
+    write_json(best_file, best)
     write_text(out / "trials.csv", study.trials_dataframe().to_csv(index=False))
 
     from optuna.visualization import matplotlib as ovm
 
     plots = {
-        "optimization_history.png": ovm.plot_optimization_history,
-        "intermediate_values.png": ovm.plot_intermediate_values,
-        "param_importances.png": ovm.plot_param_importances,
+        history_png: ovm.plot_optimization_history,
+        out / "intermediate_values.png": ovm.plot_intermediate_values,
+        out / "param_importances.png": ovm.plot_param_importances,
     }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Optuna marks its matplotlib backend experimental
-        for name, plot in plots.items():
+        for path, plot in plots.items():
             try:
                 ax = plot(study)
             except (ValueError, RuntimeError) as exc:  # e.g. importances need >= 2 completed trials
-                log.info("skipping %s: %s", name, exc)
+                log.info("skipping %s: %s", path.name, exc)
                 continue
             fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
-            save_figure(fig, out / name)
+            save_figure(fig, path)
     return best

@@ -23,8 +23,8 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
 from mae_ops.atomic import file_lock, free_bytes, write_json, write_text
-from mae_ops.config import Config, apply_overrides, redact, validate
-from mae_ops.errors import UserError
+from mae_ops.config import Config, apply_overrides, project_outputs, redact, validate
+from mae_ops.errors import ERROR_FILE_ENV, UserError
 from mae_ops.preparing import FORCE_ENV
 from mae_ops.registry import published_variant
 from mae_ops.reporting import file_sha256
@@ -32,7 +32,6 @@ from mae_ops.sources import check_sources, dep_path, rooted_data, source_folders
 
 STAGES = ("prepare", "pretrain", "finetune", "baselines", "evaluate", "export")
 LOCK_FILE = ".dvc/tmp/mae-ops-pipeline.lock"
-ERROR_FILE_ENV = "MAE_OPS_ERROR_FILE"  # where a stage command writes its one-line user error
 
 # quiet, reliable Prefect on a fresh machine: its temporary local API, no telemetry
 PREFECT_DEFAULTS = {
@@ -329,12 +328,13 @@ def _read_json(path: Path) -> dict:
 
 def run_summary(repo: Path, results: list[StageResult]) -> str:
     """Markdown summary of a run from the reports the stages wrote."""
-    manifest = _read_json(repo / "data/prepared/manifest.json")
-    pre = _read_json(repo / "reports/pretrain/metrics.json")
-    hpo = _read_json(repo / "reports/hpo/best_params.json")
-    metrics = _read_json(repo / "reports/metrics.json")
-    parity = _read_json(repo / "reports/export/parity.json")
-    bench_report = _read_json(repo / "reports/export/benchmark.json")
+    outs = project_outputs(repo)
+    manifest = _read_json(outs.manifest)
+    pre = _read_json(outs.pretrain_metrics)
+    hpo = _read_json(outs.hpo_best)
+    metrics = _read_json(outs.metrics)
+    parity = _read_json(outs.parity)
+    bench_report = _read_json(outs.benchmark)
     bench = bench_report.get("results", {})
     lines = ["# mae-ops pipeline run", "", "| stage | ran | seconds |", "| --- | --- | --- |"]
     lines += [f"| {r.stage} | {'yes' if r.ran else 'skipped (up to date)'} | {r.seconds:.1f} |" for r in results]
@@ -356,14 +356,14 @@ def run_summary(repo: Path, results: list[StageResult]) -> str:
     if metrics:
         lines += ["", "| model | test top-1 |", "| --- | --- |"]
         lines += [f"| {name} | {m['top1']:.2%} |" for name, m in metrics.items()]
-    deployed = _read_json(repo / "reports/eval/deployed.json")
+    deployed = _read_json(outs.deployed)
     if deployed:
         lines += ["", f"**Deployed**: {deployed['model']} ({deployed['why']}; test top-1 {deployed['test_top1']:.2%})."]
     if parity:
         lines += ["", f"**Export**: parity max |diff| {parity['max_abs_diff']:.1e}, top-1 agreement "
                   f"{parity['top1_agreement']:.2%}" + (f", int8 top-1 {parity['int8_top1']:.2%}"
                                                        if "int8_top1" in parity else "") + "."]  # fmt: skip
-    model = repo / (deployed.get("checkpoint") or "models/finetune/model.pth")  # the model export shipped
+    model = repo / deployed["checkpoint"] if deployed.get("checkpoint") else outs.finetune_model  # export shipped it
     this_model = file_sha256(model) if model.exists() else None
     mine = bench if bench and this_model and bench_report.get("model_sha256") == this_model else None
     if parity:
@@ -380,13 +380,10 @@ def run_summary(repo: Path, results: list[StageResult]) -> str:
                   f"{bench_report.get('measured', '?')})**: "
                   + ", ".join(f"{k} {v['batch1_p50_ms']:.2f} ms" for k, v in bench.items())]  # fmt: skip
     elif bench:
-        lines += ["**Latency**: not measured for this run's model (reports/export/benchmark.json belongs to "
+        lines += [f"**Latency**: not measured for this run's model ({os.path.relpath(outs.benchmark, repo)} belongs to "
                   "another model); run `python benchmarks/onnx_latency.py` to measure it."]  # fmt: skip
-    pictures = ["reports/pretrain/reconstruction.png", "reports/pretrain/loss.png",
-                "reports/finetune/learning_curve.png", "reports/hpo/optimization_history.png",
-                "reports/eval/confusion_matrix.png"]  # fmt: skip
-    existing = [p for p in pictures if (repo / p).exists()]
+    existing = [p for p in outs.pictures if p.exists()]
     if existing:
-        links = (f"[{Path(p).stem}]({(repo / p).resolve().as_uri()})" for p in existing)
+        links = (f"[{p.stem}]({p.resolve().as_uri()})" for p in existing)
         lines += ["", "Pictures: " + ", ".join(links)]
     return "\n".join(lines) + "\n"

@@ -23,6 +23,7 @@ import numpy as np
 import yaml
 
 from mae_ops.atomic import file_lock, write_json
+from mae_ops.config import project_outputs
 from mae_ops.errors import UserError
 from mae_ops.reporting import git_revision
 from mae_ops.serving import open_session, top1_accuracy
@@ -30,9 +31,13 @@ from mae_ops.store import open_eval_images
 
 log = logging.getLogger(__name__)
 
-ARTIFACTS = ("models/export/model.onnx", "models/export/model.int8.onnx", "models/export/encoder.onnx",
-             "reports/metrics.json", "reports/eval/deployed.json", "reports/export/parity.json", "params.yaml",
-             "dvc.lock")  # fmt: skip
+
+def artifacts(repo: Path) -> list[Path]:
+    """What a version keeps of the run in ``repo``: the exported models, the metrics, the
+    choice of model, the parity report, the params and the lock that made them."""
+    outs = project_outputs(repo)
+    return [outs.model_onnx, outs.int8_onnx, outs.encoder_onnx, outs.metrics, outs.deployed, outs.parity,
+            repo / "params.yaml", repo / "dvc.lock"]  # fmt: skip
 
 
 class RegistryError(UserError, RuntimeError):
@@ -97,8 +102,9 @@ def history(registry: Path) -> list[dict[str, Any]]:
 def register(repo: Path, registry: Path) -> dict[str, Any]:
     """Copy the current run's exported models, metrics and params into a new version
     (numbered under the registry's lock: concurrent runs get distinct versions)."""
-    if not (repo / "models/export/model.onnx").exists():
-        raise RegistryError(f"{repo}/models/export/model.onnx not found: run the pipeline first")
+    model = project_outputs(repo).model_onnx
+    if not model.exists():
+        raise RegistryError(f"{model} not found: run the pipeline first")
     with _lock(registry):
         return _register(repo, registry)
 
@@ -129,18 +135,19 @@ def _register(repo: Path, registry: Path) -> dict[str, Any]:
     version = f"v{max(taken, default=0) + 1:04d}"  # never reuse a name, even of a removed version
     if (_versions_dir(registry) / version).exists():
         raise RegistryError(f"{_versions_dir(registry) / version} exists already; nothing was overwritten")
-    manifest = json.loads((repo / "data/prepared/manifest.json").read_text())
-    metrics = json.loads((repo / "reports/metrics.json").read_text())
-    chosen = repo / "reports/eval/deployed.json"  # the model evaluate chose on validation, and export shipped
+    outs = project_outputs(repo)
+    manifest = json.loads(outs.manifest.read_text())
+    metrics = json.loads(outs.metrics.read_text())
+    chosen = outs.deployed  # the model evaluate chose on validation, and export shipped
     deployed = json.loads(chosen.read_text())["model"] if chosen.exists() else "finetune"
-    parity = repo / "reports/export/parity.json"
+    parity = outs.parity
     info = {
         "version": version,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "deployed": deployed,
         "test_top1": metrics[deployed]["top1"],
         "published": published_variant(json.loads(parity.read_text()) if parity.exists() else {}),
-        "data_dvc_hash": prepared_data_hash(repo),  # DVC's hash of data/prepared, from dvc.lock
+        "data_dvc_hash": prepared_data_hash(repo, outs.prepared),  # DVC's hash of the prepared data, from dvc.lock
         "data_content_hash": manifest["content_hash"],
         "split_definition": manifest.get("split_definition"),  # which image lands in which split
         "git_revision": git_revision(repo) or "unknown",
@@ -149,8 +156,7 @@ def _register(repo: Path, registry: Path) -> dict[str, Any]:
     _versions_dir(registry).mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{version}.new-", dir=_versions_dir(registry)))
     try:
-        for rel in ARTIFACTS:
-            src = repo / rel
+        for src in artifacts(repo):
             for path in (src, src.with_name(src.name + ".data")):  # a large model's tensors beside it
                 if path.exists():
                     shutil.copy2(path, tmp / path.name)
@@ -163,14 +169,14 @@ def _register(repo: Path, registry: Path) -> dict[str, Any]:
     return info
 
 
-def prepared_data_hash(repo: Path, out: str = "data/prepared") -> str | None:
-    """DVC's hash of the prepared data as dvc.lock records it (None outside a DVC project)."""
+def prepared_data_hash(repo: Path, prepared: Path) -> str | None:
+    """DVC's hash of the prepared data (``prepared``) as dvc.lock records it (None outside a DVC project)."""
     lock = repo / "dvc.lock"
     if not lock.exists():
         return None
     stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
     for entry in stages.get("prepare", {}).get("outs", []):
-        if entry.get("path") == out:
+        if repo / entry.get("path", "") == prepared:
             return entry.get("md5") or entry.get("hash")
     return None
 

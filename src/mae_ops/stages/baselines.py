@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 def final_finetune_params(cfg: Config) -> FinetuneConfig:
     """The params the final fine-tuned model was trained with (tuned ones included)."""
-    path = Path(cfg.finetune.out_dir) / "model.pth"
+    path = cfg.outputs().finetune_model
     if not path.exists():
         raise InputError(f"{path} not found: run `mae-ops finetune` first")
     args = read_checkpoint(path)["args"]
@@ -118,5 +118,5 @@ def _fit(cfg: Config, rt: runtime.Runtime) -> dict:
         stored, report = classical.fit_all(cfg, data, rt.device)
         classical.save(out / "classical.npz", stored)
         metrics.update(report)
-    write_json(Path(ev.baselines_reports_dir) / "metrics.json", metrics)
+    write_json(cfg.outputs().baselines_metrics, metrics)
     return metrics

@@ -62,7 +62,7 @@ def per_class_table(labels: np.ndarray, pred: np.ndarray, classes: list[str]) ->
 
 
 def model_paths(cfg: Config) -> dict[str, Path]:
-    paths = {"finetune": Path(cfg.finetune.out_dir) / "model.pth"}
+    paths = {"finetune": cfg.outputs().finetune_model}
     if cfg.evaluate.baseline == "scratch":
         paths["scratch"] = Path(cfg.evaluate.baselines_dir) / "scratch.pth"
     if cfg.evaluate.linprobe:
@@ -136,7 +136,7 @@ def near_duplicate_report(
     reports/data/near_duplicates.csv), and their counts per pair of splits."""
     threshold = cfg.evaluate.near_duplicates
     encoder = feature_extractor(cfg.model.preset, data.img_size, data.channels,
-                                Path(cfg.pretrain.out_dir) / "encoder.pth").to(device)  # fmt: skip
+                                cfg.outputs().encoder).to(device)  # fmt: skip
     names = {code: name for name, code in SPLITS.items()}
     ids = np.arange(len(data.split))  # every sample, whatever its split
     with torch.inference_mode():
@@ -177,7 +177,8 @@ def run(cfg: Config) -> dict:
     if len(test_ids) == 0:
         raise InputError("the test split is empty: set data.test_fraction > 0 or add a test/ folder")
     labels = data.labels[test_ids]
-    report_path = Path(ev.baselines_reports_dir) / "metrics.json"  # how each baseline was tuned
+    outs = cfg.outputs()
+    report_path = outs.baselines_metrics  # how each baseline was tuned
     report = json.loads(report_path.read_text()) if report_path.exists() else {}
     results, infos, preds = {}, {}, {}
     paths = model_paths(cfg)
@@ -216,14 +217,14 @@ def run(cfg: Config) -> dict:
         colorbar=False, xticks_rotation="vertical" if len(data.classes) > 10 else "horizontal",
     )  # fmt: skip
     display.ax_.set_title(f"fine-tuned model, test top-1 {results['finetune']['top1']:.2%}")
-    save_figure(display.figure_, out / "confusion_matrix.png")
+    save_figure(display.figure_, outs.confusion_png)
     near, pairs = None, pd.DataFrame(columns=NEAR_DUPLICATE_COLUMNS)  # off: the header alone (DVC's output)
     if ev.near_duplicates is not None:
         pairs, near = near_duplicate_report(cfg, data, files, device)
     write_text(Path(ev.data_reports_dir) / "near_duplicates.csv", pairs.to_csv(index=False))
     deployed = choose_deployed(paths, infos)
     deployed["test_top1"] = results[deployed["model"]]["top1"]  # reported, not chosen on
-    write_json(out / "deployed.json", deployed)
+    write_json(outs.deployed, deployed)
     log.info("deployed model: %s (%s)", deployed["model"], deployed["why"])
     write_text(out / "summary.md", _summary(results, infos, data.manifest, near, deployed))
     return results

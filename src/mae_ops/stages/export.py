@@ -155,9 +155,9 @@ def _gated(path: Path, runtime: str, ex: ExportConfig, data: PreparedData, gate_
 def deployed_checkpoint(cfg: Config) -> tuple[Path, str]:
     """(checkpoint, name) of the model `evaluate` chose on the validation split
     (reports/eval/deployed.json); the fine-tuned model, with a warning, before any evaluation."""
-    record = Path(cfg.evaluate.reports_dir) / "deployed.json"
+    record = cfg.outputs().deployed
     if not record.exists():
-        path = Path(cfg.finetune.out_dir) / "model.pth"
+        path = cfg.outputs().finetune_model
         if not path.exists():
             raise InputError(f"{path} not found: run `mae-ops finetune` first")
         log.warning("%s not found: exporting the fine-tuned model (run `mae-ops evaluate` first to ship the best "
@@ -201,7 +201,7 @@ def run(cfg: Config) -> dict:
     one = np.asarray(data.eval_images[test_ids[:1]], dtype=np.float32) / 255.0
     batch = np.asarray(data.eval_images[np.resize(test_ids, 32)], dtype=np.float32) / 255.0
 
-    out, reports = Path(ex.out_dir), Path(ex.reports_dir)
+    out, outs = Path(ex.out_dir), cfg.outputs()
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".export-", dir=out) as tmp_dir:
         tmp = Path(tmp_dir)
@@ -223,7 +223,7 @@ def run(cfg: Config) -> dict:
                          ex.max_abs_diff)  # fmt: skip
         parity["fused_operators"] = fused
         parity["deployed"] = chosen
-        write_json(reports / "parity.json", parity)
+        write_json(outs.parity, parity)
         if not parity["passed"]:
             raise ParityError(
                 f"ONNX parity failed: max |logit diff| {parity['max_abs_diff']:.2e} (allowed {ex.max_abs_diff:.0e}), "
@@ -233,7 +233,7 @@ def run(cfg: Config) -> dict:
         spread_images = np.asarray(data.eval_images[np.resize(gate_ids, 256)], dtype=np.float32) / 255.0
         parity["batch_max_prob_diff"] = {"model.onnx": _spread(tmp / "model.onnx", ex, spread_images)}
         if parity["batch_max_prob_diff"]["model.onnx"] > ex.max_abs_diff:
-            write_json(reports / "parity.json", parity)
+            write_json(outs.parity, parity)
             spread = parity["batch_max_prob_diff"]["model.onnx"]
             raise ParityError(f"model.onnx scores an image differently in another batch (probabilities differ by "
                               f"{spread:.1e} > export.max_abs_diff)")  # fmt: skip
@@ -269,7 +269,7 @@ def run(cfg: Config) -> dict:
             report = {n: {k: x for k, x in v.items() if k != "path"} for n, v in variants.items()}
             parity["int8"] = {"gate_split": gate_split, "fp32_gate_top1": fp32_gate, "chosen": chosen,
                               "variants": report}  # fmt: skip
-            write_json(reports / "parity.json", parity)
+            write_json(outs.parity, parity)
             if chosen is None:  # fp32 alone is published; int8 is a speed-up, never a reason to fail
                 found = {
                     n: f"drop {v['drop']:.4f}, batch diff {v['batch_max_prob_diff']:.0e}" for n, v in variants.items()
@@ -278,7 +278,7 @@ def run(cfg: Config) -> dict:
                     f"no int8 model loses at most {ex.max_int8_drop:.2%} {gate_split} top-1 and scores an image "
                     f"alike in any batch ({found})"
                 )
-                write_json(reports / "parity.json", parity)
+                write_json(outs.parity, parity)
                 log.warning("%s: publishing fp32 only (raise export.calibration_images, or set export.quantize=false "
                             "to skip int8)", parity["int8"]["why_none"])  # fmt: skip
             else:
@@ -328,9 +328,7 @@ def run(cfg: Config) -> dict:
 
         # --- the pre-trained encoder as a feature extractor -----------------------
         if ex.encoder:
-            encoder = feature_extractor(
-                cfg.model.preset, data.img_size, data.channels, Path(cfg.pretrain.out_dir) / "encoder.pth"
-            )
+            encoder = feature_extractor(cfg.model.preset, data.img_size, data.channels, cfg.outputs().encoder)
             extractor = Features(encoder, args["mean"], args["std"]).eval()
             to_onnx(extractor, example, tmp / "encoder.onnx", ["features"], ex.opset,
                     {**metadata, "output": "features: float32 [batch, embed_dim]"}, external)  # fmt: skip
@@ -360,10 +358,10 @@ def run(cfg: Config) -> dict:
         path.name: path.stat().st_size for name in published for path in (out / name, data_file(out / name))
         if path.exists()
     }  # fmt: skip
-    write_json(reports / "parity.json", parity)
+    write_json(outs.parity, parity)
     if ex.benchmark_runs:
         bench = _benchmark_report(timings, args, model_path, ex)
-        write_json(reports / "benchmark.json", bench | {"peer": parity["published"]["peer"],
+        write_json(outs.benchmark, bench | {"peer": parity["published"]["peer"],
                                                         "published": parity["published"]["variant"]})  # fmt: skip
     log.info("exported %s: max |diff| %.2e, top-1 agreement %.4f; fused %s", ", ".join(published),
              parity["max_abs_diff"], parity["top1_agreement"], fused or "nothing")  # fmt: skip

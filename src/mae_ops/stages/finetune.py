@@ -47,7 +47,8 @@ def search(cfg: Config) -> tuple[FinetuneConfig, dict[str, Any], dict[str, Any],
         data = PreparedData(cfg.data.out_dir, hide_test=True)
         study = hpo.run_study(cfg, data, rt)
         tuned = dict(study.best_params)
-        hpo_summary = hpo.write_reports(study, cfg.hpo)
+        outs = cfg.outputs()
+        hpo_summary = hpo.write_reports(study, outs.hpo_best, outs.hpo_history_png)
         kept = None if cfg.hpo.retrain else hpo.best_trial_model(cfg, study)
         if not cfg.hpo.retrain and kept is None:
             hpo_summary["retrained"] = "the best trial's model is not readable here"
@@ -56,7 +57,7 @@ def search(cfg: Config) -> tuple[FinetuneConfig, dict[str, Any], dict[str, Any],
 
 def run(cfg: Config, resume: bool = False) -> dict:
     ft, tuned, hpo_summary, kept = search(cfg)
-    out, reports = Path(ft.out_dir), Path(ft.reports_dir)
+    outs, reports = cfg.outputs(), Path(ft.reports_dir)
     data = PreparedData(cfg.data.out_dir, hide_test=True)
     val = data.indices("val")
     if ft.mode == "linprobe" or kept is not None:  # seconds of work, or none: here, in one process
@@ -65,11 +66,11 @@ def run(cfg: Config, resume: bool = False) -> dict:
                 kept = train_linprobe(cfg, ft, data, rt, init=ft.init)
             if kept.val_pred is None:  # the best trial's model, read back
                 kept.val_pred = validate_model(kept.model.to(rt.device), data, val, rt.device)[1]
-        save_result(kept, out / "model.pth")
+        save_result(kept, outs.finetune_model)
         result = summary(kept)
         EpochLog(reports, result["history"]).close()  # DVCLive's files, as the trained run would write them
     else:  # in finetune.nproc_per_node processes; rank 0 saves the model and logs each epoch with DVCLive
-        result = train_saved(cfg, ft, init=ft.init, epochs=ft.epochs, dest=out / "model.pth",
+        result = train_saved(cfg, ft, init=ft.init, epochs=ft.epochs, dest=outs.finetune_model,
                              checkpoint=Path(ft.checkpoint_dir) / "last.pth", resume=resume,
                              tracked=reports)  # fmt: skip
 
@@ -77,7 +78,7 @@ def run(cfg: Config, resume: bool = False) -> dict:
     write_history(history, reports / "history.csv")
     write_predictions(reports / VAL_PREDICTIONS, val, data.labels[val], {"pred": result["val_pred"]})
     keys = [k for k in ("train_loss", "val_top1") if k in history[0]]
-    learning_curve(history, keys, reports / "learning_curve.png", title=f"{ft.mode} ({ft.init})")
+    learning_curve(history, keys, outs.learning_curve_png, title=f"{ft.mode} ({ft.init})")
     metrics = {
         "mode": ft.mode,
         "init": ft.init,
@@ -89,6 +90,6 @@ def run(cfg: Config, resume: bool = False) -> dict:
         "tuned_params": tuned,
         **({"hpo": hpo_summary} if hpo_summary else {}),
     }
-    write_json(reports / "metrics.json", metrics)
-    log.info("%s done: val top-1 %.4f -> %s", ft.mode, result["val_top1"], out / "model.pth")
+    write_json(outs.finetune_metrics, metrics)
+    log.info("%s done: val top-1 %.4f -> %s", ft.mode, result["val_top1"], outs.finetune_model)
     return metrics

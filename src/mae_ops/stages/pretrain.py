@@ -304,11 +304,12 @@ def _write_outputs(
     state = model.state_dict()
     save_with(out / "mae.pth", lambda tmp: torch.save({"model": state, "epoch": p.epochs - 1, "args": args}, tmp))
     enc = encoder_state_dict(state)
-    save_with(out / "encoder.pth", lambda tmp: torch.save({"model": enc, "args": args}, tmp))
+    outs = cfg.outputs()
+    save_with(outs.encoder, lambda tmp: torch.save({"model": enc, "args": args}, tmp))
 
-    save_reconstructions(model, data, p.mask_ratio, reports / "reconstruction.png", seed=p.seed)
+    save_reconstructions(model, data, p.mask_ratio, outs.reconstruction_png, seed=p.seed)
     write_history(history, reports / "history.csv")
-    learning_curve(history, ["loss"], reports / "loss.png", title="MAE pre-training: loss (masked patches)",
+    learning_curve(history, ["loss"], outs.loss_png, title="MAE pre-training: loss (masked patches)",
                    right=[k for k in MONITOR_KEYS if any(k in h for h in history)])  # fmt: skip
     metrics = {
         "final_loss": history[-1]["loss"],
@@ -325,7 +326,7 @@ def _write_outputs(
         "images_per_s": history[-1]["images_per_s"],
         **{k: history[-1][k] for k in (*MONITOR_KEYS, "monitor_s") if k in history[-1]},
     }
-    write_json(reports / "metrics.json", metrics)
+    write_json(outs.pretrain_metrics, metrics)
     log.info("pre-training done: loss %.4f -> %.4f in %.1fs; wrote %s", metrics["first_loss"],
              metrics["final_loss"], train_time, out)  # fmt: skip
     return metrics

@@ -111,8 +111,13 @@ def test_dvc_yaml_tracks_every_output_the_config_names_under_the_stage_that_writ
                    for kind in ("outs", "metrics", "plots") for e in spec.get(kind, [])]  # fmt: skip
         for name, path in outputs.of_stage(stage).items():
             assert any(path == t or t in path.parents for t in tracked), f"{stage} does not track {name} ({path})"
-            others = [s for s in stages if s != stage for e in stages[s].get("outs", [])
-                      if (t := Path(next(iter(e)) if isinstance(e, dict) else e)) == path or t in path.parents]
+            others = [
+                s
+                for s in stages
+                if s != stage
+                for e in stages[s].get("outs", [])
+                if (t := Path(next(iter(e)) if isinstance(e, dict) else e)) == path or t in path.parents
+            ]
             assert not others, f"{name} ({path}) is also an output of {others}"
 
 

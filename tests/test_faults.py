@@ -378,7 +378,7 @@ def test_fp16_fine_tuning_scales_its_loss(run_root: Path) -> None:
     data = PreparedData(cfg.data.out_dir, hide_test=True)
     rt = runtime.setup("cpu", "fp16")
     checkpointer = Checkpointer(run_root / "ft.pth", "fp16-run")
-    result = finetuning.train_finetune(cfg, cfg.finetune, data, rt, init="pretrain", epochs=1,
+    result = finetuning.train_finetune(finetuning.encoder_spec(cfg, "pretrain"), cfg.finetune, data, rt, epochs=1,
                                        checkpointer=checkpointer)  # fmt: skip
     assert np.isfinite(result.history[-1]["train_loss"])
     scaler = torch.load(run_root / "ft.pth", weights_only=True)["scaler"]

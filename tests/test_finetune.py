@@ -18,7 +18,7 @@ import torch
 from optuna.trial import TrialState
 
 from mae_ops import classical, finetuning, hpo, runtime
-from mae_ops.config import Config
+from mae_ops.config import Config, InputError
 from mae_ops.data import DeviceBatches, PreparedData, set_epoch
 from mae_ops.models.checkpoint import read_checkpoint
 from mae_ops.models.classifier import build_classifier, load_classifier, load_encoder
@@ -35,7 +35,7 @@ def _cpu() -> runtime.Runtime:
 def test_our_encoder_lands_in_the_classifier(run_root: Path) -> None:
     cfg = ft_config(run_root)
     data = PreparedData(cfg.data.out_dir, hide_test=True)
-    model, args = finetuning.make_classifier(cfg, cfg.finetune, data, "pretrain")
+    model, args = finetuning.make_classifier(finetuning.encoder_spec(cfg, "pretrain"), cfg.finetune, data)
     mae = torch.load(run_root / "models/pretrain/mae.pth", weights_only=True)["model"]
     state = model.state_dict()
     for key in (
@@ -49,8 +49,14 @@ def test_our_encoder_lands_in_the_classifier(run_root: Path) -> None:
     assert args["mode"] == "finetune" and args["classes"] == [str(i) for i in range(10)]
     # the head starts near zero, fc_norm replaces the final norm for average pooling
     assert model.head.weight.abs().max() < 1e-3 and model.global_pool == "avg"
-    scratch, _ = finetuning.make_classifier(cfg, cfg.finetune, data, "scratch")
+    scratch, _ = finetuning.make_classifier(finetuning.encoder_spec(cfg, "scratch"), cfg.finetune, data)
     assert not torch.equal(scratch.state_dict()["blocks.1.attn.qkv.weight"], mae["blocks.1.attn.qkv.weight"])
+    # the frozen baselines read the pre-trained encoder even when fine-tuning starts from scratch
+    from_scratch = ft_config(run_root, "finetune.init=scratch")
+    assert finetuning.frozen_encoder_spec(from_scratch) == finetuning.encoder_spec(cfg, "pretrain")
+    assert finetuning.encoder_spec(cfg, "pretrain").path == cfg.outputs().encoder
+    with pytest.raises(InputError, match=r"nowhere\.pth not found: init must be pretrain, scratch or a file"):
+        finetuning.encoder_spec(cfg, str(run_root / "nowhere.pth"))
 
 
 def test_official_checkpoint_at_another_resolution(tmp_path: Path) -> None:
@@ -112,7 +118,7 @@ def test_the_fast_fine_tune_trains_the_same_batches_and_math(run_root: Path) -> 
     runs = {}
     for fast in ("off", "on"):
         ft = cfg.finetune.model_copy(update={"fast": fast, "epochs": 3, "eval_every": 1})
-        runs[fast] = finetuning.train_finetune(cfg, ft, data, _cpu(), init="pretrain", epochs=3)
+        runs[fast] = finetuning.train_finetune(finetuning.encoder_spec(cfg, "pretrain"), ft, data, _cpu(), epochs=3)
     plain, fast = (runs[k].history for k in ("off", "on"))
     assert [h["epoch"] for h in fast] == [1, 2, 3]
     for a, b in zip(plain, fast, strict=True):
@@ -124,13 +130,13 @@ def test_the_fast_fine_tune_trains_the_same_batches_and_math(run_root: Path) -> 
 def test_linprobe_freezes_the_encoder(run_root: Path) -> None:
     cfg = ft_config(run_root)
     data = PreparedData(cfg.data.out_dir, hide_test=True)
-    result = finetuning.train_linprobe(cfg, cfg.finetune, data, _cpu())
+    result = finetuning.train_linprobe(finetuning.encoder_spec(cfg, "pretrain"), cfg.finetune, data, _cpu())
     mae = torch.load(run_root / "models/pretrain/mae.pth", weights_only=True)["model"]
     assert torch.equal(result.model.blocks[0].attn.qkv.weight, mae["blocks.0.attn.qkv.weight"])
     bn = result.model.head[0]
     assert isinstance(bn, torch.nn.BatchNorm1d) and not bn.affine and bn.num_batches_tracked > 0
     finetuning._seed_everything(cfg.finetune.seed)  # the head as it was made, before training
-    start, _ = finetuning.make_classifier(cfg, cfg.finetune, data, "pretrain", linprobe=True)
+    start, _ = finetuning.make_classifier(finetuning.encoder_spec(cfg, "pretrain"), cfg.finetune, data, linprobe=True)
     assert not torch.allclose(result.model.head[1].weight, start.head[1].weight, atol=1e-3)  # the head learned
     assert 0.1 < result.val_top1 <= 1.0
     # the reference's probe: [CLS] token after the pre-trained norm, LARS adapting the weight only

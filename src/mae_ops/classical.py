@@ -19,9 +19,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import KNeighborsClassifier
 
 from mae_ops.atomic import save_with
-from mae_ops.config import Config
+from mae_ops.config import Config, FinetuneConfig
 from mae_ops.data import PreparedData
-from mae_ops.finetuning import features, make_classifier
+from mae_ops.finetuning import EncoderSpec, features, make_classifier
 
 log = logging.getLogger(__name__)
 
@@ -97,15 +97,18 @@ def knn_proba(x_train: np.ndarray, y_train: np.ndarray, x: np.ndarray, k: int, m
     return probs
 
 
-def mae_features(cfg: Config, data: PreparedData, ids: np.ndarray, device: torch.device) -> np.ndarray:
-    """The frozen pre-trained encoder's pooled features (as the linear probe sees them)."""
-    init = cfg.finetune.init if cfg.finetune.init != "scratch" else "pretrain"
-    model, _ = make_classifier(cfg, cfg.finetune, data, init, linprobe=True)
+def mae_features(enc: EncoderSpec, ft: FinetuneConfig, data: PreparedData, ids: np.ndarray,
+                 device: torch.device) -> np.ndarray:  # fmt: skip
+    """The frozen encoder's pooled features (as the linear probe with ``ft``'s pooling sees them)."""
+    model, _ = make_classifier(enc, ft, data, linprobe=True)
     return features(model.to(device), data, ids, device).float().cpu().numpy()
 
 
-def fit_all(cfg: Config, data: PreparedData, device: torch.device) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
-    """Every classical baseline on the labelled training images, tuned on the validation split."""
+def fit_all(
+    cfg: Config, enc: EncoderSpec, data: PreparedData, device: torch.device
+) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
+    """Every classical baseline on the labelled training images, tuned on the validation split
+    (k-NN on the features of the frozen encoder ``enc``)."""
     train, val = data.indices("train", labelled_only=True), data.indices("val")
     y, yv, n = data.labels[train], data.labels[val], len(data.classes)
     stored: dict[str, np.ndarray] = {"data_hash": np.array(data.manifest["content_hash"])}
@@ -114,8 +117,9 @@ def fit_all(cfg: Config, data: PreparedData, device: torch.device) -> tuple[dict
     weights, report["logreg_pixels"] = fit_logreg(x, y, xv, yv, n, cfg.data.seed)
     stored.update({"logreg_pixels.coef": weights["coef"], "logreg_pixels.bias": weights["bias"]})
     for name, (xs, xvs, metric) in {"knn_pixels": (x, xv, "euclidean"),
-                                    "knn_mae": (mae_features(cfg, data, train, device),
-                                                mae_features(cfg, data, val, device), "cosine")}.items():  # fmt: skip
+                                    "knn_mae": (mae_features(enc, cfg.finetune, data, train, device),
+                                                mae_features(enc, cfg.finetune, data, val, device),
+                                                "cosine")}.items():  # fmt: skip
         report[name] = fit_knn(xs, y, xvs, yv, metric)
         stored.update({f"{name}.x": xs, f"{name}.y": y, f"{name}.k": np.array(report[name]["k"]),
                        f"{name}.metric": np.array(metric)})  # fmt: skip
@@ -124,14 +128,14 @@ def fit_all(cfg: Config, data: PreparedData, device: torch.device) -> tuple[dict
     return stored, report
 
 
-def predict_all(cfg: Config, stored: dict[str, np.ndarray], data: PreparedData, ids: np.ndarray,
+def predict_all(cfg: Config, enc: EncoderSpec, stored: dict[str, np.ndarray], data: PreparedData, ids: np.ndarray,
                 device: torch.device) -> dict[str, np.ndarray]:  # fmt: skip
     """Class probabilities of every stored baseline on rows ``ids``."""
     n = len(data.classes)
     pixels = pixel_features(data, ids)
     out = {"logreg_pixels": _logreg_proba({"coef": stored["logreg_pixels.coef"], "bias": stored["logreg_pixels.bias"]},
                                           pixels)}  # fmt: skip
-    inputs = {"knn_pixels": pixels, "knn_mae": mae_features(cfg, data, ids, device)}
+    inputs = {"knn_pixels": pixels, "knn_mae": mae_features(enc, cfg.finetune, data, ids, device)}
     for name, x in inputs.items():
         out[name] = knn_proba(stored[f"{name}.x"], stored[f"{name}.y"], x, int(stored[f"{name}.k"]),
                               str(stored[f"{name}.metric"]), n)  # fmt: skip

@@ -64,32 +64,48 @@ class TrainResult:
 
 
 # ------------------------------------------------------------------- helpers
-def encoder_source(cfg: Config, init: str) -> Path | None:
-    """Where the encoder weights come from: None for a from-scratch baseline."""
+@dataclass(frozen=True)
+class EncoderSpec:
+    """The encoder a classifier starts from, resolved once by the stage: the preset and
+    the weights (``path`` None: random weights, the from-scratch baseline); ``init`` is
+    how the params name it (pretrain, scratch or a file), as checkpoints record it."""
+
+    preset: str
+    path: Path | None
+    init: str
+
+
+def encoder_spec(cfg: Config, init: str) -> EncoderSpec:
+    """``init`` (``finetune.init``'s values) resolved against the project: its file must exist."""
     if init == "scratch":
-        return None
+        return EncoderSpec(cfg.model.preset, None, init)
     path = cfg.outputs().encoder if init == "pretrain" else Path(init)
     if not path.exists():
         hint = "run `mae-ops pretrain` first" if init == "pretrain" else "init must be pretrain, scratch or a file"
         raise InputError(f"encoder checkpoint {path} not found: {hint}")
-    return path
+    return EncoderSpec(cfg.model.preset, path, init)
+
+
+def frozen_encoder_spec(cfg: Config) -> EncoderSpec:
+    """The encoder the frozen baselines (linear probe, k-NN on features) read: the fine-tuning's,
+    or the pre-trained one where fine-tuning starts from scratch (frozen random weights say nothing)."""
+    return encoder_spec(cfg, "pretrain" if cfg.finetune.init == "scratch" else cfg.finetune.init)
 
 
 def make_classifier(
-    cfg: Config, ft: FinetuneConfig, data: PreparedData, init: str, linprobe: bool = False
+    enc: EncoderSpec, ft: FinetuneConfig, data: PreparedData, linprobe: bool = False
 ) -> tuple[nn.Module, dict[str, Any]]:
     pool = ft.linprobe_pool if linprobe else ft.global_pool
     model = build_classifier(
-        cfg.model.preset, data.img_size, data.channels, len(data.classes),
+        enc.preset, data.img_size, data.channels, len(data.classes),
         global_pool=pool, drop_path=0.0 if linprobe else ft.drop_path, linprobe=linprobe,
     )  # fmt: skip
-    source = encoder_source(cfg, init)
-    if source is not None:
-        load_encoder(model, source)
+    if enc.path is not None:
+        load_encoder(model, enc.path)
     args = {
-        "preset": cfg.model.preset, "img_size": data.img_size, "in_chans": data.channels,
+        "preset": enc.preset, "img_size": data.img_size, "in_chans": data.channels,
         "classes": data.classes, "mean": data.mean, "std": data.std, "global_pool": pool,
-        "mode": "linprobe" if linprobe else "finetune", "init": init,
+        "mode": "linprobe" if linprobe else "finetune", "init": enc.init,
         "finetune": ft.model_dump(mode="json"), "data_hash": data.manifest["content_hash"],
     }  # fmt: skip
     return model, args
@@ -163,12 +179,11 @@ def finetune_optimizer(model: nn.Module, ft: FinetuneConfig, lr: float, fused: b
 
 
 def train_finetune(
-    cfg: Config,
+    enc: EncoderSpec,
     ft: FinetuneConfig,
     data: PreparedData,
     rt: runtime.Runtime,
     *,
-    init: str,
     epochs: int,
     eval_every: int | None = None,
     eval_from: int = 1,
@@ -181,7 +196,7 @@ def train_finetune(
     ``eval_every`` epochs from epoch ``eval_from`` on (and after the last), passing the
     score to ``report``; rank 0 logs each epoch with DVCLive under ``tracked``/live."""
     _seed_everything(ft.seed)
-    model, args = make_classifier(cfg, ft, data, init)
+    model, args = make_classifier(enc, ft, data)
     model.to(rt.device)
     train_ids = data.indices("train", labelled_only=True)
     val_ids = data.indices("val")
@@ -313,10 +328,9 @@ def train_loader(data: PreparedData, ids: np.ndarray, batch: int, rt: runtime.Ru
 
 
 @torch.no_grad()
-def run_fingerprint(cfg: Config, ft: FinetuneConfig, data: PreparedData, init: str, epochs: int,
-                    world_size: int) -> str:  # fmt: skip
+def run_fingerprint(enc: EncoderSpec, ft: FinetuneConfig, data: PreparedData, epochs: int, world_size: int) -> str:
     """Identity of a fine-tuning run: a checkpoint resumes only a run with the same one."""
-    return fingerprint({"model": cfg.model.preset, "ft": semantic_params(ft), "init": init, "epochs": epochs,
+    return fingerprint({"model": enc.preset, "ft": semantic_params(ft), "init": enc.init, "epochs": epochs,
                         "data": data.manifest["content_hash"], "world_size": world_size})  # fmt: skip
 
 
@@ -327,28 +341,28 @@ def summary(result: TrainResult, world_size: int = 1) -> dict[str, Any]:
 
 
 def train_saved(
-    cfg: Config, ft: FinetuneConfig, *, init: str, epochs: int, dest: Path, checkpoint: Path | None = None,
-    resume: bool = False, desc: str = "finetune", tracked: Path | None = None,
+    enc: EncoderSpec, ft: FinetuneConfig, prepared: str | Path, *, epochs: int, dest: Path,
+    checkpoint: Path | None = None, resume: bool = False, desc: str = "finetune", tracked: Path | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """Fine-tune in ``ft.nproc_per_node`` processes (DDP; ``auto``: one per visible GPU)
-    and save the model to ``dest``; resumable from ``checkpoint`` (``resume`` insists);
-    DVCLive under ``tracked``/live; returns rank 0's ``summary``."""
+    """Fine-tune on the data in ``prepared`` in ``ft.nproc_per_node`` processes (DDP; ``auto``:
+    one per visible GPU) and save the model to ``dest``; resumable from ``checkpoint``
+    (``resume`` insists); DVCLive under ``tracked``/live; returns rank 0's ``summary``."""
     nproc = launch.resolve_nproc(ft.nproc_per_node, ft.device, "finetune.nproc_per_node")
     resumable = checkpoint is not None and (resume or ft.auto_resume)
-    return launch.run_ranks(_train_rank, (cfg, ft, init, epochs, dest, checkpoint, resume, desc, tracked), nproc,
-                            resumable, desc)  # fmt: skip
+    return launch.run_ranks(_train_rank, (enc, ft, prepared, epochs, dest, checkpoint, resume, desc, tracked),
+                            nproc, resumable, desc)  # fmt: skip
 
 
-def _train_rank(cfg: Config, ft: FinetuneConfig, init: str, epochs: int, dest: Path, checkpoint: Path | None,
-                resume: bool, desc: str, tracked: Path | None) -> dict[str, Any]:  # fmt: skip
+def _train_rank(enc: EncoderSpec, ft: FinetuneConfig, prepared: str | Path, epochs: int, dest: Path,
+                checkpoint: Path | None, resume: bool, desc: str, tracked: Path | None) -> dict[str, Any]:  # fmt: skip
     with runtime.session(ft.device, ft.amp) as rt:
-        data = PreparedData(cfg.data.out_dir, hide_test=True)
+        data = PreparedData(prepared, hide_test=True)
         checkpointer = None
         if checkpoint is not None and (resume or ft.auto_resume):
-            checkpointer = Checkpointer(checkpoint, run_fingerprint(cfg, ft, data, init, epochs, rt.world_size))
+            checkpointer = Checkpointer(checkpoint, run_fingerprint(enc, ft, data, epochs, rt.world_size))
             if resume:
                 checkpointer.load(required=True)
-        result = train_finetune(cfg, ft, data, rt, init=init, epochs=epochs, checkpointer=checkpointer, desc=desc,
+        result = train_finetune(enc, ft, data, rt, epochs=epochs, checkpointer=checkpointer, desc=desc,
                                 tracked=tracked)  # fmt: skip
         if not rt.is_main:
             return {}
@@ -376,16 +390,14 @@ def linprobe_optimizer(head: nn.Module, ft: FinetuneConfig, lr: float) -> torch.
                 lr=lr, momentum=0.9, weight_decay=0.0, trust_coeff=1.0)  # fmt: skip
 
 
-def train_linprobe(
-    cfg: Config, ft: FinetuneConfig, data: PreparedData, rt: runtime.Runtime, *, init: str = "pretrain"
-) -> TrainResult:
+def train_linprobe(enc: EncoderSpec, ft: FinetuneConfig, data: PreparedData, rt: runtime.Runtime) -> TrainResult:
     """Frozen encoder, BatchNorm (no affine) + linear head: how linearly separable
     the pre-trained features are. As the reference by default: the [CLS] token after
     the pre-trained norm, LARS (timm's, the trust ratio on the weight, none on the
     bias, no weight decay). Features are computed once (no augmentation: with a few
     hundred labels the crops would cost a full encoder pass per step)."""
     _seed_everything(ft.seed)
-    model, args = make_classifier(cfg, ft, data, init, linprobe=True)
+    model, args = make_classifier(enc, ft, data, linprobe=True)
     model.to(rt.device)
     t0 = time.perf_counter()
     train_ids, val_ids = data.indices("train", labelled_only=True), data.indices("val")

@@ -44,7 +44,7 @@ from mae_ops.config import (
     validate,
 )
 from mae_ops.data import PreparedData
-from mae_ops.finetuning import TrainResult, save_result, train_finetune
+from mae_ops.finetuning import TrainResult, encoder_spec, save_result, train_finetune
 from mae_ops.models.classifier import load_classifier
 from mae_ops.plots import save_figure
 from mae_ops.reporting import setup_logging
@@ -190,6 +190,8 @@ def _trial_model_path(cfg: Config, study: str, number: int) -> Path:
 
 
 def objective_for(cfg: Config, data: PreparedData, rt: runtime.Runtime):
+    enc = encoder_spec(cfg, cfg.finetune.init)  # the search does not tune init: one encoder for every trial
+
     def objective(trial: optuna.Trial) -> float:
         trial.set_user_attr("worker", _this_host_pid())  # first: a dead worker's trial is recognised by it
         trial.set_user_attr("device", str(rt.device) + _pinned())
@@ -201,7 +203,7 @@ def objective_for(cfg: Config, data: PreparedData, rt: runtime.Runtime):
             if trial.should_prune():
                 raise optuna.TrialPruned(f"val top-1 {val_top1:.3f} at epoch {epoch}")
 
-        result = train_finetune(cfg, ft, data, rt, init=ft.init, epochs=cfg.hpo.epochs, eval_every=1,
+        result = train_finetune(enc, ft, data, rt, epochs=cfg.hpo.epochs, eval_every=1,
                                 eval_from=first_pruning_epoch(cfg.hpo), report=report,
                                 desc=f"trial {trial.number}")  # fmt: skip
         if not cfg.hpo.retrain:

@@ -22,7 +22,15 @@ from mae_ops import classical, hpo, runtime
 from mae_ops.atomic import write_json
 from mae_ops.config import Config, FinetuneConfig, InputError
 from mae_ops.data import PreparedData
-from mae_ops.finetuning import TrainResult, save_result, train_linprobe, train_saved
+from mae_ops.finetuning import (
+    EncoderSpec,
+    TrainResult,
+    encoder_spec,
+    frozen_encoder_spec,
+    save_result,
+    train_linprobe,
+    train_saved,
+)
 from mae_ops.models.checkpoint import read_checkpoint
 
 log = logging.getLogger(__name__)
@@ -67,16 +75,17 @@ def scratch_params(
 LINPROBE_LR_FACTORS = (1 / 3, 1.0, 3.0)
 
 
-def tuned_linprobe(cfg: Config, data: PreparedData, rt: runtime.Runtime) -> tuple[TrainResult, list[dict]]:
-    """The strongest linear probe on the validation split: [CLS] token (the reference) or
-    patch mean, three learning rates around finetune.linprobe_lr (a probe takes seconds)."""
-    init = cfg.finetune.init if cfg.finetune.init != "scratch" else "pretrain"
+def tuned_linprobe(
+    cfg: Config, enc: EncoderSpec, data: PreparedData, rt: runtime.Runtime
+) -> tuple[TrainResult, list[dict]]:
+    """The strongest linear probe of ``enc`` on the validation split: [CLS] token (the reference)
+    or patch mean, three learning rates around finetune.linprobe_lr (a probe takes seconds)."""
     best, tried = None, []
     for pool in ("token", "avg"):
         for factor in LINPROBE_LR_FACTORS:
             lr = float(f"{cfg.finetune.linprobe_lr * factor:.3g}")
             ft = cfg.finetune.model_copy(update={"linprobe_pool": pool, "linprobe_lr": lr})
-            result = train_linprobe(cfg, ft, data, rt, init=init)
+            result = train_linprobe(enc, ft, data, rt)
             tried.append({"pool": pool, "lr": lr, "val_top1": round(result.val_top1, 5)})
             if best is None or result.val_top1 > best.val_top1:
                 best = result
@@ -100,12 +109,14 @@ def _fit(cfg: Config, rt: runtime.Runtime) -> dict:
     if ev.baseline == "scratch":
         ft, search = scratch_params(cfg, final_finetune_params(cfg), data, rt)
         # in finetune.nproc_per_node processes, as the MAE model's final training
-        done = train_saved(cfg, ft, init="scratch", epochs=ft.epochs, dest=out / "scratch.pth", desc="scratch")
+        done = train_saved(encoder_spec(cfg, "scratch"), ft, cfg.data.out_dir, epochs=ft.epochs,
+                           dest=out / "scratch.pth", desc="scratch")  # fmt: skip
         metrics["scratch"] = {"val_top1": round(done["val_top1"], 5), "train_time_s": round(done["train_time_s"], 2),
                               "world_size": done["world_size"], "search": search}  # fmt: skip
         log.info("scratch baseline: val top-1 %.4f", done["val_top1"])
-    if ev.linprobe:
-        result, tried = tuned_linprobe(cfg, data, rt)
+    frozen = frozen_encoder_spec(cfg) if ev.linprobe or ev.classical else None  # resolved once: both read it
+    if frozen is not None and ev.linprobe:
+        result, tried = tuned_linprobe(cfg, frozen, data, rt)
         save_result(result, out / "linprobe.pth")
         chosen = result.args["finetune"]
         metrics["linprobe"] = {
@@ -114,8 +125,8 @@ def _fit(cfg: Config, rt: runtime.Runtime) -> dict:
         }  # fmt: skip
         log.info("linear probe: val top-1 %.4f (%s pooling, lr %.3g)", result.val_top1, chosen["linprobe_pool"],
                  chosen["linprobe_lr"])  # fmt: skip
-    if ev.classical:
-        stored, report = classical.fit_all(cfg, data, rt.device)
+    if frozen is not None and ev.classical:
+        stored, report = classical.fit_all(cfg, frozen, data, rt.device)
         classical.save(out / "classical.npz", stored)
         metrics.update(report)
     write_json(cfg.outputs().baselines_metrics, metrics)

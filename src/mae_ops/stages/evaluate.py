@@ -27,7 +27,7 @@ from mae_ops import classical
 from mae_ops.atomic import write_json, write_text
 from mae_ops.config import Config, InputError
 from mae_ops.data import PreparedData
-from mae_ops.finetuning import features, predict_proba
+from mae_ops.finetuning import features, frozen_encoder_spec, predict_proba
 from mae_ops.models.classifier import feature_extractor, load_classifier
 from mae_ops.plots import save_figure
 from mae_ops.reporting import file_sha256
@@ -196,7 +196,8 @@ def run(cfg: Config) -> dict:
         stored = classical.load(path)
         if str(stored["data_hash"]) != data.manifest["content_hash"]:
             raise InputError(f"{path} was fitted on other data than {cfg.data.out_dir}: re-run the pipeline")
-        for name, probs in classical.predict_all(cfg, stored, data, test_ids, device).items():
+        enc = frozen_encoder_spec(cfg)
+        for name, probs in classical.predict_all(cfg, enc, stored, data, test_ids, device).items():
             results[name], infos[name], preds[name] = classification_metrics(labels, probs), report[name], probs
             log.info("%s: test top-1 %.4f", name, results[name]["top1"])
     if "scratch" in infos:  # how the scratch baseline was tuned

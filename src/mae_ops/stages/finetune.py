@@ -25,7 +25,15 @@ from mae_ops import hpo, runtime
 from mae_ops.atomic import write_json
 from mae_ops.config import Config, FinetuneConfig
 from mae_ops.data import PreparedData
-from mae_ops.finetuning import TrainResult, save_result, summary, train_linprobe, train_saved, validate_model
+from mae_ops.finetuning import (
+    TrainResult,
+    encoder_spec,
+    save_result,
+    summary,
+    train_linprobe,
+    train_saved,
+    validate_model,
+)
 from mae_ops.plots import learning_curve
 from mae_ops.reporting import VAL_PREDICTIONS, write_history, write_predictions
 from mae_ops.tracking import EpochLog
@@ -63,14 +71,15 @@ def run(cfg: Config, resume: bool = False) -> dict:
     if ft.mode == "linprobe" or kept is not None:  # seconds of work, or none: here, in one process
         with runtime.session(ft.device, ft.amp) as rt:
             if kept is None:
-                kept = train_linprobe(cfg, ft, data, rt, init=ft.init)
+                kept = train_linprobe(encoder_spec(cfg, ft.init), ft, data, rt)
             if kept.val_pred is None:  # the best trial's model, read back
                 kept.val_pred = validate_model(kept.model.to(rt.device), data, val, rt.device)[1]
         save_result(kept, outs.finetune_model)
         result = summary(kept)
         EpochLog(reports, result["history"]).close()  # DVCLive's files, as the trained run would write them
     else:  # in finetune.nproc_per_node processes; rank 0 saves the model and logs each epoch with DVCLive
-        result = train_saved(cfg, ft, init=ft.init, epochs=ft.epochs, dest=outs.finetune_model,
+        result = train_saved(encoder_spec(cfg, ft.init), ft, cfg.data.out_dir, epochs=ft.epochs,
+                             dest=outs.finetune_model,
                              checkpoint=Path(ft.checkpoint_dir) / "last.pth", resume=resume,
                              tracked=reports)  # fmt: skip
 

@@ -27,7 +27,7 @@ from mae_ops.atomic import atomic_path, write_json
 from mae_ops.classical import knn_proba, mae_features
 from mae_ops.config import Config, InputError
 from mae_ops.data import PreparedData
-from mae_ops.finetuning import train_finetune, train_linprobe
+from mae_ops.finetuning import encoder_spec, train_finetune, train_linprobe
 from mae_ops.study import warmup_epochs
 
 log = logging.getLogger(__name__)
@@ -45,17 +45,17 @@ def _probe(cfg: Config, encoder: Path, out: Path, rt: runtime.Runtime) -> dict:
     train, val = data.indices("train", labelled_only=True), data.indices("val")
     if len(val) == 0:
         raise InputError("the validation split is empty: set data.val_fraction > 0 to probe encoders")
-    ft = cfg.finetune.model_copy(update={"init": str(encoder), "warmup_epochs": warmup_epochs(cfg)})
-    pcfg = cfg.model_copy(update={"finetune": ft})
+    enc = encoder_spec(cfg, str(encoder))  # the one encoder every score below reads
+    ft = cfg.finetune.model_copy(update={"init": enc.init, "warmup_epochs": warmup_epochs(cfg)})
     t0 = time.perf_counter()
 
-    x, xv = mae_features(pcfg, data, train, rt.device), mae_features(pcfg, data, val, rt.device)
+    x, xv = mae_features(enc, ft, data, train, rt.device), mae_features(enc, ft, data, val, rt.device)
     k = min(cfg.study.knn_k, len(train))
     preds = {"knn": knn_proba(x, data.labels[train], xv, k, "cosine", len(data.classes)).argmax(1)}
-    preds["linprobe"] = train_linprobe(pcfg, ft, data, rt, init=str(encoder)).val_pred
+    preds["linprobe"] = train_linprobe(enc, ft, data, rt).val_pred
     result = {"encoder": str(encoder), "knn_k": k}
     if cfg.study.finetune_epochs > 0:
-        tuned = train_finetune(pcfg, ft, data, rt, init=str(encoder), epochs=cfg.study.finetune_epochs,
+        tuned = train_finetune(enc, ft, data, rt, epochs=cfg.study.finetune_epochs,
                                eval_every=cfg.study.finetune_epochs, desc="probe finetune")  # fmt: skip
         preds["finetune"] = tuned.val_pred  # validated after the last epoch
         result["finetune_epochs"], result["finetune_warmup_epochs"] = cfg.study.finetune_epochs, ft.warmup_epochs

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from mae_ops.config import ParamsError, project_outputs
-from mae_ops.errors import BusyError
+from mae_ops.errors import BusyError, UserError
 from mae_ops.orchestration import StageFailed, pipeline_lock, run_dvc_stage, run_summary, write_overrides
 from tests.conftest import REPO, git_dvc_repo, load_flow_module, tiny_project
 
@@ -98,6 +98,8 @@ def test_a_named_stage_comes_with_the_stages_upstream_of_it(tmp_path: Path) -> N
     # export ships the model evaluate chose on validation (the fine-tuned one or the probe)
     assert with_upstream(REPO, ["export"]) == ["prepare", "pretrain", "finetune", "baselines", "evaluate", "export"]
     assert with_upstream(REPO, None) == with_upstream(REPO, ["export"])
+    with pytest.raises(UserError, match=r"unknown stages \['pretrian'\]; stages are \['prepare', 'pretrain'"):
+        with_upstream(REPO, ["pretrain", "pretrian"])  # the flow and the command both ask it
 
     from tests.conftest import BIN, subprocess_env
 
@@ -113,6 +115,11 @@ def test_a_named_stage_comes_with_the_stages_upstream_of_it(tmp_path: Path) -> N
     status = subprocess.run(["dvc", "status", "pretrain", "--json"], cwd=repo, capture_output=True, text=True,
                             env=subprocess_env(), check=True)  # fmt: skip
     assert json.loads(status.stdout) == {}, status.stdout
+    typo = subprocess.run([str(BIN / "mae-ops"), "pipeline", "pretrian"], cwd=repo, capture_output=True, text=True,
+                          env=subprocess_env(), timeout=300)  # fmt: skip
+    assert typo.returncode == 2 and typo.stderr.strip() == "error: " + (
+        "unknown stages ['pretrian']; stages are ['prepare', 'pretrain', 'finetune', 'baselines', 'evaluate', 'export']"
+    ), typo.stderr  # one line, before Prefect starts
 
 
 def test_pipeline_force_reaches_the_prepare_command(tmp_path: Path) -> None:

@@ -345,7 +345,6 @@ def pipeline(
     --set overrides are written into params.yaml, comments kept (and so recorded in dvc.lock)."""
     from mae_ops.atomic import write_text
     from mae_ops.orchestration import (
-        STAGES,
         configure_prefect,
         pipeline_lock,
         plan_overrides,
@@ -361,9 +360,7 @@ def pipeline(
         cfg = _config(params, set_)
     else:
         cfg, _ = plan_overrides(root, set_ or [])
-    unknown = sorted(set(stages or []) - set(STAGES))
-    if unknown:
-        _fail(f"unknown stages {unknown}; stages are {list(STAGES)}")
+    wanted = with_upstream(root, stages)  # an unknown stage stops here
     configure_prefect()
     flow = _load_flow("pipeline", "pipeline")
     setup_logging()
@@ -372,7 +369,7 @@ def pipeline(
         if replace:
             write_text(own, params.read_text())
             typer.echo(f"params.yaml now holds {params} (kept for later runs; dvc.lock records it)")
-        preflight(root, cfg, with_upstream(root, stages), set_ or [], force)
+        preflight(root, cfg, wanted, set_ or [], force)
         results = flow(repo=".", stages=stages, overrides=set_, force=force, lock_wait_s=lock_wait)
     ran = [r.stage for r in results if r.ran]
     typer.echo(f"pipeline done: {len(ran)} stage(s) ran ({', '.join(ran) or 'none'}), "

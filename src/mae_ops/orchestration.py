@@ -83,7 +83,10 @@ def with_upstream(repo: Path, stages: list[str] | None) -> list[str]:
     """The named stages and every stage upstream of them, in pipeline order (all when none
     are named), as `dvc repro STAGE` brings them up to date: a stage is upstream when one
     of its outputs is a dependency of a named stage or of another upstream one. dvc.yaml
-    is the one place that says which stage needs which."""
+    is the one place that says which stage needs which. An unknown name is the user's error."""
+    unknown = sorted(set(stages or []) - set(STAGES))
+    if unknown:
+        raise UserError(f"unknown stages {unknown}; stages are {list(STAGES)}")
     if not stages:
         return list(STAGES)
     defined = (yaml.safe_load((repo / "dvc.yaml").read_text()) or {}).get("stages", {})

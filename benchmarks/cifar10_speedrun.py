@@ -57,7 +57,7 @@ import yaml
 from pretrain_throughput import code_version  # a sibling script: its folder is on sys.path when run
 
 from mae_ops.atomic import write_json
-from mae_ops.config import load_params
+from mae_ops.config import load_params, project_outputs
 from mae_ops.data import PreparedData
 from mae_ops.finetuning import validate_model
 from mae_ops.models.classifier import load_classifier
@@ -128,7 +128,7 @@ def fresh_project(dest: Path, data: Path) -> Path:
     return dest
 
 
-def test_top1(project: Path, model: str, data_dir: str = "data/prepared") -> dict:
+def test_top1(project: Path, model: str | Path, data_dir: str | Path = "data/prepared") -> dict:
     """The model's top-1 on the test split (the evaluation images, un-augmented)."""
     data = PreparedData(project / data_dir)
     ids = data.indices("test")
@@ -151,6 +151,8 @@ def params_of(project: Path) -> dict:
     return yaml.safe_load((project / "params.yaml").read_text())
 
 
+# what the speedrun keeps of the pretrain stage's metrics.json (the loader: resident on the GPU or not)
+PRETRAIN_KEYS = ("epochs", "effective_batch", "images_per_s", "train_time_s", "num_images", "loader", "fast_path")
 # the calibration: enough epochs for a steady one after the compiling first
 CALIBRATION = {"pretrain": 3, "finetune": 3}
 # epoch counts of a schedule that scale with its length
@@ -213,14 +215,15 @@ def speedrun(project: Path, sets: list[str], logfile: Path, limit: float | None)
     fine-tuned model's test top-1, each stage's seconds, epochs and images/s."""
     wall = run(["mae-ops", "pipeline", "finetune", "--params", PARAMS, *sets], project, logfile, limit)
     seconds = stage_seconds(project)
-    pre, fine = metrics(project, "reports/pretrain/metrics.json"), metrics(project, "reports/finetune/metrics.json")
+    outs = project_outputs(project)
+    pre, fine = json.loads(outs.pretrain_metrics.read_text()), json.loads(outs.finetune_metrics.read_text())
     p = params_of(project)
     return {
-        **test_top1(project, "models/finetune/model.pth"),
+        **test_top1(project, outs.finetune_model, outs.prepared),
         "wall_s_pretrain_finetune": round(seconds["pretrain"] + seconds["finetune"], 1),
         "stage_seconds": seconds,
         "pipeline_wall_s": round(wall, 1),
-        "pretrain": {k: pre[k] for k in ("epochs", "effective_batch", "images_per_s", "train_time_s", "num_images")},
+        "pretrain": {k: pre[k] for k in PRETRAIN_KEYS},
         "finetune": {
             **{k: fine[k] for k in ("epochs", "num_labelled", "val_top1", "train_time_s")},
             "images_per_s": round(fine["num_labelled"] * fine["epochs"] / fine["train_time_s"], 1),
@@ -237,7 +240,7 @@ def evaluate(project: Path, sets: list[str], logfile: Path, limit: float | None)
     except (RuntimeError, subprocess.TimeoutExpired) as exc:
         return {"ran": False, "error": str(exc)[-2000:]}
     return {"ran": True, "stage_seconds": stage_seconds(project), "pipeline_wall_s": round(wall, 1),
-            "test_top1": metrics(project, "reports/metrics.json")["finetune"]["top1"]}  # fmt: skip
+            "test_top1": json.loads(project_outputs(project).metrics.read_text())["finetune"]["top1"]}  # fmt: skip
 
 
 def flags(sets: list[str]) -> list[str]:

@@ -189,7 +189,7 @@ if [ "${SPEEDRUN_LIMIT:-0}" != 0 ]; then  # the CIFAR-10 speedrun: the JSON writ
     ${SPEEDRUN_SHARE:+--pretrain-share "$SPEEDRUN_SHARE"} --out "$WORK/cifar10-speedrun.json" $SPEEDRUN_SET
 fi
 if [ "${STAGE_LIMIT:-0}" != 0 ]; then  # the stage on a store of 100,000 images (19.7 GB at 256 px, made once)
-  step stage "$STAGE_LIMIT" $PY benchmarks/pretrain_stage.py --store /tmp/stage-store --images "${STAGE_IMAGES:-100000}" \
+  step stage "$STAGE_LIMIT" $PY benchmarks/pretrain_stage.py --store "${STAGE_STORE:-/tmp/stage-store}" --images "${STAGE_IMAGES:-100000}" \
     --work "$WORK/stage" --out "$WORK/pretrain-stage.json" $STAGE_SET
 fi
 [ "${SERVING_B16:-1}" = 0 ] || step serving_b16 120 $PY benchmarks/gpu_serving.py --preset mae_vit_base_patch16 --img-size 224 --runs 100 --no-cpu \
@@ -241,6 +241,7 @@ if stage.exists():  # issue 25: the stage on a large store, loader included, aga
     goals.update({f"{report['preset']} {k}": v for k, v in (report.get("goals") or {}).items()})
     facts["pretrain stage"] = {k: report.get(k) for k in ("images", "stage_over_step")} | {
         "stage_images_per_s": report["stage"]["images_per_s"], "fast_path": report["stage"]["fast_path"],
+        "loader": report["stage"].get("loader"),
         "step_images_per_s": (report.get("step") or {}).get("images_per_s")}
 for name in ("benchmark-gpu.json", "benchmark-gpu-vit_b16.json"):
     if (work / name).exists():

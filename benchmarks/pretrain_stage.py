@@ -25,7 +25,6 @@ import argparse
 import csv
 import json
 import platform
-import re
 import subprocess
 import sys
 import time
@@ -60,10 +59,10 @@ def run_stage(args: argparse.Namespace, work: Path) -> dict:
         raise SystemExit(f"mae-ops pretrain exited {proc.returncode}:\n" + "\n".join(text.splitlines()[-15:]))
     with (work / "reports/history.csv").open() as fh:
         rates = [float(row["images_per_s"]) for row in csv.DictReader(fh)]
-    said = re.search(r"fast path (on|off)( \([^)]*\))?", text)
+    metrics = json.loads((work / "reports/metrics.json").read_text())  # what the stage says it ran
     return {"images_per_s_per_epoch": rates, "images_per_s": rates[-1], "stage_s": round(seconds, 1),
-            "fast_path": said.group(0) if said else None,
-            "data_on_device": bool(said and "data on the device" in said.group(0))}  # fmt: skip
+            "fast_path": metrics["fast_path"], "loader": metrics["loader"],
+            "data_on_device": metrics["loader"] == "device"}  # fmt: skip
 
 
 def bare_step(args: argparse.Namespace, work: Path) -> float:

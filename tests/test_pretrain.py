@@ -240,7 +240,9 @@ def test_fast_path_follows_the_plain_loss_curve(tmp_path: Path, prepared_mnist: 
             caplog.clear()
             pretrain.run(tiny_config(root, "pretrain.epochs=3", f"pretrain.fast={fast}"))
         assert f"fast path {fast}" in caplog.text
-        assert ("data on the device" in caplog.text) == (fast == "on")
+        metrics = json.loads((root / "reports/pretrain/metrics.json").read_text())
+        assert (metrics["fast_path"], metrics["loader"]) == ((True, "device") if fast == "on" else
+                                                             (False, "host, global order"))  # fmt: skip
         with open(root / "reports/pretrain/history.csv") as fh:
             curves[fast] = [float(r["loss"]) for r in csv.DictReader(fh)]
         weights[fast] = _final_weights(root)
@@ -326,6 +328,7 @@ def test_the_host_loader_reads_shard_windows_on_a_real_store(mnist_root: Path) -
     cfg = tiny_config(mnist_root, "pretrain.epochs=4", "pretrain.shuffle=windows", "pretrain.fast=off")
     metrics = pretrain.run(cfg)
     assert metrics["final_loss"] < 0.75 * metrics["first_loss"]
+    assert metrics["loader"] == "host, shard windows"  # recorded as it ran
 
 
 def test_continued_pretraining_starts_lower_and_resumes_after_a_crash(

@@ -162,11 +162,12 @@ def run_queue(repo: Path, log: Callable[[str], None]) -> None:
 def sources(cfg: Config) -> dict[str, tuple[str, str, str, str]]:
     """Where each score lives in an experiment (paths as dvc.yaml names them, in the stages'
     reports_dir): (metrics file, key, predictions table, column)."""
-    pre, ft = Path(cfg.pretrain.reports_dir), Path(cfg.finetune.reports_dir)
-    pre_metrics, monitor = (pre / "metrics.json").as_posix(), (pre / MONITOR_PREDICTIONS).as_posix()
+    outs = cfg.outputs()
+    pre_metrics, ft_metrics = outs.pretrain_metrics.as_posix(), outs.finetune_metrics.as_posix()
+    monitor = (outs.pretrain_metrics.parent / MONITOR_PREDICTIONS).as_posix()
     return {"knn_top1": (pre_metrics, "knn_val_top1", monitor, "knn"),
             "linprobe_top1": (pre_metrics, "probe_val_top1", monitor, "probe"),
-            "finetune_top1": ((ft / "metrics.json").as_posix(), "val_top1", (ft / VAL_PREDICTIONS).as_posix(),
+            "finetune_top1": (ft_metrics, "val_top1", (outs.finetune_metrics.parent / VAL_PREDICTIONS).as_posix(),
                               "pred")}  # fmt: skip
 
 

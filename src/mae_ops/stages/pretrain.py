@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -164,6 +165,10 @@ def _train(cfg: Config, rt: runtime.Runtime, resume: bool) -> dict:
     loader = make_loader(data, ids, batch, rt.device, fast, loader_workers(p, rt), windows,
                          shuffle=True, seed=p.seed, drop_last=drop_last, rank=rt.rank,
                          world_size=rt.world_size)  # fmt: skip
+    # what the run was, for metrics.json (the stage benchmark reads it) and the log
+    facts = {"num_images": len(ids), "world_size": rt.world_size, "effective_batch": eff_batch, "lr": lr,
+             "fast_path": fast, "loader": "device" if isinstance(loader, DeviceBatches) else
+             "host, shard windows" if windows else "host, global order"}  # fmt: skip
     updates_per_epoch = -(-len(loader) // p.accum_iter)
     optimizer = build_optimizer(model, lr, p.weight_decay, fused=fast)
     scheduler = cosine_schedule(optimizer, p.epochs, updates_per_epoch, p.warmup_epochs, p.min_lr)
@@ -199,11 +204,10 @@ def _train(cfg: Config, rt: runtime.Runtime, resume: bool) -> dict:
     if rt.is_main:
         n_params = sum(t.numel() for t in model.parameters() if t.requires_grad)
         log.info(
-            "pre-training %s (%.2fM params) on %d images, %d epochs, effective batch %d, lr %.2e; fast path %s%s%s",
-            cfg.model.preset, n_params / 1e6, len(ids), p.epochs, eff_batch, lr, "on" if fast else "off",
-            " (data on the device)" if isinstance(loader, DeviceBatches) else
-            f" (read {WINDOW_SHARDS} shards at a time)" if windows else "",
-            f", FP8 in {fp8_layers} linear layers" if p.fp8 else "",
+            "pre-training %s (%.2fM params) on %d images, %d epochs, effective batch %d, lr %.2e; fast path %s; "
+            "data from the %s%s%s", cfg.model.preset, n_params / 1e6, len(ids), p.epochs, eff_batch, lr,
+            "on" if fast else "off", facts["loader"], f" ({WINDOW_SHARDS} at a time)" if windows else "",
+            f"; FP8 in {fp8_layers} linear layers" if p.fp8 else "",
         )  # fmt: skip
 
     def checkpoint(epoch: int) -> None:
@@ -274,8 +278,8 @@ def _train(cfg: Config, rt: runtime.Runtime, resume: bool) -> dict:
     if monitored is not None and monitor_pred is None:  # resumed after the last epoch: score it again
         monitor_pred = monitor.predict(model, data, monitored, mean, std, rt.autocast)[1]
     _write_monitor_predictions(data, monitored, monitor_pred, Path(p.reports_dir) / MONITOR_PREDICTIONS)
-    return _write_outputs(cfg, model, data, history, run_id, train_time, start_epoch, len(ids), eff_batch, lr,
-                          init_sha, rt.world_size)  # fmt: skip
+    facts |= {"resumed_from_epoch": start_epoch, "train_time_s": round(train_time, 2)}
+    return _write_outputs(cfg, model, data, history, run_id, init_sha, facts)
 
 
 def _write_monitor_predictions(
@@ -294,9 +298,10 @@ def _write_monitor_predictions(
 
 def _write_outputs(
     cfg: Config, model: MaskedAutoencoderViT, data: PreparedData, history: list[dict], run_id: str,
-    train_time: float, start_epoch: int, num_images: int, eff_batch: int, lr: float, init_sha: str | None,
-    world_size: int,
+    init_sha: str | None, facts: dict[str, Any],
 ) -> dict:  # fmt: skip
+    """The model, the encoder, the pictures and metrics.json: the losses, the monitor's last
+    scores and ``facts`` (the run's images, processes, batch, lr, loader, seconds)."""
     p = cfg.pretrain
     out, reports = Path(p.out_dir), Path(p.reports_dir)
     args = {"fingerprint": run_id, "config": cfg.model_dump(mode="json"), "init_sha256": init_sha,
@@ -315,18 +320,13 @@ def _write_outputs(
         "final_loss": history[-1]["loss"],
         "first_loss": history[0]["loss"],
         "epochs": p.epochs,
-        "resumed_from_epoch": start_epoch,
         "init": p.init,
         "init_sha256": args["init_sha256"],
-        "num_images": num_images,
-        "world_size": world_size,
-        "effective_batch": eff_batch,
-        "lr": lr,
-        "train_time_s": round(train_time, 2),
+        **facts,
         "images_per_s": history[-1]["images_per_s"],
         **{k: history[-1][k] for k in (*MONITOR_KEYS, "monitor_s") if k in history[-1]},
     }
     write_json(outs.pretrain_metrics, metrics)
     log.info("pre-training done: loss %.4f -> %.4f in %.1fs; wrote %s", metrics["first_loss"],
-             metrics["final_loss"], train_time, out)  # fmt: skip
+             metrics["final_loss"], facts["train_time_s"], out)  # fmt: skip
     return metrics

@@ -41,6 +41,8 @@
 # Issue 25's stage on a large store alone: E2E_LIMIT=0 SERVING_B16=0 PRESETS="" STAGE_LIMIT=300.
 # Rehearse on a CPU: NO_WHEELS=1 PY=.venv/bin/python E2E_SET="--set pretrain.epochs=1 ..." \
 #   PRESETS=mae_vit_tiny_patch4 IN_CHANS=3 MODES=... bash benchmarks/gpu_check.sh
+# (tests/test_benchmarks.py does, with the throughput and stage steps: the verdict, and exit 1 when a step fails).
+# The work folder goes once its logs are in the tar (KEEP_WORK=1 keeps it); STAGE_STORE: where the stage's store is made.
 set -uo pipefail
 START=$(date +%s)
 BUDGET=${BUDGET:-560}
@@ -275,6 +277,7 @@ tar -C "$WORK" -czf "$OUT/gpu_check.tar.gz" --exclude='e2e/.venv' --exclude='e2e
   --exclude='speedrun/project/src' --exclude='speedrun/project/tests' --exclude='speedrun/bin' \
   --exclude='stage/models' --exclude='stage/checkpoints' . 2>/dev/null || true
 echo "gpu_check: $(($(date +%s) - START))s, results in $OUT"
+[ -n "${KEEP_WORK:-}" ] || rm -rf "$WORK"  # everything worth keeping is in $OUT (the logs in the tar)
 if [ $verdict -ne 0 ] || ! $PY -c "import json,sys; sys.exit(0 if json.load(open('$OUT/summary.json'))['passed'] else 1)"; then
   echo "gpu_check: FAILED (see summary.json)"
   exit 1

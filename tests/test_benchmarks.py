@@ -404,3 +404,39 @@ def test_speedrun_recipe_spends_one_budget_several_ways_on_one_calibration(tmp_p
     run_script("speedrun_recipe.py", *args)
     assert {name: (work / f"{name}.json").stat().st_mtime_ns for name in rows} == before
     assert json.loads(out.read_text())["variants"] == report["variants"]
+
+
+def _gpu_check(tmp_path: Path, name: str, **env: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """benchmarks/gpu_check.sh run here as the device runs it, with this interpreter and no wheels."""
+    out = tmp_path / name
+    settings = {"NO_WHEELS": "1", "PY": sys.executable, "OUT": str(out), "E2E_LIMIT": "0", "SERVING_B16": "0",
+                "STAGE_STORE": str(tmp_path / "store"), **env}  # fmt: skip
+    proc = subprocess.run(["bash", str(REPO / "benchmarks/gpu_check.sh")], cwd=REPO, capture_output=True, text=True,
+                          env={**subprocess_env(), **settings}, timeout=600)  # fmt: skip
+    return proc, json.loads((out / "summary.json").read_text())
+
+
+def test_the_gpu_check_rehearsed_on_a_cpu_gates_its_steps_and_fails_when_one_does(tmp_path: Path) -> None:
+    """The one prepared device call (benchmarks/gpu_check.sh) on this CPU with a micro model: one run
+    of the throughput benchmark and the stage on a small store, then its verdict (summary.json:
+    gates, goals, facts) and exit 0; a step that fails makes it exit 1 and say so."""
+    stage = (f"--images 64 --img-size 32 --store-size 36 --preset {PRESET} --batch-size 16 --epochs 1 "
+             "--fast off --mode plain")  # fmt: skip
+    proc, summary = _gpu_check(tmp_path, "ok", BUDGET="400", PRESETS=PRESET, IN_CHANS="3",
+                               MODES="reference@8,plain@8", STEPS="2", CURVE_STEPS="20", STAGE_LIMIT="200",
+                               STAGE_SET=stage)  # fmt: skip
+    assert proc.returncode == 0 and "gpu_check: passed" in proc.stdout, proc.stdout[-3000:]
+    assert summary["passed"] and summary["gates"] == {
+        "step env exit 0": True, "step throughput exit 0": True, "step stage exit 0": True,
+        f"{PRESET} plain@8 curve matches reference": True}  # fmt: skip
+    assert set(summary["goals"]) == {f"{PRESET} plain@8 MFU >= 40%", f"{PRESET} stage >= 90% of the bare step"}
+    facts = summary["facts"]["pretrain stage"]
+    assert (facts["images"], facts["fast_path"], facts["loader"]) == (64, False, "host, global order")
+    assert set(summary["facts"][f"{PRESET} images/s"]) == {"reference@8", "plain@8"}
+    assert {p.name for p in (tmp_path / "ok").iterdir()} == {
+        "summary.json", "pretrain_throughput-cuda.json", "pretrain-stage.json", "gpu_check.tar.gz"}  # fmt: skip
+
+    failed, verdict = _gpu_check(tmp_path, "failed", BUDGET="200", PRESETS="", STAGE_LIMIT="100",
+                                 STAGE_SET=stage.replace(PRESET, "no_such_preset"))  # fmt: skip
+    assert failed.returncode == 1 and "gpu_check: FAILED" in failed.stdout, failed.stdout[-3000:]
+    assert not verdict["passed"] and verdict["gates"] == {"step env exit 0": True, "step stage exit 0": False}

@@ -102,23 +102,16 @@ def test_dvc_yaml_tracks_every_output_the_config_names_under_the_stage_that_writ
     the registry read them too): dvc.yaml must track each one, under its writer, or DVC would not
     version it, skip its stage when it is up to date, or rerun the readers when it changes."""
     from mae_ops.config import Config
+    from mae_ops.orchestration import stage_outputs
 
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    produced = {stage: {Path(p) for p in stage_outputs(spec)} for stage, spec in stages.items()}
     outputs = Config().outputs()
     assert {stage for stage in stages if outputs.of_stage(stage)} == set(stages)  # every stage hands something on
-    for stage, spec in stages.items():
-        tracked = [Path(next(iter(e)) if isinstance(e, dict) else e)
-                   for kind in ("outs", "metrics", "plots") for e in spec.get(kind, [])]  # fmt: skip
+    for stage in stages:
         for name, path in outputs.of_stage(stage).items():
-            assert any(path == t or t in path.parents for t in tracked), f"{stage} does not track {name} ({path})"
-            others = [
-                s
-                for s in stages
-                if s != stage
-                for e in stages[s].get("outs", [])
-                if (t := Path(next(iter(e)) if isinstance(e, dict) else e)) == path or t in path.parents
-            ]
-            assert not others, f"{name} ({path}) is also an output of {others}"
+            writers = [s for s, tracked in produced.items() if any(path == t or t in path.parents for t in tracked)]
+            assert writers == [stage], f"{name} ({path}) is tracked under {writers}, not only under {stage}"
 
 
 def test_listing_the_image_folders_keeps_the_users_own_deps_and_comments(tmp_path: Path) -> None:

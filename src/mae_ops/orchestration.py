@@ -79,6 +79,17 @@ class StageResult:
     seconds: float
 
 
+def dvc_paths(entries: list | None) -> set[str]:
+    """The paths of a dvc.yaml list (deps, outs, metrics, plots), where an entry is a path
+    or ``{path: options}``; without a trailing slash."""
+    return {str(next(iter(e)) if isinstance(e, dict) else e).rstrip("/") for e in entries or []}
+
+
+def stage_outputs(stage: dict[str, Any]) -> set[str]:
+    """What a dvc.yaml stage produces: its outs, metrics and plots."""
+    return dvc_paths(stage.get("outs", []) + stage.get("metrics", []) + stage.get("plots", []))
+
+
 def with_upstream(repo: Path, stages: list[str] | None) -> list[str]:
     """The named stages and every stage upstream of them, in pipeline order (all when none
     are named), as `dvc repro STAGE` brings them up to date: a stage is upstream when one
@@ -90,16 +101,10 @@ def with_upstream(repo: Path, stages: list[str] | None) -> list[str]:
     if not stages:
         return list(STAGES)
     defined = (yaml.safe_load((repo / "dvc.yaml").read_text()) or {}).get("stages", {})
-
-    def paths(entries: list) -> set[str]:
-        return {str(next(iter(e)) if isinstance(e, dict) else e).rstrip("/") for e in entries or []}
-
-    outs = {
-        name: paths(st.get("outs", []) + st.get("metrics", []) + st.get("plots", [])) for name, st in defined.items()
-    }
+    outs = {name: stage_outputs(st) for name, st in defined.items()}
     needed, todo = set(stages), list(stages)
     while todo:
-        deps = paths(defined.get(todo.pop(), {}).get("deps", []))
+        deps = dvc_paths(defined.get(todo.pop(), {}).get("deps", []))
         for name, produced in outs.items():
             if name not in needed and any(d == o or d.startswith(o + "/") for d in deps for o in produced):
                 needed.add(name)

@@ -139,12 +139,12 @@ def test_top1(project: Path, model: str | Path, data_dir: str | Path = "data/pre
 
 
 def stage_seconds(project: Path) -> dict[str, float]:
-    run_json = json.loads((project / "reports/pipeline/run.json").read_text())
+    run_json = read_json(project / "reports/pipeline/run.json")
     return {s["stage"]: s["seconds"] for s in run_json["stages"] if s["ran"]}
 
 
-def metrics(project: Path, rel: str) -> dict:
-    return json.loads((project / rel).read_text())
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
 
 
 def params_of(project: Path) -> dict:
@@ -216,7 +216,7 @@ def speedrun(project: Path, sets: list[str], logfile: Path, limit: float | None)
     wall = run(["mae-ops", "pipeline", "finetune", "--params", PARAMS, *sets], project, logfile, limit)
     seconds = stage_seconds(project)
     outs = project_outputs(project)
-    pre, fine = json.loads(outs.pretrain_metrics.read_text()), json.loads(outs.finetune_metrics.read_text())
+    pre, fine = read_json(outs.pretrain_metrics), read_json(outs.finetune_metrics)
     p = params_of(project)
     return {
         **test_top1(project, outs.finetune_model, outs.prepared),
@@ -240,7 +240,7 @@ def evaluate(project: Path, sets: list[str], logfile: Path, limit: float | None)
     except (RuntimeError, subprocess.TimeoutExpired) as exc:
         return {"ran": False, "error": str(exc)[-2000:]}
     return {"ran": True, "stage_seconds": stage_seconds(project), "pipeline_wall_s": round(wall, 1),
-            "test_top1": json.loads(project_outputs(project).metrics.read_text())["finetune"]["top1"]}  # fmt: skip
+            "test_top1": read_json(project_outputs(project).metrics)["finetune"]["top1"]}  # fmt: skip
 
 
 def flags(sets: list[str]) -> list[str]:
@@ -253,7 +253,7 @@ def side_finetune(project: Path, name: str, sets: list[str], logfile: Path, limi
     where = [f"finetune.out_dir=models/{name}", f"finetune.checkpoint_dir=checkpoints/{name}",
              f"finetune.reports_dir=reports/{name}", "hpo.enabled=false"]  # fmt: skip
     wall = run(["mae-ops", "finetune", *flags([*sets, *where])], project, logfile, limit)
-    fine = metrics(project, f"reports/{name}/metrics.json")
+    fine = read_json(project / f"reports/{name}/metrics.json")
     return {"epochs": fine["epochs"], "num_labelled": fine["num_labelled"], "val_top1": fine["val_top1"],
             "train_time_s": fine["train_time_s"], "wall_s": round(wall, 1)}  # fmt: skip
 

@@ -147,3 +147,24 @@ def exported(tmp_path_factory: pytest.TempPathFactory, pretrained_mnist: Path) -
     finetune.run(ft_config(root, "finetune.epochs=3"))
     export.run(export_config(root))
     return root
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    """The test PostgreSQL server's URL (.ci/postgres.sh prints one)."""
+    url = os.environ.get("MAE_OPS_TEST_POSTGRES_URL")
+    if not url:
+        if os.environ.get("MAE_OPS_REQUIRE_POSTGRES") == "1":
+            pytest.fail("MAE_OPS_REQUIRE_POSTGRES=1 but MAE_OPS_TEST_POSTGRES_URL is not set")
+        pytest.skip("no PostgreSQL: run .ci/postgres.sh and export MAE_OPS_TEST_POSTGRES_URL")
+    return url
+
+
+def password_free(url: str) -> tuple[str, str | None]:
+    """``url`` without its password, and the password: as the README says, workers take it from
+    PGPASSWORD, never from params.yaml (which refuses it)."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    bare = parsed._replace(password=None).render_as_string(hide_password=False)
+    return bare, (str(parsed.password) if parsed.password else None)

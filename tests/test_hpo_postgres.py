@@ -10,7 +10,6 @@ instead of skipping when the server is missing); locally run
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -25,36 +24,22 @@ from optuna.trial import TrialState
 from mae_ops import hpo
 from mae_ops.data import PreparedData
 from mae_ops.stages import finetune
-from tests.conftest import ft_config, subprocess_env, write_params
-
-
-@pytest.fixture(scope="module")
-def postgres_url() -> str:
-    url = os.environ.get("MAE_OPS_TEST_POSTGRES_URL")
-    if not url:
-        if os.environ.get("MAE_OPS_REQUIRE_POSTGRES") == "1":
-            pytest.fail("MAE_OPS_REQUIRE_POSTGRES=1 but MAE_OPS_TEST_POSTGRES_URL is not set")
-        pytest.skip("no PostgreSQL: run .ci/postgres.sh and export MAE_OPS_TEST_POSTGRES_URL")
-    return url
+from tests.conftest import ft_config, password_free, subprocess_env, write_params
 
 
 def test_workers_on_two_machines_share_one_postgres_study(
     run_root: Path, postgres_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from sqlalchemy.engine import make_url
-
-    # as the README says: the password comes from PGPASSWORD, never from params.yaml (which refuses it)
-    url = make_url(postgres_url)
-    if url.password:
-        monkeypatch.setenv("PGPASSWORD", str(url.password))
-    bare = url._replace(password=None).render_as_string(hide_password=False)
+    bare, password = password_free(postgres_url)
+    if password:
+        monkeypatch.setenv("PGPASSWORD", password)
     cfg = ft_config(
         run_root, "hpo.enabled=true", "hpo.n_trials=4", "hpo.pruner=none", "hpo.epochs=2",
         f"hpo.storage={bare}", f"hpo.study_name=test-{uuid.uuid4().hex[:8]}",
     )  # fmt: skip
     params = write_params(cfg, run_root / "params.yaml")
-    if url.password:
-        assert f":{url.password}@" not in params.read_text()
+    if password:
+        assert f":{password}@" not in params.read_text()
     env = {**subprocess_env(), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "mae_ops.cli", "hpo-worker", "--params", str(params)]
     workers = [
@@ -86,8 +71,8 @@ def test_workers_on_two_machines_share_one_postgres_study(
     # the pipeline's fine-tuning stage finds the study full and retrains from its best trial; its
     # password comes from MAE_OPS_STORAGE_PASSWORD (any database), the workers' from PGPASSWORD
     monkeypatch.delenv("PGPASSWORD", raising=False)
-    if url.password:
-        monkeypatch.setenv("MAE_OPS_STORAGE_PASSWORD", str(url.password))
+    if password:
+        monkeypatch.setenv("MAE_OPS_STORAGE_PASSWORD", password)
     finetune.run(cfg)
     assert len(study.get_trials(deepcopy=False)) == len(trials)
     best = yaml.safe_load((run_root / "reports/hpo/best_params.json").read_text())

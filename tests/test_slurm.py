@@ -1,5 +1,6 @@
-"""The cluster recipe, tried: `flows/slurm-pretrain.sbatch` submitted with sbatch to a real
-two-node Slurm cluster on 127.0.0.1 (slurmctld and two slurmd; gloo on a CPU).
+"""The cluster recipes, tried: `flows/slurm-pretrain.sbatch` and `flows/slurm-hpo-workers.sbatch`
+submitted with sbatch to a real two-node Slurm cluster on 127.0.0.1 (slurmctld and two slurmd;
+gloo on a CPU; the search's study in a real PostgreSQL).
 
 CI starts the cluster with `.ci/slurm.sh` and sets MAE_OPS_TEST_SLURM_CONF to the slurm.conf
 it prints (and MAE_OPS_REQUIRE_SLURM=1, so the test fails instead of skipping when the cluster
@@ -14,12 +15,17 @@ import signal
 import socket
 import subprocess
 import time
+import uuid
 from pathlib import Path
 
+import optuna
 import pytest
 import yaml
+from optuna.trial import TrialState
 
-from tests.conftest import BIN, subprocess_env, tiny_project
+from mae_ops import hpo
+from mae_ops.data import PreparedData
+from tests.conftest import BIN, REPO, ft_config, password_free, subprocess_env, tiny_project, write_params
 
 
 @pytest.fixture
@@ -113,3 +119,31 @@ def test_the_slurm_recipe_pretrains_on_two_nodes_and_dvc_records_it(tmp_path: Pa
     assert lock["params"]["params.yaml"]["pretrain"]["batch_size"] == 64
     out = _run([str(BIN / "mae-ops"), "pipeline", "pretrain"], repo, slurm_env)
     assert "0 stage(s) ran (none), 2 up to date" in out, out[-2000:]
+
+
+def test_the_slurm_job_array_fills_one_postgres_study_with_hpo_workers(
+    run_root: Path, postgres_url: str, slurm_env: dict
+) -> None:
+    bare, password = password_free(postgres_url)
+    cfg = ft_config(
+        run_root, "hpo.enabled=true", "hpo.n_trials=4", "hpo.pruner=none", "hpo.epochs=2",
+        f"hpo.storage={bare}", f"hpo.study_name=slurm-{uuid.uuid4().hex[:8]}",
+    )  # fmt: skip
+    write_params(cfg, run_root / "params.yaml")
+    env = {**slurm_env, "OMP_NUM_THREADS": "1", **({"PGPASSWORD": password} if password else {})}
+    cmd = ["sbatch", "--wait", "--array=0-1", "--gpus-per-task=0", f"--output={run_root}/hpo-%a.out",
+           str(REPO / "flows/slurm-hpo-workers.sbatch")]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=run_root, env=env, capture_output=True, text=True, timeout=600)
+    logs = [(run_root / f"hpo-{task}.out").read_text() for task in (0, 1)]
+    assert proc.returncode == 0, proc.stdout + proc.stderr + "\n".join(log[-2000:] for log in logs)
+    # one worker per array task, each on its own node of the cluster
+    assert [f"mae-hpo: worker {task} " in log for task, log in enumerate(logs)] == [True, True], logs
+    assert sorted(log.split(" on ", 1)[1].split()[0] for log in logs) == ["node1", "node2"], logs
+
+    name = hpo.study_name(cfg, PreparedData(cfg.data.out_dir).manifest["content_hash"])
+    trials = optuna.load_study(study_name=name, storage=postgres_url).get_trials(deepcopy=False)
+    assert len(trials) >= 4 and all(t.state in hpo.FINISHED for t in trials), [t.state for t in trials]
+    assert sorted(t.number for t in trials) == list(range(len(trials)))  # none lost or run twice
+    # both array tasks ran trials (each trial records its worker's host and process)
+    assert len({t.user_attrs["worker"] for t in trials if t.state == TrialState.COMPLETE}) == 2
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == len(trials)  # distinct proposals

@@ -93,7 +93,7 @@ def test_the_slurm_recipe_pretrains_on_two_nodes_and_dvc_records_it(tmp_path: Pa
     assert not (repo / "reports/pretrain/metrics.json").exists()
     assert "pretrain" not in yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
 
-    # the run, with rank 1 (on node2) killed after the first checkpoint: torchrun restarts the
+    # the run, with rank 1 (one node's; rank 0 is on the other) killed after the first checkpoint: torchrun restarts the
     # ranks of both nodes, which resume from the checkpoint and finish
     params["pretrain"].update(epochs=4, save_every=1)
     (repo / "params.yaml").write_text(yaml.safe_dump(params))

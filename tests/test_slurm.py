@@ -42,23 +42,30 @@ def slurm_env() -> dict[str, str]:
     return {**subprocess_env(), "SLURM_CONF": conf, "MAE_OPS_NPROC_PER_NODE": "1", "MAE_OPS_RDZV_PORT": str(port)}
 
 
-def _submit(repo: Path, env: dict[str, str], name: str) -> subprocess.Popen:
-    """sbatch the recipe from the project, as a user would, and wait for the job (--wait)."""
-    cmd = ["sbatch", "--wait", "--gpus-per-node=0", f"--job-name={name}", f"--output={repo / name}.out",
-           "flows/slurm-pretrain.sbatch"]  # fmt: skip
+def _submit(repo: Path, env: dict[str, str], name: str, script: str, *options: str) -> subprocess.Popen:
+    """sbatch a recipe of this repository from the project, as a user would, and wait for the job
+    (--wait); its log is ``<name>.out`` in the project (``<name>-<task>.out`` for an array)."""
+    out = f"{repo / name}-%a.out" if any(o.startswith("--array") for o in options) else f"{repo / name}.out"
+    cmd = ["sbatch", "--wait", f"--job-name={name}", f"--output={out}", *options, str(REPO / "flows" / script)]
     return subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def _pretrain(repo: Path, env: dict[str, str], name: str) -> subprocess.Popen:
+    return _submit(repo, env, name, "slurm-pretrain.sbatch", "--gpus-per-node=0")
+
+
 def _finish(job: subprocess.Popen, repo: Path, env: dict[str, str], name: str) -> tuple[int, str]:
-    """The job's exit code and its log; a job that hangs is cancelled and fails the test."""
-    log = repo / f"{name}.out"
+    """The job's exit code and its logs; a job that hangs is cancelled and fails the test."""
     try:
         out = job.communicate(timeout=600)[0]
     except subprocess.TimeoutExpired:
         subprocess.run(["scancel", f"--name={name}"], env=env, check=False)
         job.kill()
-        pytest.fail(f"job {name} still running after 600 s:\n" + log.read_text()[-3000:])
-    return job.returncode, out + (log.read_text() if log.exists() else "")
+        out = f"job {name} still running after 600 s"
+    logs = "".join(log.read_text() for log in sorted(repo.glob(f"{name}*.out")))
+    if job.returncode is None or job.returncode < 0:
+        pytest.fail(out + "\n" + logs[-3000:])
+    return job.returncode, out + logs
 
 
 def _rank_process(rank: int, job_name: str) -> int | None:
@@ -88,16 +95,16 @@ def test_the_slurm_recipe_pretrains_on_two_nodes_and_dvc_records_it(tmp_path: Pa
     # a mistake in the params: the job fails, says why, and records nothing
     params = yaml.safe_load((repo / "params.yaml").read_text())
     (repo / "params.yaml").write_text(yaml.safe_dump({**params, "data": {**params["data"], "img_size": 32}}))
-    code, log = _finish(_submit(repo, slurm_env, "bad-params"), repo, slurm_env, "bad-params")
+    code, log = _finish(_pretrain(repo, slurm_env, "bad-params"), repo, slurm_env, "bad-params")
     assert code != 0 and "28px images but data.img_size is 32" in log, log[-3000:]
     assert not (repo / "reports/pretrain/metrics.json").exists()
     assert "pretrain" not in yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
 
-    # the run, with rank 1 (one node's; rank 0 is on the other) killed after the first checkpoint: torchrun restarts the
-    # ranks of both nodes, which resume from the checkpoint and finish
+    # the run, with rank 1 (one node's; rank 0 is on the other) killed after the first checkpoint:
+    # torchrun restarts the ranks of both nodes, which resume from the checkpoint and finish
     params["pretrain"].update(epochs=4, save_every=1)
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
-    job = _submit(repo, slurm_env, "pretrain")
+    job = _pretrain(repo, slurm_env, "pretrain")
     deadline = time.time() + 300
     while not (repo / "checkpoints/pretrain/last.pth").exists() and job.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -131,11 +138,10 @@ def test_the_slurm_job_array_fills_one_postgres_study_with_hpo_workers(
     )  # fmt: skip
     write_params(cfg, run_root / "params.yaml")
     env = {**slurm_env, "OMP_NUM_THREADS": "1", **({"PGPASSWORD": password} if password else {})}
-    cmd = ["sbatch", "--wait", "--array=0-1", "--gpus-per-task=0", f"--output={run_root}/hpo-%a.out",
-           str(REPO / "flows/slurm-hpo-workers.sbatch")]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=run_root, env=env, capture_output=True, text=True, timeout=600)
+    job = _submit(run_root, env, "hpo", "slurm-hpo-workers.sbatch", "--array=0-1", "--gpus-per-task=0")
+    code, out = _finish(job, run_root, env, "hpo")
+    assert code == 0, out[-4000:]
     logs = [(run_root / f"hpo-{task}.out").read_text() for task in (0, 1)]
-    assert proc.returncode == 0, proc.stdout + proc.stderr + "\n".join(log[-2000:] for log in logs)
     # one worker per array task, each on its own node of the cluster
     assert [f"mae-hpo: worker {task} " in log for task, log in enumerate(logs)] == [True, True], logs
     assert sorted(log.split(" on ", 1)[1].split()[0] for log in logs) == ["node1", "node2"], logs

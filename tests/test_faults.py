@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -115,8 +116,8 @@ def test_kill_9_in_pretrain_and_in_a_trial_then_the_rerun_completes(tmp_path: Pa
             summaries = optuna.get_all_study_summaries(f"sqlite:///{db}")
             if summaries:
                 study = optuna.load_study(study_name=summaries[0].study_name, storage=f"sqlite:///{db}")
-                # a trial its worker has signed: killed between the ask and the signature (a few ms)
-                # it is left to the storage heartbeat's 30 s grace instead (seen once in CI)
+                # a trial its worker has signed: one killed in the few ms between the ask and
+                # the signature would make the rerun wait 30 s before failing it
                 trials = study.get_trials(deepcopy=False)
                 return any(t.state == TrialState.RUNNING and "worker" in t.user_attrs for t in trials)
         return False
@@ -416,6 +417,38 @@ def test_a_dead_workers_trial_is_failed_and_a_resumed_search_proposes_new_params
     assert "RUNNING" not in set(trials["state"])
     first, *later = [tuple(r) for r in trials[trials["state"] == "COMPLETE"].filter(like="params_").to_numpy()]
     assert first not in later  # trial 0's params were not proposed again
+
+
+def _worker_killed_after(url: str, sign: bool) -> None:
+    """A worker process that asks the study for a trial and is killed (SIGKILL) before its
+    objective signs it, or after it signed it and drew a learning rate."""
+    steps = "t = s.ask()" + ("; t.set_user_attr('worker', f'{socket.gethostname()}:{os.getpid()}')"
+                             "; t.suggest_float('lr', 0.1, 1.0)" if sign else "")  # fmt: skip
+    code = (f"import os, signal, socket, optuna; s = optuna.load_study(study_name='s', storage={url!r}); "
+            f"{steps}; os.kill(os.getpid(), signal.SIGKILL)")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+
+
+def test_trials_of_dead_workers_fail_and_a_live_worker_s_trial_waits_for_its_signature(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(storage=url, study_name="s", direction="maximize")
+    _worker_killed_after(url, sign=False)  # between Optuna's ask and the signature: no heartbeat either
+    _worker_killed_after(url, sign=True)
+    live = study.ask()  # this process's worker signs its trial 2 s after asking
+    sign = threading.Timer(2.0, live.set_user_attr, ("worker", f"{socket.gethostname()}:{os.getpid()}"))
+    sign.start()
+    start = time.monotonic()
+    failed = hpo.fail_dead_trials(study, grace_s=4)
+    waited = time.monotonic() - start
+    sign.join()
+    assert sorted(failed) == [0, 1] and 4 <= waited < 30, (failed, waited)
+    trials = study.get_trials(deepcopy=False)
+    assert [t.state for t in trials[:3]] == [TrialState.FAIL, TrialState.FAIL, TrialState.RUNNING]
+    retry = trials[3]  # the signed trial's params are queued once more; the unsigned one had none
+    assert len(trials) == 4 and retry.state == TrialState.WAITING
+    assert retry.user_attrs == {"retry_of": 1} and retry.system_attrs["fixed_params"] == trials[1].params
+    assert hpo.fail_dead_trials(study, grace_s=4) == []  # the live trial is signed now: no wait, nothing failed
 
 
 # ---------------------------------------------------- inputs that make no sense

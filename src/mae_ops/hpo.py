@@ -5,8 +5,8 @@ URL such as PostgreSQL for workers on many machines). Each trial fine-tunes for
 ``hpo.epochs`` epochs and reports validation top-1 every epoch, so the pruner
 (median or Hyperband) stops hopeless trials early. A failed trial (NaN loss,
 out of memory) is recorded as failed and the study goes on; a killed study
-resumes with its earlier trials (trials left running are failed by the storage
-heartbeat and queued again).
+resumes with its earlier trials (trials left running by a dead worker are
+failed, by the storage heartbeat or at the next start, and queued again).
 
 Outputs in ``hpo.reports_dir``: best_params.json, trials.csv (Optuna's trials
 dataframe) and PNG plots of the optimization history, parameter importances and
@@ -55,6 +55,9 @@ log = logging.getLogger(__name__)
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 # errors a trial may die of without stopping the study (OutOfMemoryError is a RuntimeError)
 TRIAL_ERRORS = (FloatingPointError, RuntimeError, ValueError)
+# a trial whose heartbeat stops this long is failed by the storage; a trial no worker
+# signs this long is failed at the next start (a live worker signs within milliseconds)
+GRACE_S = 30
 
 
 def storage(hc: HpoConfig, attempts: int = 5) -> RDBStorage:
@@ -78,7 +81,7 @@ def storage(hc: HpoConfig, attempts: int = 5) -> RDBStorage:
             with warnings.catch_warnings():  # the heartbeat API is marked experimental
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 return RDBStorage(
-                    url, engine_kwargs=engine_kwargs, heartbeat_interval=10, grace_period=30,
+                    url, engine_kwargs=engine_kwargs, heartbeat_interval=10, grace_period=GRACE_S,
                     heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
                 )  # fmt: skip
         except SQLAlchemyError as exc:
@@ -143,20 +146,42 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def fail_dead_trials(study: optuna.Study) -> list[int]:
-    """Trials left RUNNING by a worker on this machine that is gone (killed before its
-    first heartbeat, or within the heartbeat's grace period) are failed now and their
-    params queued once more; trials of workers on other machines are left to the heartbeat."""
-    host = socket.gethostname()
-    failed = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        worker_host, _, pid = str(t.user_attrs.get("worker", "")).rpartition(":")
-        if worker_host != host or not pid.isdigit() or _alive(int(pid)):
-            continue
-        study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
-        if "retry_of" not in t.user_attrs:
-            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
-        failed.append(t.number)
+def _dead(t: optuna.trial.FrozenTrial, host: str) -> bool:
+    """Signed by a worker on this machine that is gone (killed before its first heartbeat,
+    or within the heartbeat's grace). Workers on other machines are left to the heartbeat."""
+    worker_host, _, pid = str(t.user_attrs["worker"]).rpartition(":")
+    return worker_host == host and pid.isdigit() and not _alive(int(pid))
+
+
+def fail_dead_trials(study: optuna.Study, grace_s: float = GRACE_S) -> list[int]:
+    """Fail the RUNNING trials no live worker holds, and queue their params once more:
+    those a dead worker of this machine signed, and those no worker signs within
+    ``grace_s`` (a worker killed between Optuna's ask and its objective's first line
+    leaves a trial that has no signature and no heartbeat, which Optuna's heartbeat
+    check never fails). Unsigned trials are timed from when this call first sees them,
+    not by their start time, so a worker whose clock differs is not misjudged.
+    Returns the numbers of the trials failed."""
+    host, failed, first_seen, waited = socket.gethostname(), [], {}, False
+    while True:
+        now, unsigned = time.monotonic(), []
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if "worker" in t.user_attrs:
+                dead = _dead(t, host)
+            else:
+                dead = now - first_seen.setdefault(t.number, now) >= grace_s
+                unsigned += [] if dead else [t.number]
+            if dead:
+                study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+                if t.params and "retry_of" not in t.user_attrs:
+                    study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+                failed.append(t.number)
+        if not unsigned:
+            break
+        if not waited:
+            log.info("trials %s run unsigned: waiting up to %.0f s for their workers to sign them",
+                     unsigned, grace_s)  # fmt: skip
+        waited = True
+        time.sleep(min(1.0, grace_s))
     if failed:
         log.info("trials %s were left running by a worker that died: failed and queued again", failed)
     return failed

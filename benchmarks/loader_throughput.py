@@ -8,6 +8,8 @@ normalises them on the device. This measures that host path, per core:
   read       uint8 batches delivered by the loader (the host's whole job on a GPU run)
   read+aug   the same plus RandomResizedCrop to 224 px + flip + normalise on this CPU
              (the whole job on a CPU run; on a GPU this part runs on the device)
+  randaug    read + timm RandAugment (``--randaug``, PIL, per image) in the loader
+             processes: fine-tuning's host work when its recipe has RandAugment
 
 from a store larger than RAM (the page cache dropped first when allowed), in the
 global order (DistributedSampler's: random rows) and in shard windows
@@ -39,6 +41,7 @@ from prepare_scale import drop_page_cache  # a sibling script: its folder is on 
 
 from mae_ops.atomic import write_json
 from mae_ops.data import WINDOW_SHARDS, PreparedData, batch_loader, normalize, random_resized_crop, set_epoch
+from mae_ops.finetuning import HostRandAugment
 from mae_ops.reporting import git_revision
 from mae_ops.store import StoreWriter, rows_per_shard, write_table
 
@@ -79,10 +82,12 @@ def make_store(root: Path, n: int, size: int, channels: int = 3, img_size: int |
 
 
 def loader_rate(data: PreparedData, ids: np.ndarray, batch: int, workers: int, seconds: float, augment: bool,
-                crop: int, window_shards: int) -> dict:  # fmt: skip
-    """Images/s the loader delivers (optionally augmented here) over ``seconds`` after one warm-up batch."""
+                crop: int, window_shards: int, randaug: str = "") -> dict:  # fmt: skip
+    """Images/s the loader delivers (optionally augmented here, or RandAugment-ed in its
+    processes) over ``seconds`` after one warm-up batch."""
+    transform = HostRandAugment(randaug, data.mean) if randaug else None
     loader = batch_loader(data, ids, batch, shuffle=True, seed=1, drop_last=True, num_workers=workers,
-                          window_shards=window_shards)  # fmt: skip
+                          window_shards=window_shards, transform=transform)  # fmt: skip
     gen = torch.Generator().manual_seed(0)
     seen, t0, epoch = 0, None, 0
     while t0 is None or time.perf_counter() - t0 < seconds:
@@ -102,7 +107,7 @@ def loader_rate(data: PreparedData, ids: np.ndarray, batch: int, workers: int, s
     cores = max(1, workers) + (1 if augment and workers else 0)  # workers read; the main process augments
     rate = seen / elapsed
     return {"order": f"windows of {window_shards} shards" if window_shards else "global",
-            "workers": workers, "augment": augment, "images_per_s": round(rate, 1),
+            "workers": workers, "augment": augment, "randaug": randaug, "images_per_s": round(rate, 1),
             "mb_per_s": round(rate * data.images[0].nbytes / 1e6, 1), "cores_busy": cores,
             "images_per_s_per_core": round(rate / min(cores, os.cpu_count() or 1), 1)}  # fmt: skip
 
@@ -130,6 +135,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--seconds", type=float, default=20.0, help="per measurement")
     ap.add_argument("--cached-gib", type=float, default=4.0, help="size of the part read from the page cache")
+    ap.add_argument("--randaug", default="rand-m9-mstd0.5-inc1", help="RandAugment spec measured; '' skips it")
     ap.add_argument("--gpu-images-per-s", type=float, default=4855.0, help="the step rate to feed")
     ap.add_argument("--keep-page-cache", action="store_true", help="do not drop it (a smoke run)")
     ap.add_argument("--out", type=Path, default=Path("reports/benchmarks/loader_throughput.json"))
@@ -155,22 +161,23 @@ def main() -> None:
     every = np.arange(len(data.images))
     cached = every[: int(args.cached_gib * 2**30 // row_bytes)]
     # larger than RAM: reading is the whole question (augmenting is measured on the cached part)
-    plan = [(COLD, every, False, order) for order in (0, WINDOW_SHARDS)]
-    plan += [(WARM, cached, augment, 0) for augment in (False, True)]
-    for where, ids, augment, window in plan:
+    plan = [(COLD, every, False, order, "") for order in (0, WINDOW_SHARDS)]
+    plan += [(WARM, cached, augment, 0, "") for augment in (False, True)]
+    plan += [(WARM, cached, False, 0, args.randaug)] if args.randaug else []
+    for where, ids, augment, window, randaug in plan:
         for workers in args.workers:
             if where == COLD:
                 cold()
             for start in range(0, len(cached), 1024):  # read once: the cached part is in the page cache
                 np.asarray(data.images[cached[start : start + 1024]])
             result = {"store": where, **loader_rate(data, ids, args.batch_size, workers, args.seconds, augment,
-                                                     args.crop, window)}  # fmt: skip
+                                                     args.crop, window, randaug)}  # fmt: skip
             print(json.dumps(result), flush=True)
             report["results"].append(result)
 
-    def best(where: str, augment: bool, window: bool) -> dict:
+    def best(where: str, augment: bool, window: bool, randaug: str = "") -> dict:
         rows = [r for r in report["results"] if r["store"] == where and r["augment"] == augment
-                and (r["order"] != "global") == window]  # fmt: skip
+                and (r["order"] != "global") == window and r["randaug"] == randaug]  # fmt: skip
         return max(rows, key=lambda r: r["images_per_s"])
 
     need = args.gpu_images_per_s
@@ -187,6 +194,18 @@ def main() -> None:
         "gpu_images_per_s": need, "disk_mb_per_s": round(need * row_bytes / 1e6, 1), **feed,
         "cpu_augment_images_per_s_per_core": cpu_aug["images_per_s_per_core"],
     }  # fmt: skip
+    if args.randaug:  # fine-tuning with RandAugment: its loader processes' rate
+        rows = {r["workers"]: r["images_per_s"] for r in report["results"] if r["randaug"]}
+        top = best(WARM, False, False, args.randaug)
+        report["randaug"] = {
+            "spec": args.randaug,
+            "images_per_s_by_workers": rows,
+            "best_images_per_s": top["images_per_s"],
+            "with_workers": top["workers"],
+            "images_per_s_per_core": top["images_per_s_per_core"],
+            "best_over_main_process": round(top["images_per_s"] / rows[0], 2) if 0 in rows else None,
+        }
+        print(json.dumps(report["randaug"]), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out, report)
     print(json.dumps(report["to_feed_the_gpu"], indent=1))

@@ -45,6 +45,7 @@ def test_missing_default_file_means_defaults(tmp_path: Path, monkeypatch: pytest
         ("pretrain.fast=sometimes", "pretrain.fast", "'auto', 'on' or 'off'"),
         ("pretrain.compile_mode=turbo", "pretrain.compile_mode", "'max-autotune'"),
         ("pretrain.num_workers=-1", "pretrain.num_workers", "'auto' or an integer >= 0"),
+        ("finetune.num_workers=two", "finetune.num_workers", "'auto' or an integer >= 0"),
     ],
 )
 def test_bad_values_name_the_key_and_the_allowed_range(override: str, key: str, hint: str) -> None:

@@ -440,6 +440,47 @@ def test_the_reference_randaugment_survives_its_strongest_magnitude() -> None:
     assert np.asarray(post.aug_fn(img, 0)).max() == 0 and post.aug_fn(img, 8) is img
 
 
+def test_randaugment_runs_in_loader_workers_with_the_same_draws_for_any_number_of_them(run_root: Path) -> None:
+    """RandAugment (PIL, per image) runs in the loader's worker processes, so the host keeps a
+    GPU fed; its draws are keyed by the seed, the epoch and the batch, so 0 or 2 workers give
+    the same batches and the same fine-tuning, each epoch draws anew, and Mixup's draws in
+    the training process are left alone."""
+    import random
+
+    from mae_ops.data import batch_loader
+
+    cfg = ft_config(run_root)
+    data = PreparedData(cfg.data.out_dir, hide_test=True)
+    ids = data.indices("train", labelled_only=True)
+    randaug = finetuning.HostRandAugment("rand-m9-mstd0.5-inc1", data.mean)
+    plain, *augmented = (batch_loader(data, ids, 16, shuffle=False, transform=t, num_workers=w)
+                         for t, w in ((None, 0), (randaug, 0), (randaug, 2)))  # fmt: skip
+    seen = []
+    for epoch in (0, 1):
+        for loader in (plain, *augmented):
+            set_epoch(loader, epoch)
+        random.seed(5)
+        np.random.seed(5)
+        batches = list(zip(plain, *augmented, strict=True))
+        assert (random.random(), np.random.random()) == (random.seed(5), np.random.seed(5), random.random(),
+                                                         np.random.random())[2:]  # fmt: skip
+        for (x, y), (a, ya), (b, yb) in batches:
+            assert torch.equal(a, b) and torch.equal(ya, y) and torch.equal(yb, y)
+            assert a.shape == x.shape and a.dtype == torch.uint8
+        changed = np.mean([not torch.equal(x[i], a[i]) for (x, _), (a, _), _ in batches for i in range(len(x))])
+        assert changed > 0.5, changed  # two ops per image, each applied at random
+        seen.append(torch.cat([a for _, (a, _), _ in batches]))
+    assert not torch.equal(seen[0], seen[1])  # the same images, other draws in another epoch
+
+    runs = []
+    for workers in (0, 2):
+        ft = cfg.finetune.model_copy(update={"randaug": "rand-m9-mstd0.5-inc1", "num_workers": workers})
+        runs.append(finetuning.train_finetune(finetuning.encoder_spec(cfg, "pretrain"), ft, data, _cpu(),
+                                              epochs=2).history)  # fmt: skip
+    assert [h["train_loss"] for h in runs[0]] == [h["train_loss"] for h in runs[1]]
+    assert [h["val_top1"] for h in runs[0]] == [h["val_top1"] for h in runs[1]]
+
+
 def test_the_model_shipped_is_the_best_on_validation_not_always_the_fine_tuned_one(run_root: Path) -> None:
     """A fine-tune starved of learning rate loses to the linear probe on validation: evaluate
     chooses the probe (deployed.json, summary), export ships it (its weights, its metadata),

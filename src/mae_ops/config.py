@@ -83,6 +83,15 @@ Switch = Annotated[Literal["auto", "on", "off"], BeforeValidator(_yaml_switch)]
 Precision = Annotated[Literal["auto", "bf16", "fp16", "off"], BeforeValidator(_yaml_switch)]
 AutoCount = Annotated[int, Field(ge=1)] | Literal["auto"]  # processes or workers: a number, or one per visible GPU
 
+
+def _workers(v: Any) -> Any:
+    if v != "auto" and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+        raise ValueError(f"must be 'auto' or an integer >= 0 (got {v!r})")
+    return v
+
+
+LoaderWorkers = Annotated[int | Literal["auto"], BeforeValidator(_workers)]  # host loader processes
+
 # keys that change how fast or where a run goes, not what it computes: left out
 # of the fingerprints that decide whether a checkpoint or a study can be resumed
 # (the number of processes is not one of them: the fingerprints name the world size itself)
@@ -205,7 +214,7 @@ class PretrainConfig(_Section):
         "validation split, in history.csv); 0 = off",
     )
     auto_resume: bool = Field(True, description="continue a matching interrupted run")
-    num_workers: int | Literal["auto"] = Field(
+    num_workers: LoaderWorkers = Field(
         "auto", description="host loader processes when the data is not on the device; auto: 0 on CPU, up to 8 on CUDA"
     )
     shuffle: Literal["auto", "global", "windows"] = Field(
@@ -219,13 +228,6 @@ class PretrainConfig(_Section):
     out_dir: str = "models/pretrain"
     checkpoint_dir: str = "checkpoints/pretrain"
     reports_dir: str = "reports/pretrain"
-
-    @field_validator("num_workers")
-    @classmethod
-    def _non_negative(cls, v: int | str) -> int | str:
-        if isinstance(v, int) and v < 0:
-            raise ValueError("must be 'auto' or an integer >= 0")
-        return v
 
 
 # fine-tuning augmentation and regularisation, by recipe; a key set in params.yaml wins over its recipe
@@ -272,7 +274,11 @@ class FinetuneConfig(_Section):
         description="RandomResizedCrop area range from the stored image, e.g. [0.08, 1.0] (the reference, "
         "for photos); null: random shift/rotation/zoom (translate, rotate, scale), then the evaluation crop",
     )
-    randaug: str = Field("", description="timm RandAugment spec, e.g. rand-m9-mstd0.5-inc1; empty = off")
+    randaug: str = Field(
+        "",
+        description="timm RandAugment spec, e.g. rand-m9-mstd0.5-inc1; empty = off (runs per image on the "
+        "host, in num_workers loader processes)",
+    )
     random_erase: float = Field(0.0, ge=0.0, le=1.0, description="RandomErasing probability")
     global_pool: Literal["avg", "token"] = "avg"
     linprobe_epochs: int = Field(100, ge=1)
@@ -288,6 +294,11 @@ class FinetuneConfig(_Section):
         "auto",
         description="labelled images resident on the device (when they fit and randaug is off) and "
         "torch.compile; auto: on with CUDA (the same batches and math)",
+    )
+    num_workers: LoaderWorkers = Field(
+        "auto",
+        description="host loader processes (they read the labelled images and run RandAugment) when the "
+        "images are not on the device; auto: 0 on CPU, up to 8 per GPU process on CUDA",
     )
     nproc_per_node: AutoCount = Field(
         1,

@@ -74,27 +74,49 @@ class PreparedData:
         return np.flatnonzero(mask)
 
 
-class _BatchReader(Dataset):
-    """Indexed by a whole batch of sample ids: one sorted memmap read per batch."""
+BatchTransform = Callable[[np.ndarray, np.random.SeedSequence], np.ndarray]  # uint8 (N, C, H, W), its draws
 
-    def __init__(self, images: ShardedImages, labels: np.ndarray, ids: np.ndarray) -> None:
+
+class _BatchReader(Dataset):
+    """Indexed by (epoch, a whole batch of positions): one sorted memmap read per batch,
+    then ``transform`` (per-image host augmentation) if any, in whichever process reads
+    the batch. Its draws are keyed by the seed, the epoch and the batch's first sample,
+    not by the process: any number of loader workers gives the same batches."""
+
+    def __init__(self, images: ShardedImages, labels: np.ndarray, ids: np.ndarray,
+                 transform: BatchTransform | None = None, seed: int = 0) -> None:  # fmt: skip
         self.images, self.labels, self.ids = images, labels, ids
+        self.transform, self.seed = transform, seed
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def __getitem__(self, positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key: tuple[int, list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, positions = key
         rows = np.sort(self.ids[np.asarray(positions)])
-        return torch.from_numpy(np.ascontiguousarray(self.images[rows])), torch.from_numpy(self.labels[rows])
+        images = np.ascontiguousarray(self.images[rows])
+        if self.transform is not None and len(rows):  # batches of an epoch are disjoint: the first row keys it
+            images = self.transform(images, np.random.SeedSequence([self.seed, epoch, int(rows[0])]))
+        return torch.from_numpy(images), torch.from_numpy(self.labels[rows])
+
+
+class _EpochBatches(BatchSampler):
+    """A BatchSampler whose batches carry their epoch: (epoch, positions)."""
+
+    def __iter__(self) -> Iterator[tuple[int, list[int]]]:  # type: ignore[override]
+        for batch in super().__iter__():
+            yield self.sampler.epoch, batch
+
+
+def _positions(n: int, shuffle: bool, seed: int, drop_last: bool, rank: int, world_size: int) -> DistributedSampler:
+    return DistributedSampler(range(n), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
+                              drop_last=drop_last)  # fmt: skip
 
 
 def _batch_sampler(
     n: int, batch_size: int, shuffle: bool, seed: int, drop_last: bool, rank: int, world_size: int
 ) -> BatchSampler:
-    sampler = DistributedSampler(
-        range(n), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
-    )
-    return BatchSampler(sampler, batch_size, drop_last=drop_last)
+    return BatchSampler(_positions(n, shuffle, seed, drop_last, rank, world_size), batch_size, drop_last=drop_last)
 
 
 WINDOW_SHARDS = 4  # shards (about 1 GiB) shuffled together by pretrain.shuffle: windows
@@ -167,26 +189,32 @@ def batch_loader(
     world_size: int = 1,
     num_workers: int = 0,
     window_shards: int = 0,
+    transform: BatchTransform | None = None,
 ) -> DataLoader:
     """uint8 image batches (and labels) over ``ids``, read from the memmap on the
     host (pinned when CUDA is present); sharded across ranks like
     DistributedSampler. ``window_shards`` > 0 (with ``shuffle``): shuffled that many
-    shards at a time (``ShardWindowSampler``), for stores larger than memory. Call
+    shards at a time (``ShardWindowSampler``), for stores larger than memory.
+    ``transform`` runs on each batch in the ``num_workers`` loader processes (in this
+    one with 0), its draws the same for any number of them. Call
     ``set_epoch(loader, e)`` before each epoch."""
     if window_shards and shuffle:
-        sampler = BatchSampler(ShardWindowSampler(
+        positions: Sampler[int] = ShardWindowSampler(
             data.images.where[ids, 0], seed=seed, drop_last=drop_last, rank=rank, world_size=world_size,
             window=window_shards, read_ahead=data.images.read_ahead,
-        ), batch_size, drop_last=drop_last)  # fmt: skip
+        )  # fmt: skip
     else:
-        sampler = _batch_sampler(len(ids), batch_size, shuffle, seed, drop_last, rank, world_size)
+        positions = _positions(len(ids), shuffle, seed, drop_last, rank, world_size)
     return DataLoader(
-        _BatchReader(data.images, data.labels, ids),
-        sampler=sampler,
+        _BatchReader(data.images, data.labels, ids, transform, seed),
+        sampler=_EpochBatches(positions, batch_size, drop_last=drop_last),
         batch_size=None,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available(),
+        # its workers' seeds from its own generator: the global RNG (dropout, Mixup) is
+        # left alone, however many workers and however often an epoch starts
+        generator=torch.Generator().manual_seed(seed),
     )
 
 

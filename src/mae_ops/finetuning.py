@@ -133,14 +133,31 @@ def validate_model(
     return (float((pred == data.labels[ids]).mean()) if len(ids) else float("nan")), pred
 
 
-def _randaugment_batch(imgs: torch.Tensor, transform: Callable) -> torch.Tensor:
-    """timm RandAugment works on PIL images: apply it per image on the CPU."""
-    out = []
-    for img in imgs.numpy():
-        pil = Image.fromarray(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0))
-        arr = np.asarray(transform(pil), dtype=np.uint8)
-        out.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
-    return torch.from_numpy(np.stack(out))
+class HostRandAugment:
+    """timm's RandAugment (PIL, per image, on the host) over a uint8 (N, C, H, W) batch: a
+    loader worker's job (``batch_loader(transform=...)``). Its draws come from the batch's
+    seed alone (timm draws from ``random`` and ``np.random``: seeded here, then put back,
+    so Mixup's draws in the training process are not disturbed)."""
+
+    def __init__(self, spec: str, mean: list[float]) -> None:
+        fill = tuple(round(255 * m) for m in mean)
+        self.transform = randaugment(spec, {"img_mean": fill if len(fill) == 3 else fill[0]})
+
+    def __call__(self, images: np.ndarray, seed: np.random.SeedSequence) -> np.ndarray:
+        saved = random.getstate(), np.random.get_state()
+        py_seed, np_seed = seed.generate_state(2)
+        random.seed(int(py_seed))
+        np.random.seed(int(np_seed))
+        try:
+            out = []
+            for img in images:
+                pil = Image.fromarray(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0))
+                arr = np.asarray(self.transform(pil), dtype=np.uint8)
+                out.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
+            return np.stack(out)
+        finally:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
 
 
 def _posterize(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
@@ -212,7 +229,9 @@ def train_finetune(
                          f"{rt.world_size} processes: lower finetune.nproc_per_node")  # fmt: skip
     # every batch is full (drop_last), so every batch is even too
     fast = runtime.fast_path(ft.fast, rt.device)
-    loader = train_loader(data, train_ids, batch, rt, resident=fast and not ft.randaug, seed=ft.seed)
+    randaug = HostRandAugment(ft.randaug, data.mean) if ft.randaug else None
+    loader = train_loader(data, train_ids, batch, rt, resident=fast and randaug is None, seed=ft.seed,
+                          transform=randaug, num_workers=runtime.loader_workers(ft.num_workers, rt))  # fmt: skip
     updates_per_epoch = len(loader)
     mean, std = (torch.tensor(v, device=rt.device) for v in (data.mean, data.std))  # once: no copy per step
 
@@ -226,10 +245,6 @@ def train_finetune(
         mixup = Mixup(mixup_alpha=ft.mixup, cutmix_alpha=ft.cutmix, label_smoothing=ft.label_smoothing,
                       num_classes=len(data.classes))  # fmt: skip
     criterion = SoftTargetCrossEntropy() if mixup else nn.CrossEntropyLoss(label_smoothing=ft.label_smoothing)
-    randaug = None
-    if ft.randaug:
-        fill = tuple(round(255 * m) for m in data.mean)
-        randaug = randaugment(ft.randaug, {"img_mean": fill if len(fill) == 3 else fill[0]})
     eraser = RandomErasing(ft.random_erase, mode="pixel", device=str(rt.device)) if ft.random_erase > 0 else None
 
     start_epoch, history = 0, []
@@ -262,14 +277,12 @@ def train_finetune(
                **({} if rt.is_main else {"disable": True}))  # fmt: skip
     for epoch in bar:
         t_epoch = time.perf_counter()
-        _seed_everything(ft.seed * 1009 + epoch + 7919 * rt.rank)  # Mixup, RandAugment: their own draws per rank
+        _seed_everything(ft.seed * 1009 + epoch + 7919 * rt.rank)  # Mixup: its own draws per rank
         set_epoch(loader, epoch)
         gen = torch.Generator(device=rt.device).manual_seed(ft.seed * 1_000_003 + epoch + 7919 * rt.rank)
         model.train()
         loss_sum = torch.zeros((), device=rt.device)
         for step, (imgs, labels) in enumerate(loader):
-            if randaug is not None:
-                imgs = _randaugment_batch(imgs, randaug)
             x = imgs.to(rt.device, non_blocking=True).float().div_(255.0)  # at the store's side
             if ft.crop_scale is not None:  # the reference: RandomResizedCrop + flip from the stored image
                 x = random_resized_crop(x, data.img_size, ft.crop_scale, hflip=ft.hflip, generator=gen)
@@ -317,14 +330,16 @@ def train_finetune(
 
 
 def train_loader(data: PreparedData, ids: np.ndarray, batch: int, rt: runtime.Runtime, *, resident: bool,
-                 seed: int) -> DataLoader | DeviceBatches:  # fmt: skip
+                 seed: int, transform: HostRandAugment | None = None,
+                 num_workers: int = 0) -> DataLoader | DeviceBatches:  # fmt: skip
     """Shuffled full batches of the labelled images, sharded across ranks: served from a
     copy resident on the device when ``resident`` and they fit (the same batches in the
-    same order), else read from the host memmap."""
+    same order), else read from the host memmap (and ``transform``-ed) by ``num_workers``
+    loader processes."""
     shard = {"shuffle": True, "seed": seed, "drop_last": True, "rank": rt.rank, "world_size": rt.world_size}
     if resident and DeviceBatches.fits(data, ids, rt.device):
         return DeviceBatches(data, ids, batch, rt.device, **shard)
-    return batch_loader(data, ids, batch, **shard)
+    return batch_loader(data, ids, batch, transform=transform, num_workers=num_workers, **shard)
 
 
 @torch.no_grad()

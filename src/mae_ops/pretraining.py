@@ -18,7 +18,6 @@ from timm.optim import param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
 from torch.utils.data import DataLoader
 
-from mae_ops import runtime
 from mae_ops.config import InputError, PretrainConfig
 from mae_ops.data import WINDOW_SHARDS, DeviceBatches, PreparedData, batch_loader, normalize, random_resized_crop
 
@@ -92,17 +91,6 @@ def make_loader(
         return DeviceBatches(data, ids, batch_size, device, **shard)
     return batch_loader(data, ids, batch_size, num_workers=num_workers, window_shards=WINDOW_SHARDS * windows,
                         **shard)  # fmt: skip
-
-
-def loader_workers(p: PretrainConfig, rt: runtime.Runtime) -> int:
-    """'auto': the main process reads on a CPU run (workers would compete for its
-    cores); on CUDA, processes that read and pin the next batches while the GPU works."""
-    if p.num_workers != "auto":
-        return int(p.num_workers)
-    if rt.device.type != "cuda":
-        return 0
-    per_rank = (os.cpu_count() or 1) // max(1, torch.cuda.device_count() if rt.distributed else 1)
-    return max(1, min(8, per_rank - 1))
 
 
 def epoch_generator(seed: int, epoch: int, rank: int, device: torch.device) -> torch.Generator:

@@ -75,6 +75,18 @@ def fast_path(switch: str, device: torch.device) -> bool:
     return switch == "on" or (switch == "auto" and device.type == "cuda")
 
 
+def loader_workers(setting: int | str, rt: Runtime) -> int:
+    """A section's ``num_workers``; 'auto': the main process reads on a CPU run (workers
+    would compete for its cores); on CUDA, processes that read (and augment) and pin the
+    next batches while the GPU works, up to 8 per GPU process."""
+    if setting != "auto":
+        return int(setting)
+    if rt.device.type != "cuda":
+        return 0
+    per_rank = (os.cpu_count() or 1) // max(1, torch.cuda.device_count() if rt.distributed else 1)
+    return max(1, min(8, per_rank - 1))
+
+
 def use_fast_cuda_kernels() -> None:
     """TF32 for fp32 matmuls and convolutions; cuDNN picks the fastest conv once (fixed shapes)."""
     torch.backends.cuda.matmul.allow_tf32 = True

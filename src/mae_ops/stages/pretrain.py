@@ -53,7 +53,6 @@ from mae_ops.pretraining import (
     build_optimizer,
     compile_model,
     epoch_generator,
-    loader_workers,
     make_loader,
     train_one_epoch,
     use_fp8,
@@ -162,7 +161,7 @@ def _train(cfg: Config, rt: runtime.Runtime, resume: bool) -> dict:
         raise InputError("pretrain.fp8 needs the fast path (pretrain.fast: auto or on): FP8 is slow uncompiled")
     fp8_layers = use_fp8(model, rt.device) if p.fp8 else 0
     windows = use_windows(p, data, ids)
-    loader = make_loader(data, ids, batch, rt.device, fast, loader_workers(p, rt), windows,
+    loader = make_loader(data, ids, batch, rt.device, fast, runtime.loader_workers(p.num_workers, rt), windows,
                          shuffle=True, seed=p.seed, drop_last=drop_last, rank=rt.rank,
                          world_size=rt.world_size)  # fmt: skip
     # what the run was, for metrics.json (the stage benchmark reads it) and the log

@@ -354,6 +354,16 @@ def loader_throughput(root: Path) -> str:
         f"Crop, flip and normalise run on the GPU; on a CPU run they cost "
         f"{_n(feed['cpu_augment_images_per_s_per_core'])} img/s per core at {r['crop_px']} px.",
     ]
+    ra = _json(root, f"{RESULTS}/cpu-loader-randaug.json")
+    aug, by = ra["randaug"], ra["randaug"]["images_per_s_by_workers"]
+    lines += [
+        "",
+        f"Fine-tuning's RandAugment (`{aug['spec']}`, PIL, per image) runs in the loader processes "
+        f"(`finetune.num_workers`): on {ra['store']['side_px']}-px images "
+        + ", ".join(f"{_n(v)} img/s with {k}" for k, v in by.items())
+        + f" ({aug['best_over_main_process']}x the main process alone; `cpu-loader-randaug.json`), "
+        f"{_n(aug['images_per_s_per_core'])} img/s per core.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -521,6 +531,18 @@ def results_index(root: Path) -> str:
                 f"{k} {_n(v['best_images_per_s'])} img/s"
                 for k, v in _json(root, f"{RESULTS}/cpu-loader-throughput.json")["to_feed_the_gpu"].items()
                 if isinstance(v, dict)
+            ),
+        ),
+        (
+            "`cpu-loader-randaug.json`",
+            "same",
+            "see its `commit`",
+            "the same benchmark on a 3.7 GiB store: RandAugment in 0, 1, 2 loader processes: "
+            + ", ".join(
+                f"{_n(v)} img/s"
+                for v in _json(root, f"{RESULTS}/cpu-loader-randaug.json")["randaug"][
+                    "images_per_s_by_workers"
+                ].values()
             ),
         ),
         (

@@ -209,6 +209,9 @@ def test_loader_benchmark_compares_the_orders_and_says_what_feeds_the_gpu(tmp_pa
     feed = report["to_feed_the_gpu"]
     assert feed["disk_mb_per_s"] == pytest.approx(4855 * 3 * 32 * 32 / 1e6, rel=1e-3)
     assert feed["larger than RAM, shard windows"]["cores_to_feed_gpu"] >= 1
+    randaug = report["randaug"]  # RandAugment in the loader processes, per worker count
+    assert randaug["spec"] == "rand-m9-mstd0.5-inc1" and set(randaug["images_per_s_by_workers"]) == {"0", "1"}
+    assert randaug["best_images_per_s"] == max(randaug["images_per_s_by_workers"].values()) > 0
 
 
 def test_pretrain_stage_benchmark_runs_the_stage_on_a_store_and_the_bare_step_beside_it(tmp_path: Path) -> None:

@@ -359,3 +359,28 @@ def test_predict_and_embed_with_openvino_match_onnxruntime(exported: Path, tmp_p
     wrong = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=120)
     assert wrong.returncode == 2 and "Traceback" not in wrong.stderr
     assert "OpenVINO serves on the CPU here; for --device cuda use --runtime onnxruntime" in wrong.stderr
+
+
+def test_openvino_sessions_leave_the_signal_stack_of_python_handlers_alone(exported: Path) -> None:
+    """Sessions dropped in the order they were opened, as the export stage's timings drop them,
+    then a Python signal handler runs (as a loader worker's SIGCHLD or Ctrl-C would run one):
+    with a Core per session, OpenVINO's CPU plugins left the main thread's signal stack in
+    freed memory and the process died of SIGSEGV there. A fresh interpreter, so a crash is
+    this test's failure, not the suite's."""
+    code = f"""
+import gc, os, signal
+import numpy as np
+from mae_ops.serving import OpenVINOSession
+sessions = [OpenVINOSession({str(exported / "models/export/model.onnx")!r}, 1, tuned=t) for t in (False, True)]
+[s.run(None, {{"pixels": np.zeros([2, *s.get_inputs()[0].shape[1:]], np.float32)}}) for s in sessions]
+while sessions:  # nothing else holds them
+    sessions.pop(0)
+    gc.collect()
+taken = []
+signal.signal(signal.SIGUSR1, lambda *_: taken.append(1))
+os.kill(os.getpid(), signal.SIGUSR1)
+print("handled", len(taken))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env(),
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout.split() == ["handled", "1"], (proc.returncode, proc.stderr[-2000:])

@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from functools import cache
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -118,6 +119,19 @@ class _Meta(NamedTuple):
     custom_metadata_map: dict[str, str]
 
 
+@cache
+def _openvino_core() -> Any:
+    """The process's one OpenVINO Core. Each Core loads its own CPU plugin, and each plugin
+    swaps the main thread's signal stack (sigaltstack) for one of its own, putting back the
+    one it found when it goes: two Cores gone in the order they came leave the thread's
+    signal stack in freed memory, and the next signal a Python handler takes (a loader
+    worker's SIGCHLD, Ctrl-C) kills the process with SIGSEGV (measured with OpenVINO 2026.4).
+    One Core, kept until exit, swaps it once."""
+    import openvino as ov
+
+    return ov.Core()
+
+
 class OpenVINOSession:
     """An exported .onnx compiled by OpenVINO for the CPU, answering the calls mae-ops makes
     of an onnxruntime session (``run``, ``get_inputs``, ``get_outputs``, ``get_modelmeta``),
@@ -132,8 +146,6 @@ class OpenVINOSession:
     default (one dynamic-batch model, default hints) with ``threads``: the export's peer."""
 
     def __init__(self, path: str | Path, threads: int | None = None, *, tuned: bool = True, keep: int = 8) -> None:
-        import openvino as ov
-
         self.path, self.tuned, self.keep = Path(path), tuned, keep
         # fp32 as the file says: on a CPU with bf16 (AVX-512 BF16, AMX) OpenVINO otherwise
         # runs an fp32 model in bf16, and its answers leave onnxruntime's by 4e-4 (measured)
@@ -144,7 +156,7 @@ class OpenVINOSession:
             "latency": {"PERFORMANCE_HINT": "LATENCY", **base},
             "streams": {"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": self._streams, **base},
         }
-        self._core = ov.Core()
+        self._core = _openvino_core()
         try:
             self._model = self._core.read_model(str(path))
             self._default = self._core.compile_model(self._model, "CPU", self._configs["default"])

@@ -10,9 +10,9 @@ fine-tune on ``benchmarks/cifar10.yaml``, in a fresh git + DVC copy of the proje
 epochs sized to the budget), scored on the test photos. A variant is a name, the
 budget's share for pre-training and its own ``--set`` overrides on top of the common
 ones; share 0 is the same ViT from random weights, all of the budget in fine-tuning
-epochs (the speedrun's ``scratch`` part). Variants whose overrides differ only in seeds
-cost the same per epoch, so they share one calibration (the first's): only the first
-of each pays for one.
+epochs (the speedrun's ``scratch`` part, with its own recipe: no layer decay).
+Variants whose overrides differ only in seeds cost the same per epoch, so they share
+one calibration (the first's): only the first of each pays for one.
 
 ``--out``: every variant's test top-1, its epochs, the predicted and the measured
 seconds, where its calibration came from; the best variant with pre-training, its
@@ -123,7 +123,8 @@ def row(v: Variant, r: dict) -> dict:
         part = r["parts"]["speedrun"]
         epochs = budget["epochs"]
         predicted, measured = budget["predicted_wall_s"], part["wall_s_pretrain_finetune"]
-    return {"name": v.name, "pretrain_share": v.share, "sets": list(v.sets), "test_top1": part["test_top1"],
+    sets = [*part.get("sets", ()), *v.sets]  # scratch: its own recipe's overrides first (cifar10_speedrun.SCRATCH)
+    return {"name": v.name, "pretrain_share": v.share, "sets": sets, "test_top1": part["test_top1"],
             "num_test": part["num_test"], "epochs": epochs, "predicted_wall_s": predicted,
             "measured_wall_s": measured, "calibration": budget["calibration"].get("from", "its own")}  # fmt: skip
 

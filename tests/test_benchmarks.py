@@ -15,6 +15,7 @@ import torch
 import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
+from mae_ops.models.checkpoint import read_checkpoint
 from mae_ops.models.mae import create_mae
 from mae_ops.orchestration import load_module_file
 from tests.conftest import REPO, subprocess_env
@@ -330,10 +331,14 @@ def test_the_cifar10_speedrun_runs_its_three_parts_through_the_pipeline(tmp_path
     # the scratch ViT gets the whole budget in fine-tuning epochs, after the fine-tune's fixed cost
     ft_cost = calibration["cost"]["finetune"]
     assert scratch["epochs"] == max(1, int((30 - ft_cost["fixed_s"]) // ft_cost["epoch_s"]))
+    # with its own recipe: layer decay off (nothing pre-trained to keep), as the pipeline's scratch baseline
+    project = tmp_path / "work" / "project"
+    scratch_ft = read_checkpoint(project / "models/scratch/model.pth")["args"]["finetune"]
+    assert scratch["sets"] == list(sr.SCRATCH) and (scratch_ft["init"], scratch_ft["layer_decay"]) == ("scratch", 1.0)
+    assert speedrun["params"]["finetune"]["layer_decay"] == 0.75  # the recipe's, for the pre-trained encoder
     # 10 % of the labels: its own prepared copy, fine-tuned from the speedrun's encoder
     assert 0 < few["num_labelled"] < speedrun["finetune"]["num_labelled"]
     assert few["epochs"] == speedrun["finetune"]["epochs"]
-    project = tmp_path / "work" / "project"
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     assert lock["stages"]["finetune"]["params"]["params.yaml"]["finetune"]["randaug"] == ""
 
@@ -389,6 +394,7 @@ def test_speedrun_recipe_spends_one_budget_several_ways_on_one_calibration(tmp_p
     assert rows["share25"]["epochs"] == sr.size_epochs(cost, 30, 0.25)
     assert own["share25"]["parts"]["speedrun"]["params"]["pretrain"]["seed"] == 1  # its own overrides on top
     assert rows["scratch"]["epochs"] == {"pretrain": 0, **sr.size_epochs({"finetune": cost["finetune"]}, 30, 0.0)}
+    assert rows["scratch"]["sets"] == list(sr.SCRATCH)  # its own recipe, shown as the overrides it ran with
     assert rows["scratch"]["predicted_wall_s"] == pytest.approx(
         cost["finetune"]["fixed_s"] + rows["scratch"]["epochs"]["finetune"] * cost["finetune"]["epoch_s"], abs=0.06
     )

@@ -58,7 +58,7 @@ import yaml
 from pretrain_throughput import code_version  # a sibling script: its folder is on sys.path when run
 
 from mae_ops.atomic import write_json
-from mae_ops.config import load_params, project_outputs
+from mae_ops.config import SCRATCH_LAYER_DECAY, load_params, project_outputs
 from mae_ops.data import PreparedData
 from mae_ops.finetuning import validate_model
 from mae_ops.models.classifier import load_classifier
@@ -154,8 +154,8 @@ def params_of(project: Path) -> dict:
 
 # the ViT from random weights: the fine-tuning recipe less layer decay, which only keeps
 # pre-trained lower blocks near their weights (0.75 gives a 12-block ViT's patch embedding
-# 2 % of the lr); the pipeline's own scratch baseline turns it off too (stages/baselines.py)
-SCRATCH = ("finetune.init=scratch", "finetune.layer_decay=1.0")
+# 2 % of the lr); set here because benchmarks/cifar10.yaml gives layer_decay explicitly
+SCRATCH = ("finetune.init=scratch", f"finetune.layer_decay={SCRATCH_LAYER_DECAY}")
 # what the speedrun keeps of the pretrain stage's metrics.json (the loader: resident on the GPU or not)
 PRETRAIN_KEYS = ("epochs", "effective_batch", "images_per_s", "train_time_s", "num_images", "loader", "fast_path")
 # the calibration: enough epochs for a steady one after the compiling first

@@ -139,6 +139,23 @@ def test_fine_tuning_recipes_fill_what_params_leave_out() -> None:
     assert FinetuneConfig().recipe == "reference" and FinetuneConfig().mixup == 0.8
 
 
+def test_a_vit_from_random_weights_gets_no_layer_decay_unless_params_give_one() -> None:
+    """init: scratch takes layer decay 1.0 from either recipe (and for ViT-L, not the reference's
+    0.65): it exists to keep pre-trained blocks near their weights; a layer_decay set explicitly wins."""
+    for recipe in ("reference", "small-data"):
+        scratch = load_params(REPO / "params.yaml", [f"finetune.recipe={recipe}", "finetune.init=scratch"]).finetune
+        assert scratch.layer_decay == 1.0 and scratch.init == "scratch"
+        assert load_params(REPO / "params.yaml", [f"finetune.recipe={recipe}"]).finetune.layer_decay < 1.0
+    large = load_params(REPO / "params.yaml", ["finetune.recipe=reference", "finetune.init=scratch",
+                                               "model.preset=mae_vit_large_patch16", "data.img_size=224"])  # fmt: skip
+    assert large.finetune.layer_decay == 1.0
+    mine = load_params(REPO / "params.yaml", ["finetune.init=scratch", "finetune.layer_decay=0.8"]).finetune
+    assert mine.layer_decay == 0.8
+    demo = load_params(REPO / "params.yaml").finetune  # the demo's: pre-trained, small-data's 0.9
+    assert demo.with_params({"init": "scratch"}).layer_decay == 1.0  # a change of init, as a baseline makes it
+    assert mine.with_params({"init": "pretrain"}).with_params({"init": "scratch"}).layer_decay == 0.8
+
+
 def test_a_searched_recipe_brings_its_defaults_and_keeps_explicit_keys() -> None:
     """``recipe`` is tunable: a trial (or the final model) with another recipe gets that
     recipe's augmentation, except for the keys params.yaml sets explicitly; the other

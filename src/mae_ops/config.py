@@ -246,6 +246,9 @@ RECIPES: dict[str, dict[str, Any]] = {
     },
 }  # fmt: skip
 RECIPE_LAYER_DECAY = {"mae_vit_large_patch16": 0.65}  # the reference's per-model layer decay, where not 0.75
+# layer decay keeps pre-trained lower blocks near their weights; random ones it only slows
+# (0.75 over 12 blocks: the patch embedding at 2 % of the lr), so init: scratch goes without
+SCRATCH_LAYER_DECAY = 1.0
 
 
 class FinetuneConfig(_Section):
@@ -314,7 +317,10 @@ class FinetuneConfig(_Section):
     @classmethod
     def _recipe_defaults(cls, data: Any, handler: ModelWrapValidatorHandler[FinetuneConfig]) -> FinetuneConfig:
         if isinstance(data, dict) and data.get("recipe", "reference") in RECIPES:
-            model = handler({**RECIPES[data.get("recipe", "reference")], **data})
+            recipe = RECIPES[data.get("recipe", "reference")]
+            if data.get("init") == "scratch":
+                recipe = {**recipe, "layer_decay": SCRATCH_LAYER_DECAY}
+            model = handler({**recipe, **data})
             model._given = frozenset(data)
             return model
         return handler(data)
@@ -322,9 +328,9 @@ class FinetuneConfig(_Section):
     def with_params(self, params: dict[str, Any]) -> FinetuneConfig:
         """These params with ``params`` set on top (a search's choice, a baseline's change). A
         ``recipe`` among them brings its own defaults for the augmentation keys not set
-        explicitly, as a recipe in params.yaml does."""
+        explicitly, as a recipe in params.yaml does; so does ``init: scratch`` (its layer decay)."""
         values = self.model_dump()
-        if "recipe" in params:
+        if "recipe" in params or params.get("init") == "scratch":
             values = {k: v for k, v in values.items() if k in self._given or k not in RECIPES[self.recipe]}
         model = FinetuneConfig.model_validate({**values, **params})
         model._given = self._given | set(params)
@@ -532,12 +538,12 @@ class Config(_Section):
     @model_validator(mode="before")
     @classmethod
     def _recipe_layer_decay(cls, data: Any) -> Any:
-        """The reference recipe's layer decay depends on the model (0.65 for ViT-L)."""
+        """The reference recipe's layer decay depends on the model (0.65 for ViT-L; none from scratch)."""
         if not isinstance(data, dict):
             return data
         ft, preset = data.get("finetune"), (data.get("model") or {}).get("preset")
         reference = isinstance(ft, dict) and ft.get("recipe", "reference") == "reference"
-        if reference and "layer_decay" not in ft and preset in RECIPE_LAYER_DECAY:
+        if reference and ft.get("init") != "scratch" and "layer_decay" not in ft and preset in RECIPE_LAYER_DECAY:
             return {**data, "finetune": {**ft, "layer_decay": RECIPE_LAYER_DECAY[preset]}}
         return data
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from mae_ops import classical, hpo, runtime
 from mae_ops.atomic import write_json
-from mae_ops.config import Config, FinetuneConfig, InputError
+from mae_ops.config import SCRATCH_LAYER_DECAY, Config, FinetuneConfig, InputError
 from mae_ops.data import PreparedData
 from mae_ops.finetuning import (
     EncoderSpec,
@@ -50,7 +50,7 @@ def scratch_config(cfg: Config) -> Config:
     fine-tuning's trials, epochs per trial, pruner and seed; layer decay off."""
     space = {k: v for k, v in cfg.hpo.space.items() if k != "layer_decay"}
     return cfg.model_copy(update={
-        "finetune": cfg.finetune.with_params({"init": "scratch", "layer_decay": 1.0}),
+        "finetune": cfg.finetune.with_params({"init": "scratch", "layer_decay": SCRATCH_LAYER_DECAY}),
         "hpo": cfg.hpo.model_copy(update={"study_name": f"{cfg.hpo.study_name}-scratch", "space": space}),
     })  # fmt: skip
 
@@ -61,7 +61,7 @@ def scratch_params(
     """The scratch baseline's params: tuned by its own study when the MAE model's
     (``tuned``) were, else the MAE model's own."""
     if not (cfg.hpo.enabled and cfg.finetune.mode == "finetune"):
-        ft = tuned.with_params({"init": "scratch", "layer_decay": 1.0})
+        ft = tuned.with_params({"init": "scratch", "layer_decay": SCRATCH_LAYER_DECAY})
         return ft, {"tuned": False, "why": "no search for the MAE model either: the same params as it"}
     scfg = scratch_config(cfg)
     study = hpo.run_study(scfg, data, rt)

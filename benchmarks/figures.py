@@ -367,32 +367,47 @@ def loader_throughput(root: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-@block
-def speedrun_recipe(root: Path) -> str:
+def _speedrun_recipe(root: Path, name: str) -> str:
     """One wall-clock budget spent several ways on the CIFAR-10 subset (benchmarks/speedrun_recipe.py)."""
-    r = _json(root, f"{RESULTS}/cpu-cifar10-speedrun-recipe.json")
+    r = _json(root, f"{RESULTS}/{name}.json")
     s = r["summary"]
     rows = [[f"`{v['name']}`", "scratch" if v["pretrain_share"] == 0 else f"{v['pretrain_share']:.2f}",
              " ".join(f"`{x}`" for x in v["sets"]) or "–", f"{v['epochs']['pretrain']} + {v['epochs']['finetune']}",
              f"{v['predicted_wall_s']:.0f} / {v['measured_wall_s']:.0f}", _pct(v["test_top1"])]
             for v in r["variants"]]  # fmt: skip
-    best = s["best"]
+    noise = (
+        "one seed per variant"
+        if s["seed_spread"] is None
+        else f"two seeds of one setting differ by {100 * s['seed_spread']:.2f} points, the noise any margin here "
+        "has to clear"
+    )
     head = ["variant", "pre-training share", "overrides", "epochs (pre-train + fine-tune)",
             "seconds predicted / measured", "test top-1"]  # fmt: skip
     lines = [
         f"Each variant: {r['budget_s']:.0f} s of pre-training + fine-tuning on the CIFAR-10 subset "
         f"(`{r['data']}`, 32 px; {' '.join(f'`{x}`' for x in r['sets'])}; device: {r['device']}), scored on the "
-        f"{r['variants'][0]['num_test']:,} test photos. Best with pre-training: `{best}` "
+        f"{r['variants'][0]['num_test']:,} test photos. Best with pre-training: `{s['best']}` "
         f"({_pct(s['best_test_top1'])}); the ViT from random weights at the same budget: "
-        f"{_pct(s['scratch_test_top1'])} (margin {100 * s['margin_over_scratch']:+.2f} points); two seeds of one "
-        f"setting differ by {100 * s['seed_spread']:.2f} points, the noise any margin here has to clear "
-        f"(`benchmarks/results/cpu-cifar10-speedrun-recipe.json`).",
+        f"{_pct(s['scratch_test_top1'])} (margin {100 * s['margin_over_scratch']:+.2f} points); {noise} "
+        f"(`benchmarks/results/{name}.json`).",
         "",
         *_table(head, rows),
         "",
-        "![speedrun recipe](benchmarks/results/cpu-cifar10-speedrun-recipe.png)",
+        f"![speedrun recipe, {r['budget_s']:.0f} s](benchmarks/results/{name}.png)",
     ]
     return "\n".join(lines) + "\n"
+
+
+@block
+def speedrun_recipe(root: Path) -> str:
+    """The speedrun recipe study at 300 s a variant."""
+    return _speedrun_recipe(root, "cpu-cifar10-speedrun-recipe")
+
+
+@block
+def speedrun_recipe_long(root: Path) -> str:
+    """The same study's deciding variants at four times the budget."""
+    return _speedrun_recipe(root, "cpu-cifar10-speedrun-recipe-1200s")
 
 
 @block
@@ -450,8 +465,8 @@ def _study_line(root: Path, name: str) -> str:
     return f"{runs} pre-training runs, {len(r['tests'])} planned checks, {significant} significant after Holm"
 
 
-def _speedrun_recipe_line(root: Path) -> str:
-    s = _json(root, f"{RESULTS}/cpu-cifar10-speedrun-recipe.json")["summary"]
+def _speedrun_recipe_line(root: Path, name: str) -> str:
+    s = _json(root, f"{RESULTS}/{name}.json")["summary"]
     return (
         f"the speedrun's budget spent several ways on the CIFAR-10 subset (a micro model): best with pre-training "
         f"{s['best']}, {100 * s['margin_over_scratch']:+.2f} points over the ViT from random weights (its own recipe)"
@@ -571,7 +586,13 @@ def results_index(root: Path) -> str:
             "`cpu-cifar10-speedrun-recipe.json`, `.png`",
             "same",
             "see its `code` (and the `scratch-own-recipe` row's)",
-            _speedrun_recipe_line(root),
+            _speedrun_recipe_line(root, "cpu-cifar10-speedrun-recipe"),
+        ),
+        (
+            "`cpu-cifar10-speedrun-recipe-1200s.json`, `.png`",
+            "same",
+            "see its `code`",
+            _speedrun_recipe_line(root, "cpu-cifar10-speedrun-recipe-1200s") + ", at 4x the budget",
         ),
         ("`study-cifar10/`", "same", "see `results.json`", _study_line(root, "study-cifar10")),
         ("`study-digits/`", "same", "see `results.json`", _study_line(root, "study-digits")),

@@ -367,6 +367,10 @@ def loader_throughput(root: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _seeds(n: int) -> str:
+    return "" if n == 1 else f", mean of {n} seeds"
+
+
 def _speedrun_recipe(root: Path, name: str) -> str:
     """One wall-clock budget spent several ways on the CIFAR-10 subset (benchmarks/speedrun_recipe.py)."""
     r = _json(root, f"{RESULTS}/{name}.json")
@@ -386,9 +390,10 @@ def _speedrun_recipe(root: Path, name: str) -> str:
     lines = [
         f"Each variant: {r['budget_s']:.0f} s of pre-training + fine-tuning on the CIFAR-10 subset "
         f"(`{r['data']}`, 32 px; {' '.join(f'`{x}`' for x in r['sets'])}; device: {r['device']}), scored on the "
-        f"{r['variants'][0]['num_test']:,} test photos. Best with pre-training: `{s['best']}` "
-        f"({_pct(s['best_test_top1'])}); the ViT from random weights at the same budget: "
-        f"{_pct(s['scratch_test_top1'])} (margin {100 * s['margin_over_scratch']:+.2f} points); {noise} "
+        f"{r['variants'][0]['num_test']:,} test photos, each setting by the mean of its seeds. Best with "
+        f"pre-training: `{s['best']}` ({_pct(s['best_test_top1'])}{_seeds(s['best_seeds'])}); the ViT from random "
+        f"weights at the same budget: {_pct(s['scratch_test_top1'])}{_seeds(s['scratch_seeds'])} (margin "
+        f"{100 * s['margin_over_scratch']:+.2f} points); {noise} "
         f"(`benchmarks/results/{name}.json`).",
         "",
         *_table(head, rows),

@@ -15,9 +15,10 @@ Variants whose overrides differ only in seeds cost the same per epoch, so they s
 one calibration (the first's): only the first of each pays for one.
 
 ``--out``: every variant's test top-1, its epochs, the predicted and the measured
-seconds, where its calibration came from; the best variant with pre-training, its
-margin over scratch, and the spread between seeds of one setting (the noise a margin
-has to clear); a PNG beside it. Each variant's own JSON and log stay under ``--work``;
+seconds, where its calibration came from; the best setting with pre-training, its
+margin over scratch (each setting by the mean of its seeds, so one lucky seed does not
+decide), and the spread between seeds of one setting (the noise a margin has to
+clear); a PNG beside it. Each variant's own JSON and log stay under ``--work``;
 a variant whose JSON there is complete for the same budget and overrides is kept, so
 a study cut short resumes where it stopped.
 """
@@ -130,24 +131,26 @@ def row(v: Variant, r: dict) -> dict:
 
 
 def summarise(rows: list[dict]) -> dict:
-    """The best variant with pre-training, its margin over scratch, and the seed spread."""
-    mae = [r for r in rows if r["pretrain_share"] > 0]
-    scratch = [r for r in rows if r["pretrain_share"] == 0]
-    best = max(mae, key=lambda r: r["test_top1"]) if mae else None
+    """Each setting (share and overrides, less the seeds) scored by the mean of its seeds:
+    the best setting with pre-training, its margin over the best from random weights, and
+    the largest spread between seeds of one setting (the noise a margin has to clear)."""
 
     def setting(r: dict) -> tuple:
         return r["pretrain_share"], without_seeds(r["sets"])
 
-    spreads = [
-        max(g) - min(g)
-        for g in ([r["test_top1"] for r in grp] for _, grp in groupby(sorted(rows, key=setting), key=setting))
-        if len(g) > 1
-    ]
-    out: dict = {"best": best and best["name"], "best_test_top1": best and best["test_top1"],
-                 "seed_spread": round(max(spreads), 5) if spreads else None}  # fmt: skip
+    def mean(g: list[dict]) -> float:
+        return round(sum(r["test_top1"] for r in g) / len(g), 5)
+
+    groups = [list(g) for _, g in groupby(sorted(rows, key=setting), key=setting)]
+    spreads = [max(r["test_top1"] for r in g) - min(r["test_top1"] for r in g) for g in groups if len(g) > 1]
+    spread = round(max(spreads), 5) if spreads else None
+    best = max((g for g in groups if g[0]["pretrain_share"] > 0), key=mean, default=None)
+    scratch = max((g for g in groups if g[0]["pretrain_share"] == 0), key=mean, default=None)
+    out: dict = {"best": best and best[0]["name"], "best_test_top1": best and mean(best),
+                 "best_seeds": best and len(best), "seed_spread": spread}  # fmt: skip
     if best and scratch:
-        out["scratch_test_top1"] = max(r["test_top1"] for r in scratch)
-        out["margin_over_scratch"] = round(best["test_top1"] - out["scratch_test_top1"], 5)
+        out |= {"scratch_test_top1": mean(scratch), "scratch_seeds": len(scratch),
+                "margin_over_scratch": round(mean(best) - mean(scratch), 5)}  # fmt: skip
     return out
 
 
@@ -164,8 +167,11 @@ def plot(report: dict, path: Path) -> None:
     spread = report["summary"]["seed_spread"]
     if spread is not None and report["summary"]["best"]:
         best = 100 * report["summary"]["best_test_top1"]
-        ax.axvspan(best - 100 * spread, best, color="tab:orange", alpha=0.15, label="best − seed spread")
-        ax.legend(loc="lower right", fontsize=8)
+        ax.axvspan(best - 100 * spread, best, color="tab:orange", alpha=0.15, label="best setting − seed spread")
+    if "scratch_test_top1" in report["summary"]:
+        ax.axvline(100 * report["summary"]["scratch_test_top1"], color="0.3", ls="--", lw=1,
+                   label="from random weights (mean of its seeds)")  # fmt: skip
+    ax.legend(loc="lower right", fontsize=8)
     ax.set_xlim(0, max(tops) * 1.35)
     ax.set_xlabel("test top-1 (%)")
     ax.set_title(f"{report['budget_s']:.0f} s of pre-training + fine-tuning each, {report['device']}", fontsize=9)

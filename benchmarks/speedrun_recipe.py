@@ -156,7 +156,7 @@ def summarise(rows: list[dict]) -> dict:
 
 def plot(report: dict, path: Path) -> None:
     rows = report["variants"]
-    fig, ax = plt.subplots(figsize=(7, 0.5 * len(rows) + 1.6))
+    fig, ax = plt.subplots(figsize=(7, 0.5 * len(rows) + 1.9))
     names = [r["name"] for r in rows][::-1]
     tops = [100 * r["test_top1"] for r in rows][::-1]
     colours = ["0.6" if r["pretrain_share"] == 0 else "tab:blue" for r in rows][::-1]
@@ -167,15 +167,18 @@ def plot(report: dict, path: Path) -> None:
     spread = report["summary"]["seed_spread"]
     if spread is not None and report["summary"]["best"]:
         best = 100 * report["summary"]["best_test_top1"]
-        ax.axvspan(best - 100 * spread, best, color="tab:orange", alpha=0.15, label="best setting − seed spread")
+        ax.axvspan(
+            best - 100 * spread, best, color="tab:orange", alpha=0.15, label="best pre-trained setting − seed spread"
+        )
     if "scratch_test_top1" in report["summary"]:
         ax.axvline(100 * report["summary"]["scratch_test_top1"], color="0.3", ls="--", lw=1,
-                   label="from random weights (mean of its seeds)")  # fmt: skip
-    ax.legend(loc="lower right", fontsize=8)
+                   label="best setting from random weights (seed mean)")  # fmt: skip
     ax.set_xlim(0, max(tops) * 1.35)
     ax.set_xlabel("test top-1 (%)")
     ax.set_title(f"{report['budget_s']:.0f} s of pre-training + fine-tuning each, {report['device']}", fontsize=9)
-    fig.tight_layout()
+    if ax.get_legend_handles_labels()[0]:  # below the axes, clear of the bars' labels
+        fig.legend(loc="lower center", ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     save_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
 

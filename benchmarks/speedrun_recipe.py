@@ -33,7 +33,6 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from itertools import groupby
 from pathlib import Path
 
 import matplotlib
@@ -141,7 +140,10 @@ def summarise(rows: list[dict]) -> dict:
     def mean(g: list[dict]) -> float:
         return round(sum(r["test_top1"] for r in g) / len(g), 5)
 
-    groups = [list(g) for _, g in groupby(sorted(rows, key=setting), key=setting)]
+    by_setting: dict[tuple, list[dict]] = {}  # in the order of the rows, so a tie goes to the first
+    for r in rows:
+        by_setting.setdefault(setting(r), []).append(r)
+    groups = list(by_setting.values())
     spreads = [max(r["test_top1"] for r in g) - min(r["test_top1"] for r in g) for g in groups if len(g) > 1]
     spread = round(max(spreads), 5) if spreads else None
     best = max((g for g in groups if g[0]["pretrain_share"] > 0), key=mean, default=None)

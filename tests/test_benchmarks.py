@@ -367,6 +367,7 @@ def test_speedrun_recipe_summary_takes_the_best_pretrained_setting_by_its_seeds_
     assert summary["margin_over_scratch"] == pytest.approx(-0.02)
     # the largest spread between seeds of one setting (share and overrides, less the seeds)
     assert summary["seed_spread"] == pytest.approx(0.07)
+    assert rr.summarise([r("b", 0.5, 0.4), r("a", 0.25, 0.4)])["best"] == "b"  # a tie: the first in the study
     assert rr.summarise(rows[2:4])["seed_spread"] is None and "margin_over_scratch" not in rr.summarise(rows[:4])
 
 

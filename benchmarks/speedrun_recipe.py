@@ -166,14 +166,13 @@ def plot(report: dict, path: Path) -> None:
     for y, r in enumerate(rows[::-1]):
         e = r["epochs"]
         ax.text(tops[y], y, f" {tops[y]:.1f} %  ({e['pretrain']} + {e['finetune']} epochs)", va="center", fontsize=8)
-    spread = report["summary"]["seed_spread"]
-    if spread is not None and report["summary"]["best"]:
-        best = 100 * report["summary"]["best_test_top1"]
-        ax.axvspan(
-            best - 100 * spread, best, color="tab:orange", alpha=0.15, label="best pre-trained setting − seed spread"
-        )
-    if "scratch_test_top1" in report["summary"]:
-        ax.axvline(100 * report["summary"]["scratch_test_top1"], color="0.3", ls="--", lw=1,
+    s = report["summary"]
+    if s["seed_spread"] is not None and s["best"]:
+        best = 100 * s["best_test_top1"]
+        ax.axvspan(best - 100 * s["seed_spread"], best, color="tab:orange", alpha=0.15,
+                   label="best pre-trained setting − seed spread")  # fmt: skip
+    if "scratch_test_top1" in s:
+        ax.axvline(100 * s["scratch_test_top1"], color="0.3", ls="--", lw=1,
                    label="best setting from random weights (seed mean)")  # fmt: skip
     ax.set_xlim(0, max(tops) * 1.35)
     ax.set_xlabel("test top-1 (%)")

@@ -20,7 +20,9 @@ margin over scratch (each setting by the mean of its seeds, so one lucky seed do
 decide), and the spread between seeds of one setting (the noise a margin has to
 clear); a PNG beside it. Each variant's own JSON and log stay under ``--work``;
 a variant whose JSON there is complete for the same budget and overrides is kept, so
-a study cut short resumes where it stopped.
+a study cut short resumes where it stopped. ``--keep``: an earlier study's JSON (same
+budget, same common overrides) whose variants stay in the report, so a study gets more
+seeds without running again what it has.
 """
 
 from __future__ import annotations
@@ -156,6 +158,18 @@ def summarise(rows: list[dict]) -> dict:
     return out
 
 
+def kept(path: Path, budget: float, sets: list[str], names: set[str]) -> dict:
+    """An earlier study's report, to add variants to: the same budget and common overrides
+    (or its numbers would not compare), and none of its names run again."""
+    old = json.loads(path.read_text())
+    for key, want in (("budget_s", budget), ("sets", sets)):
+        if old[key] != want:
+            raise SystemExit(f"--keep {path}: its {key} is {old[key]!r}, this study's {want!r}")
+    if again := names & {r["name"] for r in old["variants"]}:
+        raise SystemExit(f"--keep {path}: already has {', '.join(sorted(again))}; give new variants other names")
+    return old
+
+
 def plot(report: dict, path: Path) -> None:
     rows = report["variants"]
     fig, ax = plt.subplots(figsize=(7, 0.5 * len(rows) + 1.9))
@@ -193,12 +207,15 @@ def main() -> None:
                     help="'NAME SHARE [section.key=value ...]' (repeat); default: " +
                          "; ".join(f"{v.name} {v.share} {' '.join(v.sets)}".strip() for v in VARIANTS))  # fmt: skip
     ap.add_argument("--work", type=Path, default=Path("/tmp/speedrun-recipe"))
+    ap.add_argument("--keep", type=Path, default=None,
+                    help="an earlier study's JSON (same --budget, --set): its variants stay in the report")  # fmt: skip
     ap.add_argument("--limit", type=float, default=None, help="seconds each variant may take")
     ap.add_argument("--out", type=Path, default=Path("reports/benchmarks/speedrun-recipe.json"))
     args = ap.parse_args()
     variants = args.variants or list(VARIANTS)
     if len({v.name for v in variants}) < len(variants):
         ap.error("variant names must differ")
+    earlier = kept(args.keep, args.budget, args.sets, {v.name for v in variants}) if args.keep else None
     args.work.mkdir(parents=True, exist_ok=True)
 
     calibrated: dict[tuple[str, ...], Path] = {}  # cost key -> the JSON holding its calibration
@@ -228,8 +245,11 @@ def main() -> None:
         "data": args.data.name,
         "budget_s": args.budget,
         "sets": args.sets,
-        "variants": [row(v, results[v.name]) for v in variants],
+        "variants": [*(earlier["variants"] if earlier else ()), *(row(v, results[v.name]) for v in variants)],
     }
+    if earlier:  # where the kept rows came from, and what they said alone
+        report["kept"] = {k: earlier[k] for k in ("measured", "device", "code", "summary")} | {
+            "file": args.keep.name, "variants": [r["name"] for r in earlier["variants"]]}  # fmt: skip
     report["summary"] = summarise(report["variants"])
     write_json(args.out, report)
     plot(report, args.out.with_suffix(".png"))

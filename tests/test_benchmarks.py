@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -418,6 +419,22 @@ def test_speedrun_recipe_spends_one_budget_several_ways_on_one_calibration(tmp_p
     run_script("speedrun_recipe.py", *args)
     assert {name: (work / f"{name}.json").stat().st_mtime_ns for name in rows} == before
     assert json.loads(out.read_text())["variants"] == report["variants"]
+    # --keep: the study's variants stay, one more seed is added (here finished already under its name)
+    shutil.copy(work / "share25.json", work / "share25-again.json")
+    more = tmp_path / "out" / "more.json"
+    common = args[: args.index("--variant")]
+    run_script("speedrun_recipe.py", *common, "--variant", "share25-again 0.25 pretrain.seed=1", "--keep", str(out),
+               "--out", str(more))  # fmt: skip
+    merged = json.loads(more.read_text())
+    assert merged["variants"][:3] == report["variants"] and merged["variants"][3]["name"] == "share25-again"
+    assert merged["kept"]["variants"] == ["mae", "share25", "scratch"]
+    assert merged["kept"]["summary"] == report["summary"]
+    assert merged["summary"]["seed_spread"] == 0.0  # share25's two runs are now one setting's seeds
+    rr = _sibling_script("speedrun_recipe")
+    with pytest.raises(SystemExit, match=r"budget_s is 30\.0, this study's 60\.0"):
+        rr.kept(out, 60.0, sets, {"new"})
+    with pytest.raises(SystemExit, match="already has mae"):
+        rr.kept(out, 30.0, sets, {"mae", "new"})
 
 
 def _gpu_check(tmp_path: Path, name: str, **env: str) -> tuple[subprocess.CompletedProcess, dict]:

@@ -21,8 +21,8 @@ decide), and the spread between seeds of one setting (the noise a margin has to
 clear); a PNG beside it. Each variant's own JSON and log stay under ``--work``;
 a variant whose JSON there is complete for the same budget and overrides is kept, so
 a study cut short resumes where it stopped. ``--keep``: an earlier study's JSON (same
-budget, same common overrides) whose variants stay in the report, so a study gets more
-seeds without running again what it has.
+photos, budget, common overrides and device) whose variants stay in the report, so a
+study gets more seeds without running again what it has; its own ``kept`` nests inside.
 """
 
 from __future__ import annotations
@@ -158,11 +158,11 @@ def summarise(rows: list[dict]) -> dict:
     return out
 
 
-def kept(path: Path, budget: float, sets: list[str], names: set[str]) -> dict:
-    """An earlier study's report, to add variants to: the same budget and common overrides
-    (or its numbers would not compare), and none of its names run again."""
+def kept(path: Path, same: dict, names: set[str]) -> dict:
+    """An earlier study's report, to add variants to: the same photos, budget and common
+    overrides (or its numbers would not compare), and none of its names run again."""
     old = json.loads(path.read_text())
-    for key, want in (("budget_s", budget), ("sets", sets)):
+    for key, want in same.items():
         if old[key] != want:
             raise SystemExit(f"--keep {path}: its {key} is {old[key]!r}, this study's {want!r}")
     if again := names & {r["name"] for r in old["variants"]}:
@@ -208,14 +208,15 @@ def main() -> None:
                          "; ".join(f"{v.name} {v.share} {' '.join(v.sets)}".strip() for v in VARIANTS))  # fmt: skip
     ap.add_argument("--work", type=Path, default=Path("/tmp/speedrun-recipe"))
     ap.add_argument("--keep", type=Path, default=None,
-                    help="an earlier study's JSON (same --budget, --set): its variants stay in the report")  # fmt: skip
+                    help="an earlier study's JSON (same photos, --budget, --set, device): its rows stay")  # fmt: skip
     ap.add_argument("--limit", type=float, default=None, help="seconds each variant may take")
     ap.add_argument("--out", type=Path, default=Path("reports/benchmarks/speedrun-recipe.json"))
     args = ap.parse_args()
     variants = args.variants or list(VARIANTS)
     if len({v.name for v in variants}) < len(variants):
         ap.error("variant names must differ")
-    earlier = kept(args.keep, args.budget, args.sets, {v.name for v in variants}) if args.keep else None
+    same = {"data": args.data.name, "budget_s": args.budget, "sets": args.sets}
+    earlier = kept(args.keep, same, {v.name for v in variants}) if args.keep else None
     args.work.mkdir(parents=True, exist_ok=True)
 
     calibrated: dict[tuple[str, ...], Path] = {}  # cost key -> the JSON holding its calibration
@@ -235,6 +236,9 @@ def main() -> None:
         log(f"{v.name}: test top-1 {row(v, r)['test_top1']:.4f}")
 
     first = next(iter(results.values()))
+    if earlier and earlier["device"] != first["device"]:  # seconds on one device say nothing of another's
+        raise SystemExit(f"--keep {args.keep}: measured on {earlier['device']}, these on {first['device']} "
+                         f"(their runs stay in {args.work})")  # fmt: skip
     report = {
         "measured_by": "benchmarks/speedrun_recipe.py",
         "measured": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -242,14 +246,14 @@ def main() -> None:
         "cpu": platform.machine(),
         "torch": first["torch"],
         "code": code_version(__file__),
-        "data": args.data.name,
-        "budget_s": args.budget,
-        "sets": args.sets,
+        **same,
         "variants": [*(earlier["variants"] if earlier else ()), *(row(v, results[v.name]) for v in variants)],
     }
-    if earlier:  # where the kept rows came from, and what they said alone
+    if earlier:  # where the kept rows came from, and what they said alone (and, nested, what it kept)
         report["kept"] = {k: earlier[k] for k in ("measured", "device", "code", "summary")} | {
             "file": args.keep.name, "variants": [r["name"] for r in earlier["variants"]]}  # fmt: skip
+        if "kept" in earlier:
+            report["kept"]["kept"] = earlier["kept"]
     report["summary"] = summarise(report["variants"])
     write_json(args.out, report)
     plot(report, args.out.with_suffix(".png"))

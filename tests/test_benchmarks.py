@@ -430,11 +430,30 @@ def test_speedrun_recipe_spends_one_budget_several_ways_on_one_calibration(tmp_p
     assert merged["kept"]["variants"] == ["mae", "share25", "scratch"]
     assert merged["kept"]["summary"] == report["summary"]
     assert merged["summary"]["seed_spread"] == 0.0  # share25's two runs are now one setting's seeds
+    # a merge kept again: the nearest study's record holds the one before it
+    shutil.copy(work / "share25.json", work / "share25-third.json")
+    third = tmp_path / "out" / "third.json"
+    run_script("speedrun_recipe.py", *common, "--variant", "share25-third 0.25 pretrain.seed=1", "--keep", str(more),
+               "--out", str(third))  # fmt: skip
+    chained = json.loads(third.read_text())
+    assert [r["name"] for r in chained["variants"]] == ["mae", "share25", "scratch", "share25-again", "share25-third"]
+    assert chained["kept"]["file"] == "more.json" and chained["kept"]["kept"] == merged["kept"]
+    # a study timed on another device does not merge: seconds there say nothing of seconds here
+    elsewhere = tmp_path / "out" / "elsewhere.json"
+    elsewhere.write_text(json.dumps(merged | {"device": "cuda"}))
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks/speedrun_recipe.py"), *common, "--variant",
+                           "share25-third 0.25 pretrain.seed=1", "--keep", str(elsewhere), "--out", str(more)],
+                          capture_output=True, text=True, env=subprocess_env(), timeout=600)  # fmt: skip
+    assert proc.returncode != 0 and f"measured on cuda, these on {merged['device']}" in proc.stderr
+    assert json.loads(more.read_text()) == merged  # the earlier report is not overwritten
     rr = _sibling_script("speedrun_recipe")
+    same = {"data": report["data"], "budget_s": 30.0, "sets": sets}
     with pytest.raises(SystemExit, match=r"budget_s is 30\.0, this study's 60\.0"):
-        rr.kept(out, 60.0, sets, {"new"})
+        rr.kept(out, same | {"budget_s": 60.0}, {"new"})
+    with pytest.raises(SystemExit, match=r"data is '.+', this study's 'other-photos'"):
+        rr.kept(out, same | {"data": "other-photos"}, {"new"})
     with pytest.raises(SystemExit, match="already has mae"):
-        rr.kept(out, 30.0, sets, {"mae", "new"})
+        rr.kept(out, same, {"mae", "new"})
 
 
 def _gpu_check(tmp_path: Path, name: str, **env: str) -> tuple[subprocess.CompletedProcess, dict]:

@@ -45,7 +45,6 @@ import csv
 import json
 import math
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -55,7 +54,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from pretrain_throughput import code_version  # a sibling script: its folder is on sys.path when run
+from pretrain_throughput import code_version, run_device  # a sibling script: its folder is on sys.path when run
 
 from mae_ops.atomic import write_json
 from mae_ops.config import SCRATCH_LAYER_DECAY, load_params, project_outputs
@@ -289,9 +288,8 @@ def main() -> None:
     logfile = args.out.with_suffix(".log")
     logfile.parent.mkdir(parents=True, exist_ok=True)
     logfile.write_text("")
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{platform.machine()} CPU"
-    report: dict = {"device": device, "torch": torch.__version__, "code": code_version(__file__), "params": PARAMS,
-                    "sets": args.sets, "parts": {}}  # fmt: skip
+    report: dict = {"device": run_device(), "torch": torch.__version__, "code": code_version(__file__),
+                    "params": PARAMS, "sets": args.sets, "parts": {}}  # fmt: skip
     project = fresh_project(args.work / "project", args.data)
     os.environ.update(tools(args.work, project / "src"))
     every = list(args.sets)  # the overrides of every part: the given ones, then the budget's

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import platform
 import subprocess
 import sys
 import time
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import torch
 from loader_throughput import make_store  # sibling scripts: their folder is on sys.path when run
-from pretrain_throughput import code_version
+from pretrain_throughput import code_version, run_device
 
 from mae_ops.atomic import write_json
 
@@ -96,7 +95,7 @@ def main() -> None:
     t0 = time.perf_counter()
     make_store(args.store, args.images, args.store_size, img_size=args.img_size)
     report: dict = {
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"{platform.machine()} CPU",
+        "device": run_device(),
         "torch": torch.__version__, "code": code_version(__file__), "preset": args.preset,
         "images": args.images, "img_size": args.img_size, "store_size": args.store_size,
         "batch_size": args.batch_size, "epochs": args.epochs, "store_s": round(time.perf_counter() - t0, 1),

@@ -106,6 +106,12 @@ MODES.update(PEERS)
 CURVE_SMOOTHING = 10  # steps: a curve is compared by its moving mean
 
 
+def run_device() -> str:
+    """The device a stage-level benchmark's seconds are measured on, as its JSON names it:
+    the GPU's name, or the CPU's architecture (a subprocess of this one sees the same)."""
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else f"{platform.machine()} CPU"
+
+
 def code_version(script: str | Path = __file__) -> dict:
     """Which code produced the numbers: the git commit where there is one, and always
     a hash of the package's sources and the benchmark ``script`` (a copied tree has no .git)."""

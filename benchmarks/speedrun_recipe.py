@@ -42,7 +42,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from cifar10_speedrun import flags, log  # sibling scripts: their folder is on sys.path
-from pretrain_throughput import code_version
+from pretrain_throughput import code_version, run_device
 
 from mae_ops.atomic import save_with, write_json
 
@@ -159,8 +159,8 @@ def summarise(rows: list[dict]) -> dict:
 
 
 def kept(path: Path, same: dict, names: set[str]) -> dict:
-    """An earlier study's report, to add variants to: the same photos, budget and common
-    overrides (or its numbers would not compare), and none of its names run again."""
+    """An earlier study's report, to add variants to: the same photos, budget, common
+    overrides and device (or its numbers would not compare), and none of its names run again."""
     old = json.loads(path.read_text())
     for key, want in same.items():
         if old[key] != want:
@@ -216,7 +216,8 @@ def main() -> None:
     if len({v.name for v in variants}) < len(variants):
         ap.error("variant names must differ")
     same = {"data": args.data.name, "budget_s": args.budget, "sets": args.sets}
-    earlier = kept(args.keep, same, {v.name for v in variants}) if args.keep else None
+    # the device too, checked before any run: seconds on one device say nothing of another's
+    earlier = kept(args.keep, same | {"device": run_device()}, {v.name for v in variants}) if args.keep else None
     args.work.mkdir(parents=True, exist_ok=True)
 
     calibrated: dict[tuple[str, ...], Path] = {}  # cost key -> the JSON holding its calibration
@@ -236,9 +237,6 @@ def main() -> None:
         log(f"{v.name}: test top-1 {row(v, r)['test_top1']:.4f}")
 
     first = next(iter(results.values()))
-    if earlier and earlier["device"] != first["device"]:  # seconds on one device say nothing of another's
-        raise SystemExit(f"--keep {args.keep}: measured on {earlier['device']}, these on {first['device']} "
-                         f"(their runs stay in {args.work})")  # fmt: skip
     report = {
         "measured_by": "benchmarks/speedrun_recipe.py",
         "measured": time.strftime("%Y-%m-%dT%H:%M:%S"),

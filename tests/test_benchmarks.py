@@ -438,13 +438,15 @@ def test_speedrun_recipe_spends_one_budget_several_ways_on_one_calibration(tmp_p
     chained = json.loads(third.read_text())
     assert [r["name"] for r in chained["variants"]] == ["mae", "share25", "scratch", "share25-again", "share25-third"]
     assert chained["kept"]["file"] == "more.json" and chained["kept"]["kept"] == merged["kept"]
-    # a study timed on another device does not merge: seconds there say nothing of seconds here
+    # a study timed on another device does not merge (seconds there say nothing of seconds
+    # here), refused before any variant runs
     elsewhere = tmp_path / "out" / "elsewhere.json"
     elsewhere.write_text(json.dumps(merged | {"device": "cuda"}))
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks/speedrun_recipe.py"), *common, "--variant",
-                           "share25-third 0.25 pretrain.seed=1", "--keep", str(elsewhere), "--out", str(more)],
+                           "never 0.25 pretrain.seed=2", "--keep", str(elsewhere), "--out", str(more)],
                           capture_output=True, text=True, env=subprocess_env(), timeout=600)  # fmt: skip
-    assert proc.returncode != 0 and f"measured on cuda, these on {merged['device']}" in proc.stderr
+    assert proc.returncode != 0 and f"its device is 'cuda', this study's {merged['device']!r}" in proc.stderr
+    assert not (work / "never.json").exists() and not (work / "never").exists()
     assert json.loads(more.read_text()) == merged  # the earlier report is not overwritten
     rr = _sibling_script("speedrun_recipe")
     same = {"data": report["data"], "budget_s": 30.0, "sets": sets}

@@ -289,7 +289,7 @@ def main() -> None:
     logfile.parent.mkdir(parents=True, exist_ok=True)
     logfile.write_text("")
     report: dict = {"device": run_device(), "torch": torch.__version__, "code": code_version(__file__),
-                    "params": PARAMS, "sets": args.sets, "parts": {}}  # fmt: skip
+                    "data": args.data.name, "params": PARAMS, "sets": args.sets, "parts": {}}  # fmt: skip
     project = fresh_project(args.work / "project", args.data)
     os.environ.update(tools(args.work, project / "src"))
     every = list(args.sets)  # the overrides of every part: the given ones, then the budget's

@@ -19,10 +19,11 @@ seconds, where its calibration came from; the best setting with pre-training, it
 margin over scratch (each setting by the mean of its seeds, so one lucky seed does not
 decide), and the spread between seeds of one setting (the noise a margin has to
 clear); a PNG beside it. Each variant's own JSON and log stay under ``--work``;
-a variant whose JSON there is complete for the same budget and overrides is kept, so
-a study cut short resumes where it stopped. ``--keep``: an earlier study's JSON (same
-photos, budget, common overrides and device) whose variants stay in the report, so a
-study gets more seeds without running again what it has; its own ``kept`` nests inside.
+a variant whose JSON there is complete for the same photos, device, budget and
+overrides is kept, so a study cut short resumes where it stopped. ``--keep``: an
+earlier study's JSON (the same photos, budget, common overrides and device) whose
+variants stay in the report, so a study gets more seeds without running again what
+it has; its own ``kept`` nests inside.
 """
 
 from __future__ import annotations
@@ -91,14 +92,20 @@ VARIANTS = (
 )
 
 
-def finished(path: Path, v: Variant, sets: list[str], budget: float) -> dict | None:
-    """The variant's JSON from an earlier run of the same study, if it got to the end."""
+def finished(path: Path, v: Variant, same: dict) -> dict | None:
+    """The variant's JSON from an earlier run of the same study (the same photos, device,
+    common overrides and budget: what ``kept`` asks of a whole study), if it got to the end."""
     if not path.exists():
         return None
     r = json.loads(path.read_text())
     part = r.get("parts", {}).get("scratch" if v.share == 0 else "speedrun", {})
-    same = r.get("sets") == [*sets, *v.sets] and r.get("budget", {}).get("seconds") == budget
-    return r if same and "test_top1" in part and (v.share == 0 or r["budget"]["pretrain_share"] == v.share) else None
+    alike = (
+        r.get("data") == same["data"]
+        and r.get("device") == same["device"]
+        and r.get("sets") == [*same["sets"], *v.sets]
+        and r.get("budget", {}).get("seconds") == same["budget_s"]
+    )
+    return r if alike and "test_top1" in part and (v.share == 0 or r["budget"]["pretrain_share"] == v.share) else None
 
 
 def run_variant(v: Variant, args: argparse.Namespace, calibration: Path | None) -> dict:
@@ -215,16 +222,16 @@ def main() -> None:
     variants = args.variants or list(VARIANTS)
     if len({v.name for v in variants}) < len(variants):
         ap.error("variant names must differ")
-    same = {"data": args.data.name, "budget_s": args.budget, "sets": args.sets}
-    # the device too, checked before any run: seconds on one device say nothing of another's
-    earlier = kept(args.keep, same | {"device": run_device()}, {v.name for v in variants}) if args.keep else None
+    # what every row must share, checked before any run (seconds on one device say nothing of another's)
+    same = {"data": args.data.name, "budget_s": args.budget, "sets": args.sets, "device": run_device()}
+    earlier = kept(args.keep, same, {v.name for v in variants}) if args.keep else None
     args.work.mkdir(parents=True, exist_ok=True)
 
     calibrated: dict[tuple[str, ...], Path] = {}  # cost key -> the JSON holding its calibration
     results: dict[str, dict] = {}
     for v in variants:
         out = args.work / f"{v.name}.json"
-        r = finished(out, v, args.sets, args.budget)
+        r = finished(out, v, same)
         if r is None:
             reuse = calibrated.get(v.cost_key)
             log(f"{v.name}: share {v.share}, {' '.join(v.sets) or 'the common settings'}"
@@ -240,7 +247,6 @@ def main() -> None:
     report = {
         "measured_by": "benchmarks/speedrun_recipe.py",
         "measured": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "device": first["device"],
         "cpu": platform.machine(),
         "torch": first["torch"],
         "code": code_version(__file__),

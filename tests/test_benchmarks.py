@@ -449,7 +449,12 @@ def test_speedrun_recipe_spends_one_budget_several_ways_on_one_calibration(tmp_p
     assert not (work / "never.json").exists() and not (work / "never").exists()
     assert json.loads(more.read_text()) == merged  # the earlier report is not overwritten
     rr = _sibling_script("speedrun_recipe")
-    same = {"data": report["data"], "budget_s": 30.0, "sets": sets}
+    same = {"data": report["data"], "budget_s": 30.0, "sets": sets, "device": report["device"]}
+    # a variant's own JSON is resumed from --work only under the same record, as a kept study is
+    mae = rr.Variant.parse("mae 0.5")
+    assert own["mae"]["data"] == photos.name and rr.finished(work / "mae.json", mae, same) == own["mae"]
+    for other in ({"data": "other-photos"}, {"device": "cuda"}, {"budget_s": 60.0}, {"sets": sets[1:]}):
+        assert rr.finished(work / "mae.json", mae, same | other) is None
     with pytest.raises(SystemExit, match=r"budget_s is 30\.0, this study's 60\.0"):
         rr.kept(out, same | {"budget_s": 60.0}, {"new"})
     with pytest.raises(SystemExit, match=r"data is '.+', this study's 'other-photos'"):

@@ -143,6 +143,32 @@ def test_sixteen_bit_is_scaled_not_clipped(tmp_path: Path) -> None:
     np.testing.assert_allclose(img.astype(float), ramp / 257.0, atol=1.0)
 
 
+def test_high_depth_files_map_one_value_to_one_pixel_however_dark(tmp_path: Path) -> None:
+    """16-bit and float files are scaled by their type's range, not by their brightest pixel: a
+    dark 16-bit frame (all under 256) and a frame with one bright pixel store 200 as the same
+    pixel; float frames are read on 0..1, with or without a value beyond it."""
+    root = tmp_path / "src"
+    dark = np.full((16, 16), 200, dtype=np.uint16)
+    bright = dark.copy()
+    bright[0, 0] = 60000
+    low = np.full((16, 16), 0.5, dtype=np.float32)
+    high = low.copy()
+    high[0, 0] = 1.5
+    for name, arr in (("a/dark.png", dark), ("a/bright.png", bright), ("b/low.tif", low), ("b/high.tif", high)):
+        _save(Image.fromarray(arr), root / name)
+    prepare.run(tiny_config(tmp_path / "run", f"data.source={root}", "data.img_size=16", "data.crop_pct=1",
+                            "data.test_fraction=0", "data.val_fraction=0"))  # fmt: skip
+    data = PreparedData(tmp_path / "run" / "data" / "prepared")
+    files = [r["file"] for r in _rows(data.root)]
+    img = {
+        name: data.images[files.index(name)][0] for name in ("a/dark.png", "a/bright.png", "b/low.tif", "b/high.tif")
+    }
+    assert np.all(img["a/dark.png"] == round(200 / 65535 * 255)) and img["a/bright.png"][0, 0] == 233
+    assert np.array_equal(img["a/dark.png"][1:], img["a/bright.png"][1:])
+    assert np.all(img["b/low.tif"] == 128) and img["b/high.tif"][0, 0] == 255
+    assert np.array_equal(img["b/low.tif"][1:], img["b/high.tif"][1:])
+
+
 def test_split_folders_and_unlabeled_pool(tmp_path: Path) -> None:
     root, extra = tmp_path / "labelled", tmp_path / "unlabeled"
     rng = np.random.default_rng(7)

@@ -41,12 +41,12 @@ def _palette_is_gray(img: Image.Image) -> bool:
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:
-    """16/32-bit integer and float images scaled (not clipped) to 8 bits."""
+    """16/32-bit integer and float images scaled to 8 bits by their mode's range, never by
+    their content, so one value is one pixel in every file: integers 0..65535 (Pillow widens
+    a 16-bit PGM's maxval to it; 32-bit values beyond are clipped), floats 0..1. (A rule read
+    off each image's maximum mapped 200 to 200 in a dark frame, to 1 beside a pixel over 255.)"""
     arr = np.asarray(img, dtype=np.float64)
-    if img.mode == "F":
-        top = 1.0 if arr.max(initial=0.0) <= 1.0 else 255.0
-    else:
-        top = 65535.0 if arr.max(initial=0.0) > 255 else 255.0
+    top = 1.0 if img.mode == "F" else 65535.0
     arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
     return Image.fromarray(arr, mode="L")
 

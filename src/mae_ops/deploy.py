@@ -189,9 +189,9 @@ def _with_shapes(src: Path) -> Path:
 _QUANT_OPTIONS = {"DefaultTensorType": onnx.TensorProto.FLOAT}
 # int8 weights within -64..64 (onnxruntime's reduce_range): x86 CPUs without VNNI multiply
 # uint8 activations by int8 weights in pairs summed into int16, which saturates past 32,767
-# (255 * 127 * 2 does; 255 * 64 * 2 does not). With full-range weights one file lost 2.0 points
-# of test top-1 on an AVX2 host (92.48 %) and none on an AVX-512 VNNI one; within 7 bits it
-# scored 94.68 % on the AVX2 host (fp32 94.48 %). No int16 sum can saturate, so AVX2 and VNNI
+# (255 * 127 * 2 does; 255 * 64 * 2 does not). With full-range weights the demo's static int8
+# model scored 92.48 % test top-1 on an AVX2 host (fp32 94.48 %), 94.38-94.48 % on AVX-512 VNNI
+# hosts; within 7 bits, 94.68 % on the AVX2 host. No int16 sum can saturate, so AVX2 and VNNI
 # kernels add up the same integers: an int8 file answers alike on the export host and the server.
 _SATURATION_FREE = True
 

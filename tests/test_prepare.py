@@ -130,15 +130,21 @@ def test_messy_folder_converts_or_skips_and_never_crashes(tmp_path: Path, messy_
     assert sum(manifest["counts"][s] for s in ("train", "val", "test")) == 18
 
 
+def _stored_16px(tmp_path: Path, root: Path) -> dict[str, np.ndarray]:
+    """Prepare ``root``'s 16-px gray files as they are (no crop, every file in train); the first
+    channel of each stored row, by file."""
+    prepare.run(tiny_config(tmp_path / "run", f"data.source={root}", "data.img_size=16", "data.crop_pct=1",
+                            "data.test_fraction=0", "data.val_fraction=0"))  # fmt: skip
+    data = PreparedData(tmp_path / "run" / "data" / "prepared")
+    return {r["file"]: data.images[i][0] for i, r in enumerate(_rows(data.root))}
+
+
 def test_sixteen_bit_is_scaled_not_clipped(tmp_path: Path) -> None:
     root = tmp_path / "src"
     ramp = (np.arange(16 * 16, dtype=np.uint16).reshape(16, 16) * 256).astype(np.uint16)
     _save(Image.fromarray(ramp), root / "a" / "ramp.png")
     _save(Image.fromarray(ramp[::-1].copy()), root / "b" / "ramp.png")
-    prepare.run(tiny_config(tmp_path / "run", f"data.source={root}", "data.img_size=16", "data.crop_pct=1",
-                            "data.test_fraction=0", "data.val_fraction=0"))  # fmt: skip
-    data = PreparedData(tmp_path / "run" / "data" / "prepared")
-    img = data.images[[r["file"] for r in _rows(data.root)].index("a/ramp.png")][0]
+    img = _stored_16px(tmp_path, root)["a/ramp.png"]
     assert img.dtype == np.uint8 and img.shape == (16, 16)
     np.testing.assert_allclose(img.astype(float), ramp / 257.0, atol=1.0)
 
@@ -156,13 +162,7 @@ def test_high_depth_files_map_one_value_to_one_pixel_however_dark(tmp_path: Path
     high[0, 0] = 1.5
     for name, arr in (("a/dark.png", dark), ("a/bright.png", bright), ("b/low.tif", low), ("b/high.tif", high)):
         _save(Image.fromarray(arr), root / name)
-    prepare.run(tiny_config(tmp_path / "run", f"data.source={root}", "data.img_size=16", "data.crop_pct=1",
-                            "data.test_fraction=0", "data.val_fraction=0"))  # fmt: skip
-    data = PreparedData(tmp_path / "run" / "data" / "prepared")
-    files = [r["file"] for r in _rows(data.root)]
-    img = {
-        name: data.images[files.index(name)][0] for name in ("a/dark.png", "a/bright.png", "b/low.tif", "b/high.tif")
-    }
+    img = _stored_16px(tmp_path, root)
     assert np.all(img["a/dark.png"] == round(200 / 65535 * 255)) and img["a/bright.png"][0, 0] == 233
     assert np.array_equal(img["a/dark.png"][1:], img["a/bright.png"][1:])
     assert np.all(img["b/low.tif"] == 128) and img["b/high.tif"][0, 0] == 255

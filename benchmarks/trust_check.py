@@ -75,7 +75,8 @@ def _pixels_are_the_files(root: Path, source: Path, size: int) -> int:
     for start in range(0, len(rows), 1024):
         block = data.images[start : start + 1024]
         for i, r in enumerate(rows[start : start + 1024]):
-            wrong += not np.array_equal(block[i], images.load_image(source / r["file"], size, data.channels))
+            fresh = images.load_image(source / r["file"], size, data.channels, data.bit_depth)
+            wrong += not np.array_equal(block[i], fresh)
     return wrong
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import subprocess
@@ -242,6 +243,45 @@ def test_predict_decodes_in_processes_and_keeps_the_order(exported: Path, tmp_pa
     assert [r["file"] for r in parallel] == [str(f) for f in files]
     assert parallel == serial
     assert "error" in parallel[150] and all("top" in r for i, r in enumerate(parallel) if i != 150)
+
+
+def test_a_twelve_bit_data_set_is_served_as_it_was_trained(exported: Path, tmp_path: Path) -> None:
+    """data.bit_depth travels with the model: prepare reads 12-bit frames saved as 16-bit PNGs on
+    0..4095, export writes the setting into the model's metadata, and predict decodes the same
+    files to the pixels training and evaluation saw (the default, 0..65535, would see p / 16)."""
+    import shutil
+
+    from mae_ops.serving import _decoded, expand_paths, predict_files
+    from mae_ops.stages import prepare
+
+    images, labels = _test_arrays(exported)
+    src = tmp_path / "frames"
+    for i in range(80):  # each digit pixel p as the 12-bit value p * 4095 / 255
+        frame = np.round(images[i, 0].astype(np.float64) * 4095 / 255).astype(np.uint16)
+        (src / str(labels[i])).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(frame).save(src / str(labels[i]) / f"{i:03d}.png")
+    shutil.copytree(exported / "models", tmp_path / "models")
+    data = [f"data.source={src}", "data.bit_depth=12", "data.crop_pct=1"]
+    prepare.run(export_config(tmp_path, *data))
+    export.run(export_config(tmp_path, *data, "export.calibration_images=0", "export.benchmark_runs=0"))
+
+    session = open_session(tmp_path / "models/export/model.onnx", "cpu")
+    info = ModelInfo.from_session(session)
+    assert info.metadata["bit_depth"] == "12" and info.bit_depth == 12
+    files = expand_paths([src])
+    seen = np.stack(list(_decoded(files, info, workers=0)))
+    digits = {f"{labels[i]}/{i:03d}.png": images[i] for i in range(80)}
+    assert all(np.array_equal(seen[k], digits[f.relative_to(src).as_posix()]) for k, f in enumerate(files))
+    prepared = PreparedData(tmp_path / "data/prepared")
+    with open(prepared.root / "index.csv", newline="") as fh:
+        stored = {r["file"]: prepared.images[[i]][0] for i, r in enumerate(csv.DictReader(fh))}
+    assert prepared.bit_depth == 12 and all(np.array_equal(stored[name], d) for name, d in digits.items())
+    # the same session, told nothing of the bit depth, would see the frames 16x darker
+    default = np.stack(list(_decoded(files, ModelInfo(info.classes, 28, 1, {}), workers=0)))
+    assert default.max() <= 16 < seen.max()
+    expected = run_logits(session, seen.astype(np.float32) / 255).argmax(1)
+    predicted = [r["top"][0]["label"] for r in predict_files(session, files, batch_size=32, workers=0)]
+    assert predicted == [info.classes[c] for c in expected]
 
 
 def test_large_models_keep_their_tensors_beside_the_onnx_file(exported: Path, tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from mae_ops import preparing
-from mae_ops.config import load_params
+from mae_ops.config import ParamsError, load_params
 from mae_ops.data import SPLITS, PreparedData
 from mae_ops.stages import prepare
 from mae_ops.stages.prepare import DataSourceError
@@ -130,13 +130,13 @@ def test_messy_folder_converts_or_skips_and_never_crashes(tmp_path: Path, messy_
     assert sum(manifest["counts"][s] for s in ("train", "val", "test")) == 18
 
 
-def _stored_16px(tmp_path: Path, root: Path) -> dict[str, np.ndarray]:
+def _stored_16px(tmp_path: Path, root: Path, *extra: str) -> tuple[dict[str, np.ndarray], int]:
     """Prepare ``root``'s 16-px gray files as they are (no crop, every file in train); the first
-    channel of each stored row, by file."""
-    prepare.run(tiny_config(tmp_path / "run", f"data.source={root}", "data.img_size=16", "data.crop_pct=1",
-                            "data.test_fraction=0", "data.val_fraction=0"))  # fmt: skip
+    channel of each stored row, by file, and how many files this prepare decoded (not reused)."""
+    as_is = ["data.img_size=16", "data.crop_pct=1", "data.test_fraction=0", "data.val_fraction=0"]
+    manifest = prepare.run(tiny_config(tmp_path / "run", f"data.source={root}", *as_is, *extra))
     data = PreparedData(tmp_path / "run" / "data" / "prepared")
-    return {r["file"]: data.images[i][0] for i, r in enumerate(_rows(data.root))}
+    return {r["file"]: data.images[i][0] for i, r in enumerate(_rows(data.root))}, manifest["reused"]["decoded"]
 
 
 def test_sixteen_bit_is_scaled_not_clipped(tmp_path: Path) -> None:
@@ -144,7 +144,7 @@ def test_sixteen_bit_is_scaled_not_clipped(tmp_path: Path) -> None:
     ramp = (np.arange(16 * 16, dtype=np.uint16).reshape(16, 16) * 256).astype(np.uint16)
     _save(Image.fromarray(ramp), root / "a" / "ramp.png")
     _save(Image.fromarray(ramp[::-1].copy()), root / "b" / "ramp.png")
-    img = _stored_16px(tmp_path, root)["a/ramp.png"]
+    img = _stored_16px(tmp_path, root)[0]["a/ramp.png"]
     assert img.dtype == np.uint8 and img.shape == (16, 16)
     np.testing.assert_allclose(img.astype(float), ramp / 257.0, atol=1.0)
 
@@ -162,11 +162,41 @@ def test_high_depth_files_map_one_value_to_one_pixel_however_dark(tmp_path: Path
     high[0, 0] = 1.5
     for name, arr in (("a/dark.png", dark), ("a/bright.png", bright), ("b/low.tif", low), ("b/high.tif", high)):
         _save(Image.fromarray(arr), root / name)
-    img = _stored_16px(tmp_path, root)
+    img, _ = _stored_16px(tmp_path, root)
     assert np.all(img["a/dark.png"] == round(200 / 65535 * 255)) and img["a/bright.png"][0, 0] == 233
     assert np.array_equal(img["a/dark.png"][1:], img["a/bright.png"][1:])
     assert np.all(img["b/low.tif"] == 128) and img["b/high.tif"][0, 0] == 255
     assert np.array_equal(img["b/low.tif"][1:], img["b/high.tif"][1:])
+
+
+def test_bit_depth_reads_twelve_bit_frames_on_their_range_and_decodes_again_when_changed(tmp_path: Path) -> None:
+    """data.bit_depth=12: a 12-bit sensor's frames saved as 16-bit files fill 0..255 (by default,
+    0..65535, they use 0..15) and values past 4095 clip; 8-bit and float files beside them are
+    read as before. A prepare under another bit depth decodes every file again (no row read on
+    the other range is reused); the same bit depth again reuses them all."""
+    root = tmp_path / "src"
+    ramp = np.arange(256, dtype=np.uint16).reshape(16, 16) * 16  # 0..4080
+    over = np.full((16, 16), 4095, dtype=np.uint16)
+    over[0, 0] = 9000
+    eight = np.arange(256, dtype=np.uint8).reshape(16, 16)[::-1].copy()
+    for name, arr in (("a/ramp.png", ramp), ("a/over.png", over), ("b/eight.png", eight),
+                      ("b/float.tif", np.full((16, 16), 0.5, dtype=np.float32))):  # fmt: skip
+        _save(Image.fromarray(arr), root / name)
+    sixteen, decoded = _stored_16px(tmp_path, root)
+    assert decoded == 4 and sixteen["a/ramp.png"].max() == round(4080 / 65535 * 255) == 16
+    twelve, decoded = _stored_16px(tmp_path, root, "data.bit_depth=12")
+    assert decoded == 4
+    assert np.array_equal(twelve["a/ramp.png"], np.floor(ramp / 4095 * 255 + 0.5).astype(np.uint8))
+    assert np.all(twelve["a/over.png"] == 255)
+    for name in ("b/eight.png", "b/float.tif"):
+        assert np.array_equal(twelve[name], sixteen[name])
+    assert np.array_equal(twelve["b/eight.png"], eight)
+    again, decoded = _stored_16px(tmp_path, root, "data.bit_depth=12")
+    assert decoded == 0 and all(np.array_equal(again[n], twelve[n]) for n in twelve)
+    manifest = json.loads((tmp_path / "run" / "data" / "prepared" / "manifest.json").read_text())
+    assert manifest["decoder"]["bit_depth"] == 12
+    with pytest.raises(ParamsError, match=r"data\.bit_depth"):
+        tiny_config(tmp_path / "run", "data.bit_depth=20")
 
 
 def test_split_folders_and_unlabeled_pool(tmp_path: Path) -> None:
@@ -513,7 +543,7 @@ def test_store_keeps_more_pixels_and_evaluation_follows_timm(tmp_path: Path) -> 
     (resize the short side to 73, centre crop 64), the same pixels in each."""
     import timm.data
 
-    from mae_ops.serving import _decode_chunk
+    from mae_ops.serving import ModelInfo, _decode_chunk
 
     rng = np.random.default_rng(3)
     src = tmp_path / "photos"
@@ -528,6 +558,7 @@ def test_store_keeps_more_pixels_and_evaluation_follows_timm(tmp_path: Path) -> 
     data = PreparedData(tmp_path / "run" / "data" / "prepared")
     assert data.images.shape[1:] == (3, 73, 73) and data.eval_images.shape[1:] == (3, 64, 64)
     files = [str(src / r["file"]) for r in _rows(data.root)]
+    info = ModelInfo(data.classes, 64, 3, {"crop_pct": "0.875"})  # what export writes for this store
 
     def timm_eval(img: Image.Image, crop_pct: float) -> np.ndarray:
         transform = timm.data.create_transform(64, crop_pct=crop_pct, interpolation="bicubic", mean=(0,) * 3,
@@ -540,7 +571,7 @@ def test_store_keeps_more_pixels_and_evaluation_follows_timm(tmp_path: Path) -> 
             gap = {pct: np.abs(ours - timm_eval(img, pct)).mean() for pct in (0.75, 0.875, 1.0)}
         # the same region as timm's (up to the sub-pixel rounding of resize-then-crop), not another one
         assert gap[0.875] < 1.5 and gap[0.875] < 0.1 * min(gap[0.75], gap[1.0]), (f, gap)
-        assert np.array_equal(_decode_chunk([f], 64, 3, 0.875)[0], data.eval_images[i])  # predict == evaluate
+        assert np.array_equal(_decode_chunk([f], info)[0], data.eval_images[i])  # predict == evaluate
 
     digits = prepare.run(tiny_config(tmp_path / "digits"))  # the embedded 28 px digits: whole images
     assert (digits["img_size"], digits["store_size"], digits["crop_pct"]) == (28, 28, 1.0)

@@ -29,6 +29,7 @@ from pydantic import (
 )
 
 from mae_ops.errors import UserError
+from mae_ops.images import TYPE_BITS
 from mae_ops.models.presets import PRESETS, preset_config
 
 DEFAULT_PARAMS = Path("params.yaml")
@@ -125,6 +126,14 @@ class DataConfig(_Section):
         "auto: round(img_size / crop_pct), e.g. 256 for 224",
     )
     channels: Literal["auto", 1, 3] = "auto"
+    bit_depth: int = Field(
+        TYPE_BITS,
+        ge=8,
+        le=TYPE_BITS,
+        description="bits the values of 16/32-bit integer files use: 0..2**bit_depth - 1 becomes 0..255 "
+        "(12 for a 12-bit sensor's frames saved as 16-bit files; higher values clip); 8-bit and float files "
+        "are unaffected; travels with the exported model so that predict decodes the same way",
+    )
     seed: int = Field(0, ge=0)
     test_fraction: float = Field(0.2, ge=0.0, lt=1.0)
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)

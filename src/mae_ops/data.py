@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler
 
 from mae_ops.errors import UserError
-from mae_ops.images import center_crop, eval_side
+from mae_ops.images import TYPE_BITS, center_crop, eval_side
 from mae_ops.store import SPLITS, EvalView, ShardedImages, open_images
 
 
@@ -52,6 +52,11 @@ class PreparedData:
     @property
     def crop_pct(self) -> float:
         return float(self.manifest.get("crop_pct", 1.0))
+
+    @property
+    def bit_depth(self) -> int:
+        """The bits of 16/32-bit integer files' values that prepare scaled to 0..255 (data.bit_depth)."""
+        return int(self.manifest.get("decoder", {}).get("bit_depth", TYPE_BITS))
 
     @property
     def classes(self) -> list[str]:

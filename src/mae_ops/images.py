@@ -14,6 +14,7 @@ IMAGE_EXTENSIONS = frozenset(
 )
 GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
 _HIGH_DEPTH_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
+TYPE_BITS = 16  # the bits of a 16-bit file's own range (0..65535): data.bit_depth's default
 
 
 class ImageReadError(Exception):
@@ -40,13 +41,14 @@ def _palette_is_gray(img: Image.Image) -> bool:
     return bool(len(palette)) and bool((palette == palette[:, :1]).all())
 
 
-def _to_8bit(img: Image.Image) -> Image.Image:
-    """16/32-bit integer and float images scaled to 8 bits by their mode's range, never by
-    their content, so one value is one pixel in every file: integers 0..65535 (Pillow widens
-    a 16-bit PGM's maxval to it; 32-bit values beyond are clipped), floats 0..1. (A rule read
-    off each image's maximum mapped 200 to 200 in a dark frame, to 1 beside a pixel over 255.)"""
+def _to_8bit(img: Image.Image, bit_depth: int = TYPE_BITS) -> Image.Image:
+    """16/32-bit integer and float images scaled to 8 bits by a fixed range, never by their
+    content, so one value is one pixel in every file: integers 0..2**bit_depth - 1 (16: the
+    type's; Pillow widens a 16-bit PGM's maxval to it; values beyond are clipped), floats 0..1.
+    (A rule read off each image's maximum mapped 200 to 200 in a dark frame, to 1 beside a
+    pixel over 255.)"""
     arr = np.asarray(img, dtype=np.float64)
-    top = 1.0 if img.mode == "F" else 65535.0
+    top = 1.0 if img.mode == "F" else float(2**bit_depth - 1)
     arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
     return Image.fromarray(arr, mode="L")
 
@@ -58,10 +60,10 @@ def _flatten_alpha(img: Image.Image) -> Image.Image:
     return Image.alpha_composite(background, rgba).convert("RGB")
 
 
-def normalize_mode(img: Image.Image, channels: int) -> Image.Image:
+def normalize_mode(img: Image.Image, channels: int, bit_depth: int = TYPE_BITS) -> Image.Image:
     """Any PIL mode (CMYK, palette, RGBA, 16-bit, 1-bit, ...) -> 'L' or 'RGB'."""
     if img.mode in _HIGH_DEPTH_MODES:
-        img = _to_8bit(img)
+        img = _to_8bit(img, bit_depth)
     elif (img.mode == "P" and "transparency" in img.info) or img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         img = _flatten_alpha(img)
     return img.convert("L" if channels == 1 else "RGB")
@@ -74,8 +76,8 @@ def fit_square(img: Image.Image, size: int) -> Image.Image:
     return ImageOps.fit(img, (size, size), method=Image.Resampling.BICUBIC)
 
 
-def image_to_array(img: Image.Image, size: int, channels: int) -> np.ndarray:
-    img = fit_square(normalize_mode(img, channels), size)
+def image_to_array(img: Image.Image, size: int, channels: int, bit_depth: int = TYPE_BITS) -> np.ndarray:
+    img = fit_square(normalize_mode(img, channels, bit_depth), size)
     arr = np.asarray(img, dtype=np.uint8)
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)  # (C, H, W)
 
@@ -106,13 +108,17 @@ def eval_view(batch: np.ndarray, img_size: int, crop_pct: float) -> np.ndarray:
     return np.ascontiguousarray(batch[..., crop, crop])
 
 
-def load_eval_image(path: str | Path, img_size: int, channels: int, crop_pct: float) -> np.ndarray:
+def load_eval_image(
+    path: str | Path, img_size: int, channels: int, crop_pct: float, bit_depth: int = TYPE_BITS
+) -> np.ndarray:
     """A file as evaluation and serving see it: centre square at ``eval_side``, centre crop."""
-    return eval_view(load_image(path, eval_side(img_size, crop_pct), channels)[None], img_size, crop_pct)[0]
+    stored = load_image(path, eval_side(img_size, crop_pct), channels, bit_depth)
+    return eval_view(stored[None], img_size, crop_pct)[0]
 
 
-def load_image(path: str | Path, size: int, channels: int) -> np.ndarray:
-    """Decode one file to a (channels, size, size) uint8 array or raise ImageReadError."""
+def load_image(path: str | Path, size: int, channels: int, bit_depth: int = TYPE_BITS) -> np.ndarray:
+    """Decode one file to a (channels, size, size) uint8 array or raise ImageReadError;
+    ``bit_depth``: the bits a 16/32-bit integer file's values use (data.bit_depth)."""
     path = Path(path)
     try:
         if path.stat().st_size == 0:
@@ -126,7 +132,7 @@ def load_image(path: str | Path, size: int, channels: int) -> np.ndarray:
                 img = ImageOps.exif_transpose(img)
                 if img.width < 1 or img.height < 1:
                     raise ImageReadError("image has no pixels")
-                return image_to_array(img, size, channels)
+                return image_to_array(img, size, channels, bit_depth)
     except ImageReadError:
         raise
     except UnidentifiedImageError:
@@ -146,7 +152,7 @@ def pixel_sums(block: np.ndarray) -> np.ndarray:
 
 
 def decode_into(
-    store: str | Path, rows: list[int], paths: list[str], size: int, channels: int
+    store: str | Path, rows: list[int], paths: list[str], size: int, channels: int, bit_depth: int = TYPE_BITS
 ) -> tuple[list[str | None], np.ndarray]:
     """Decode ``paths`` straight into rows of the memory-mapped .npy ``store`` (a worker
     process's share: no pixels travel back). Returns, per file, None or why it was
@@ -156,7 +162,7 @@ def decode_into(
     sums = np.zeros((len(paths), channels, 2), dtype=np.int64)
     for i, (row, path) in enumerate(zip(rows, paths, strict=True)):
         try:
-            img = load_image(path, size, channels)
+            img = load_image(path, size, channels, bit_depth)
             arr[row] = img
             sums[i] = pixel_sums(img[None])[0]
             errors.append(None)

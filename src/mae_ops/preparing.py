@@ -287,12 +287,14 @@ def group(files: list[Candidate], classes: list[str]) -> Grouped:
 
 
 # ----------------------------------------------------------- the decoder
-def decoder_fingerprint(store_size: int) -> dict:
+def decoder_fingerprint(store_size: int, bit_depth: int) -> dict:
     """Everything that decides a stored row's pixels besides the file's bytes (and the
-    channels): rows decoded under another fingerprint are never reused."""
+    channels): rows decoded under another fingerprint are never reused. Export copies its
+    ``bit_depth`` into the model, so that predict decodes files as prepare did."""
     return {
         "store_version": store.STORE_VERSION,
         "store_size": store_size,
+        "bit_depth": bit_depth,
         "decoding_code_sha256": file_sha256(Path(images.__file__))[:16],
         "pillow": PIL.__version__,
         "codecs": {name: features.version(name) for name in CODECS},
@@ -392,7 +394,9 @@ def write_embedded(writer: store.StoreWriter, samples: list[Sample], pixels: np.
         s.loc, s.sums = (shard, row), sums[row]
 
 
-def decode(writer: store.StoreWriter, samples: list[Sample], size: int, channels: int) -> list[tuple[Sample, str]]:
+def decode(
+    writer: store.StoreWriter, samples: list[Sample], size: int, channels: int, bit_depth: int
+) -> list[tuple[Sample, str]]:
     """Decode the samples (one file each: the copies hold the same bytes) into new shards,
     in their order; returns those that failed (``loc`` None) with why. Large folders are decoded
     by one process per core (PIL holds the GIL for much of a decode), each writing its
@@ -413,13 +417,14 @@ def decode(writer: store.StoreWriter, samples: list[Sample], size: int, channels
     if workers > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver")) as pool:
             n = len(jobs)
-            for err, s in pool.map(images.decode_into, *zip(*jobs, strict=True), [size] * n, [channels] * n):
+            more = [size] * n, [channels] * n, [bit_depth] * n
+            for err, s in pool.map(images.decode_into, *zip(*jobs, strict=True), *more):
                 errors += err
                 sums.append(s)
                 bar.update(len(err))
     else:
         for job in jobs:
-            err, s = images.decode_into(*job, size, channels)
+            err, s = images.decode_into(*job, size, channels, bit_depth)
             errors += err
             sums.append(s)
             bar.update(len(err))

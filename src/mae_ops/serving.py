@@ -27,7 +27,7 @@ import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, InvalidGraph, InvalidProtobuf, NoSuchFile
 
 from mae_ops.errors import UserError
-from mae_ops.images import ImageReadError, is_image_file, load_eval_image
+from mae_ops.images import TYPE_BITS, ImageReadError, is_image_file, load_eval_image
 
 log = logging.getLogger(__name__)
 
@@ -241,12 +241,18 @@ class ModelInfo:
         """Evaluation transform of the training data: resize to img_size / crop_pct, centre crop."""
         return float(self.metadata.get("crop_pct", "1.0"))
 
+    @property
+    def bit_depth(self) -> int:
+        """How the training data's 16/32-bit integer files were read: 0..2**bit_depth - 1 -> 0..255."""
+        return int(self.metadata.get("bit_depth", TYPE_BITS))
+
     @classmethod
     def from_session(cls, session: ort.InferenceSession, output: str = "logits") -> ModelInfo:
         """The metadata of an exported classifier (``output`` logits) or encoder (features)."""
         meta = dict(session.get_modelmeta().custom_metadata_map)
         try:
             info = cls(json.loads(meta["classes"]), int(meta["img_size"]), int(meta["channels"]), meta)
+            _ = info.crop_pct, info.bit_depth  # read once: a bad value fails here, not in a decoding worker
         except KeyError as exc:
             raise ModelError(f"not an mae-ops model: metadata {exc} is missing") from None
         except ValueError as exc:
@@ -325,13 +331,13 @@ def expand_paths(paths: list[str | Path]) -> list[Path]:
     return files
 
 
-def _decode_chunk(files: list[str], size: int, channels: int, crop_pct: float = 1.0) -> list[np.ndarray | str]:
-    """A worker's share: each file as a (C, S, S) uint8 array (the evaluation transform of
-    the training data), or the error that kept it out."""
+def _decode_chunk(files: list[str], info: ModelInfo) -> list[np.ndarray | str]:
+    """A worker's share: each file as a (C, S, S) uint8 array (the training data's decoder and
+    evaluation transform, from the model's metadata), or the error that kept it out."""
     out: list[np.ndarray | str] = []
     for f in files:
         try:
-            out.append(load_eval_image(f, size, channels, crop_pct))
+            out.append(load_eval_image(f, info.img_size, info.channels, info.crop_pct, info.bit_depth))
         except ImageReadError as exc:
             out.append(str(exc))
         except OSError as exc:  # missing or unreadable path
@@ -345,13 +351,13 @@ def _decoded(files: list[Path], info: ModelInfo, workers: int, chunk: int = 64) 
     chunks = [[str(f) for f in files[i : i + chunk]] for i in range(0, len(files), chunk)]
     if workers <= 1 or len(chunks) <= 1:
         for c in chunks:
-            yield from _decode_chunk(c, info.img_size, info.channels, info.crop_pct)
+            yield from _decode_chunk(c, info)
         return
     ctx = multiprocessing.get_context("forkserver")
     with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
         pending: deque = deque()
         for c in chunks:
-            pending.append(pool.submit(_decode_chunk, c, info.img_size, info.channels, info.crop_pct))
+            pending.append(pool.submit(_decode_chunk, c, info))
             if len(pending) >= 2 * workers:
                 yield from pending.popleft().result()
         while pending:

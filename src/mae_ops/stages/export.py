@@ -196,6 +196,7 @@ def run(cfg: Config) -> dict:
         "model_sha256": file_sha256(model_path), "params_hash": cfg.section_hash("model", "finetune", "hpo"),
         "data_hash": args.get("data_hash", ""), "mae_ops_version": __version__, "preset": args["preset"],
         "crop_pct": str(data.crop_pct),  # serving's transform: resize to img_size / crop_pct, centre crop
+        "bit_depth": str(data.bit_depth),  # serving's decoder: 16/32-bit integer files' 0..2**bits - 1 -> 0..255
         "deployed": chosen,  # which of the pipeline's classifiers this is (finetune | linprobe)
     }  # fmt: skip
     one = np.asarray(data.eval_images[test_ids[:1]], dtype=np.float32) / 255.0

@@ -91,7 +91,7 @@ def run(cfg: Config, force: bool = False) -> dict:
         if not found.files:
             raise DataSourceError(f"data.source: no image files found in {d.source} ({len(found.skipped)} skipped)")
         grouped = preparing.group(found.files, classes)
-        fingerprint = preparing.decoder_fingerprint(size)
+        fingerprint = preparing.decoder_fingerprint(size, d.bit_depth)
         prev = preparing.Previous(Path(d.out_dir)) if force else preparing.read_previous(Path(d.out_dir), fingerprint)
         channels = preparing.resolve_channels(d.channels, grouped.samples, prev)
         if channels != prev.channels:
@@ -107,7 +107,7 @@ def run(cfg: Config, force: bool = False) -> dict:
         if todo:
             log.info("decoding %d of %d images at %dx%d, %d channel(s) (%d reused)", len(todo),
                      len(grouped.samples), size, size, channels, len(grouped.samples) - len(todo))  # fmt: skip
-        for sample, reason in preparing.decode(writer, todo, size, channels):
+        for sample, reason in preparing.decode(writer, todo, size, channels, d.bit_depth):
             found.skipped += [{"path": f.path, "reason": reason} for f in sample.files]
         samples = [s for s in grouped.samples if s.loc is not None]
         if not samples:

@@ -216,8 +216,9 @@ def _output_nodes(path: Path) -> list[str]:
 def quantize_static_int8(src: Path, dest: Path, calibration: Iterator[np.ndarray]) -> None:
     """Static int8 in QDQ format: per-channel int8 weights in 7 bits (``_SATURATION_FREE``),
     activation ranges calibrated (MinMax) on training images, fixed afterwards, so an image's
-    answer does not depend on its batch. The head and the softmax stay fp32: logits and probabilities keep their
-    resolution (a quantized softmax would sum to 1 only within 1/255 per class)."""
+    answer does not depend on its batch. The head and the softmax stay fp32: logits and
+    probabilities keep their resolution (a quantized softmax would sum to 1 only within 1/255
+    per class)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     shaped = _with_shapes(src)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 from mae_ops.models.checkpoint import read_checkpoint
@@ -196,6 +197,35 @@ def test_trust_check_on_a_real_folder_history_finds_nothing(tmp_path: Path) -> N
                                      "user_dependency"}  # fmt: skip
     assert report["checks"]["same_size_replacement"]["files_swapped"] == 4
     assert report["checks"]["decoder_change"]["decoded"] == report["images"]
+
+
+def test_bit_depth_benchmark_makes_twelve_bit_frames_and_counts_the_grey_levels_each_reading_keeps(
+    tmp_path: Path,
+) -> None:
+    """benchmarks/bit_depth.py (no speedrun): photos made into 12-bit frames in 16-bit PNGs and
+    prepared by the real stage both ways: the default reading keeps them under 17 grey levels,
+    data.bit_depth=12 spreads them over the 8-bit range."""
+    y, x = np.mgrid[0:40, 0:40]
+    for i in range(8):
+        img = np.stack([128 + 120 * np.sin(x / (5 + i) + c) * np.cos(y / 7 - c) for c in range(3)], -1)
+        path = tmp_path / "photos" / f"c{i % 2}" / f"{i}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(path, quality=95)
+    out = tmp_path / "bit_depth.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks/bit_depth.py"), "--data", str(tmp_path / "photos"),
+                           "--work", str(tmp_path / "work"), "--img-size", "16", "--out", str(out)],
+                          capture_output=True, text=True, env=subprocess_env(), timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    frames = sorted((tmp_path / "work" / "frames").rglob("*.png"))
+    assert report["frames"]["files"] == len(frames) == 8
+    for f in frames:
+        with Image.open(f) as img:
+            assert img.mode.startswith("I") and np.asarray(img).max() <= 4095, f
+    default, twelve = report["prepared"]["16"]["grey_levels"], report["prepared"]["12"]["grey_levels"]
+    assert default["images"] == twelve["images"] == 8 and default["brightest_median"] <= 16
+    assert twelve["brightest_median"] > 60 and twelve["median"] > 3 * default["median"]
+    assert "speedrun" not in report and report["code"]["git_commit"]
 
 
 def test_loader_benchmark_compares_the_orders_and_says_what_feeds_the_gpu(tmp_path: Path) -> None:

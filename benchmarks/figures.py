@@ -479,6 +479,28 @@ def _speedrun_recipe_line(root: Path, name: str) -> str:
 
 
 @block
+def bit_depth(root: Path) -> str:
+    r = _json(root, f"{RESULTS}/cpu-bit_depth-cifar10.json")
+    f, default, twelve = r["frames"], r["prepared"]["16"]["grey_levels"], r["prepared"]["12"]["grey_levels"]
+    text = (
+        f"`benchmarks/bit_depth.py` on {f['files']:,} CIFAR-10 photos made into {f['sensor_bits']}-bit grey frames "
+        f"(16-bit PNGs, exposure {f['exposure'][0]:g} to {f['exposure'][1]:g} of full scale), "
+        f"`benchmarks/results/cpu-bit_depth-cifar10.json`: read on 0..65535 (the default) a stored image keeps a "
+        f"median of {default['median']:.0f} grey levels (its brightest pixel {default['brightest_median']:.0f}); "
+        f"with `data.bit_depth=12`, {twelve['median']:.0f} (brightest {twelve['brightest_median']:.0f})."
+    )
+    if "speedrun" in r:
+        sr = r["speedrun"]
+        text += (
+            f" The CIFAR-10 speedrun on each ({sr['budget_s']:.0f} s on this CPU, a micro ViT, the same "
+            f"{sr['16']['epochs']['pretrain']} + {sr['16']['epochs']['finetune']} epochs): test top-1 "
+            f"{_pct(sr['16']['test_top1'])} read on 0..65535, {_pct(sr['12']['test_top1'])} with "
+            f"`data.bit_depth=12` (validation {_pct(sr['16']['val_top1'])}, {_pct(sr['12']['val_top1'])})."
+        )
+    return text + "\n"
+
+
+@block
 def results_index(root: Path) -> str:
     large = _json(root, f"{RESULTS}/cpu-large_export-vit_h14.json")
     predict = _json(root, f"{RESULTS}/cpu-predict_throughput.json")
@@ -598,6 +620,12 @@ def results_index(root: Path) -> str:
             "same",
             "see its `code`",
             _speedrun_recipe_line(root, "cpu-cifar10-speedrun-recipe-1200s") + ", at 4x the budget",
+        ),
+        (
+            "`cpu-bit_depth-cifar10.json`",
+            "same",
+            "see its `code`",
+            "12-bit frames read at data.bit_depth 16 and 12: grey levels kept, and the speedrun on each",
         ),
         ("`study-cifar10/`", "same", "see `results.json`", _study_line(root, "study-cifar10")),
         ("`study-digits/`", "same", "see `results.json`", _study_line(root, "study-digits")),

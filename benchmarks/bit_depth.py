@@ -27,7 +27,7 @@ from pretrain_throughput import code_version, run_device  # a sibling script: it
 from mae_ops.atomic import write_json
 from mae_ops.config import load_params
 from mae_ops.data import PreparedData
-from mae_ops.images import is_image_file
+from mae_ops.serving import expand_paths
 from mae_ops.stages import prepare
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,7 +37,7 @@ EXPOSURE = (0.25, 1.0)  # of full scale: dim frames are where a 0..65535 reading
 
 def make_frames(src: Path, dest: Path, seed: int) -> int:
     """Each photo as grey 12-bit values in a 16-bit PNG, at a random exposure; kept when made."""
-    files = sorted(f for f in src.rglob("*") if f.is_file() and is_image_file(f))
+    files = expand_paths([src])
     if dest.exists() and sum(1 for _ in dest.rglob("*.png")) == len(files):
         return len(files)
     rng = np.random.default_rng(seed)
@@ -52,17 +52,25 @@ def make_frames(src: Path, dest: Path, seed: int) -> int:
     return len(files)
 
 
-def grey_levels(root: Path) -> dict:
-    """How many of the 256 grey levels each stored image uses, and its brightest one."""
+def grey_levels(root: Path, block: int = 1024) -> dict:
+    """How many of the 256 grey levels each stored image uses, and its brightest one; the
+    store is read ``block`` rows at a time (memory does not grow with the folder)."""
     data = PreparedData(root)
-    rows = [data.images[[i]] for i in range(len(data.split))]
-    levels = np.asarray([len(np.unique(r)) for r in rows])
+    levels, brightest = [], []
+    for start in range(0, len(data.split), block):
+        rows = np.asarray(data.images[start : start + block])
+        flat = rows.reshape(len(rows), -1)
+        used = np.zeros((len(flat), 256), dtype=bool)
+        used[np.arange(len(flat))[:, None], flat] = True
+        levels.append(used.sum(1))
+        brightest.append(flat.max(1))
+    levels, brightest = np.concatenate(levels), np.concatenate(brightest)
     return {
         "images": len(levels),
         "median": float(np.median(levels)),
         "p10": float(np.percentile(levels, 10)),
         "p90": float(np.percentile(levels, 90)),
-        "brightest_median": float(np.median([r.max() for r in rows])),
+        "brightest_median": float(np.median(brightest)),
     }
 
 

@@ -1,8 +1,10 @@
 """data.bit_depth on real photos: a folder of photos made into the frames a 12-bit grey camera
 saves (16-bit PNGs, each exposed at 1/4 to 1 of full scale, seeded), prepared with the default
-data.bit_depth (16) and with 12: the grey levels each stored image keeps, and, with --budget,
-the CIFAR-10 speedrun (benchmarks/cifar10_speedrun.py, its `speedrun` part) on both, at the
-same epochs (the 12-bit run's calibration sizes both).
+data.bit_depth (16) and with 12: the grey levels each stored image keeps and the files whose
+values were clipped, and, with --budget, the CIFAR-10 speedrun (benchmarks/cifar10_speedrun.py,
+its `speedrun` part) on both, at the same epochs (the 12-bit run's calibration sizes both).
+Also the same frames as a camera that stores its 12 bits in the high bits of the 16-bit word
+(values * 16) saves them, prepared both ways: the setting's trap, which prepare must report.
 
     python benchmarks/bit_depth.py --data <cifar10-subset> --budget 300 \\
         --set model.preset=mae_vit_micro_patch4 --set pretrain.batch_size=256 --set finetune.batch_size=256 \\
@@ -35,8 +37,9 @@ SENSOR_BITS = 12
 EXPOSURE = (0.25, 1.0)  # of full scale: dim frames are where a 0..65535 reading loses most
 
 
-def make_frames(src: Path, dest: Path, seed: int) -> int:
-    """Each photo as grey 12-bit values in a 16-bit PNG, at a random exposure; kept when made."""
+def make_frames(src: Path, dest: Path, seed: int, shift: int = 0) -> int:
+    """Each photo as grey 12-bit values in a 16-bit PNG, at a random exposure, stored ``shift``
+    bits up in the word; kept when made."""
     files = expand_paths([src])
     if dest.exists() and sum(1 for _ in dest.rglob("*.png")) == len(files):
         return len(files)
@@ -48,7 +51,8 @@ def make_frames(src: Path, dest: Path, seed: int) -> int:
             grey = np.asarray(img.convert("L"), dtype=np.float64)
         out = dest / f.relative_to(src).with_suffix(".png")
         out.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.clip(np.round(grey / 255 * top * gain), 0, top).astype(np.uint16)).save(out)
+        values = np.clip(np.round(grey / 255 * top * gain), 0, top).astype(np.uint16)
+        Image.fromarray(values << shift).save(out)
     return len(files)
 
 
@@ -71,6 +75,21 @@ def grey_levels(root: Path, block: int = 1024) -> dict:
         "p10": float(np.percentile(levels, 10)),
         "p90": float(np.percentile(levels, 90)),
         "brightest_median": float(np.median(brightest)),
+    }
+
+
+def prepare_frames(source: Path, root: Path, bits: int, img_size: int) -> dict:
+    """The prepare stage on ``source`` at data.bit_depth ``bits``: its time, skipped and clipped
+    files, and the grey levels the stored images keep."""
+    sets = [f"data.source={source}", f"data.img_size={img_size}", "data.crop_pct=1", f"data.bit_depth={bits}"]
+    cfg = load_params(REPO / "params.yaml", [*sets, f"data.out_dir={root}"])
+    t0 = time.perf_counter()
+    manifest = prepare.run(cfg)
+    return {
+        "prepare_s": round(time.perf_counter() - t0, 1),
+        "skipped": len(manifest["skipped"]),
+        "clipped": manifest["clipped"]["files"],
+        "grey_levels": grey_levels(root),
     }
 
 
@@ -106,7 +125,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
-    frames = args.work / "frames"
+    frames, high_word = args.work / "frames", args.work / "frames-high-word"
     report: dict = {
         "measured_by": "benchmarks/bit_depth.py",
         "device": run_device(),
@@ -118,27 +137,13 @@ def main() -> None:
             "exposure": list(EXPOSURE),
             "seed": args.seed,
         },
+        "high_word_frames": {"files": make_frames(args.data, high_word, args.seed, 16 - SENSOR_BITS)},
         "prepared": {},
+        "prepared_high_word": {},
     }
-    for bits in (16, SENSOR_BITS):
-        root = args.work / f"prepared-{bits}bit"
-        cfg = load_params(
-            REPO / "params.yaml",
-            [
-                f"data.source={frames}",
-                f"data.img_size={args.img_size}",
-                "data.crop_pct=1",
-                f"data.bit_depth={bits}",
-                f"data.out_dir={root}",
-            ],
-        )
-        t0 = time.perf_counter()
-        manifest = prepare.run(cfg)
-        report["prepared"][str(bits)] = {
-            "prepare_s": round(time.perf_counter() - t0, 1),
-            "skipped": len(manifest["skipped"]),
-            "grey_levels": grey_levels(root),
-        }
+    for key, source in (("prepared", frames), ("prepared_high_word", high_word)):
+        for bits in (16, SENSOR_BITS):
+            report[key][str(bits)] = prepare_frames(source, args.work / f"{key}-{bits}bit", bits, args.img_size)
     if args.budget is not None:
         first = speedrun(frames, args.work, SENSOR_BITS, args.budget, args.sets, None)
         again = speedrun(frames, args.work, 16, args.budget, args.sets, Path(first["json"]))

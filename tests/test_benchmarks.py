@@ -225,6 +225,12 @@ def test_bit_depth_benchmark_makes_twelve_bit_frames_and_counts_the_grey_levels_
     default, twelve = report["prepared"]["16"]["grey_levels"], report["prepared"]["12"]["grey_levels"]
     assert default["images"] == twelve["images"] == 8 and default["brightest_median"] <= 16
     assert twelve["brightest_median"] > 60 and twelve["median"] > 3 * default["median"]
+    assert report["prepared"]["16"]["clipped"] == report["prepared"]["12"]["clipped"] == 0
+    # the same frames stored in the word's high bits: read at 12 bits, every one clips, and prepare says so
+    high = report["prepared_high_word"]
+    assert report["high_word_frames"]["files"] == 8 and high["12"]["clipped"] == 8 and high["16"]["clipped"] == 0
+    assert abs(high["16"]["grey_levels"]["median"] - twelve["median"]) <= 1  # kept at 16: read as the low bits at 12
+    assert high["12"]["grey_levels"]["brightest_median"] == 255
     assert "speedrun" not in report and report["code"]["git_commit"]
 
 

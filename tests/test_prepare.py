@@ -199,6 +199,39 @@ def test_bit_depth_reads_twelve_bit_frames_on_their_range_and_decodes_again_when
         tiny_config(tmp_path / "run", "data.bit_depth=20")
 
 
+def test_values_beyond_the_bit_depth_are_counted_and_named_when_clipped(tmp_path: Path, caplog) -> None:
+    """Values the decoder clips lose detail silently unless reported: a camera that stores its
+    12 bits high in the 16-bit word, prepared with data.bit_depth=12, and a float frame over 1.0
+    are counted, named in a warning and in the last run's record; in-range 16-bit, 8-bit and
+    float files never are; a prepare that reuses every row decodes nothing and reports nothing."""
+    root = tmp_path / "src"
+    low = np.arange(256, dtype=np.uint16).reshape(16, 16) * 16  # 12 bits: 0..4080
+    hdr = np.full((16, 16), 0.5, dtype=np.float32)
+    hdr[3, 3] = 1.5
+    for name, arr in (("a/low.png", low), ("a/high.png", low << 4), ("b/eight.png", low.astype(np.uint8)),
+                      ("b/hdr.tif", hdr), ("b/float.tif", np.full((16, 16), 0.5, dtype=np.float32))):  # fmt: skip
+        _save(Image.fromarray(arr), root / name)
+    as_is = ["data.img_size=16", "data.crop_pct=1", "data.test_fraction=0", "data.val_fraction=0"]
+    out = tmp_path / "run" / "data" / "prepared"
+
+    def clipped(*extra: str) -> dict:
+        caplog.clear()
+        manifest = prepare.run(tiny_config(tmp_path / "run", f"data.source={root}", *as_is, *extra))
+        assert json.loads(preparing.last_run_path(out).read_text())["clipped"] == manifest["clipped"]
+        return manifest["clipped"]
+
+    at16 = clipped()
+    assert at16["files"] == 1 and at16["examples"] == [str(root / "b" / "hdr.tif")]
+    assert at16["integer_range"] == [0, 65535]
+    at12 = clipped("data.bit_depth=12")
+    assert at12["files"] == 2 and at12["integer_range"] == [0, 4095]
+    assert at12["examples"] == sorted([str(root / "a" / "high.png"), str(root / "b" / "hdr.tif")])
+    warned = [m for r in caplog.records if r.levelname == "WARNING" and "outside 0..4095" in (m := r.getMessage())]
+    assert len(warned) == 1 and "2 of 5 decoded files" in warned[0] and "data.bit_depth 12" in warned[0]
+    again = clipped("data.bit_depth=12")
+    assert again["files"] == 0 and "outside 0.." not in caplog.text
+
+
 def test_split_folders_and_unlabeled_pool(tmp_path: Path) -> None:
     root, extra = tmp_path / "labelled", tmp_path / "unlabeled"
     rng = np.random.default_rng(7)

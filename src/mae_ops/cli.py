@@ -81,7 +81,7 @@ def prepare(
     typer.echo(
         f"prepared {manifest['num_images']} images {manifest['counts']} "
         f"({manifest['duplicates']['extra_files']} duplicate files, {len(manifest['label_conflicts'])} label "
-        f"conflicts, {manifest['num_skipped']} skipped) -> {cfg.data.out_dir}"
+        f"conflicts, {manifest['num_skipped']} skipped, {manifest['clipped']['files']} clipped) -> {cfg.data.out_dir}"
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -19,6 +20,13 @@ TYPE_BITS = 16  # the bits of a 16-bit file's own range (0..65535): data.bit_dep
 
 class ImageReadError(Exception):
     """The file is not a usable image; the message is the reason recorded in manifests."""
+
+
+class Decoded(NamedTuple):
+    """One file as prepare stores it, and whether the decoder had to clip its values."""
+
+    pixels: np.ndarray  # (C, size, size) uint8
+    clipped: bool  # values outside the range _to_8bit reads (see values_out_of_range)
 
 
 def is_image_file(path: Path) -> bool:
@@ -51,6 +59,16 @@ def _to_8bit(img: Image.Image, bit_depth: int = TYPE_BITS) -> Image.Image:
     top = 1.0 if img.mode == "F" else float(2**bit_depth - 1)
     arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
     return Image.fromarray(arr, mode="L")
+
+
+def values_out_of_range(img: Image.Image, bit_depth: int = TYPE_BITS) -> bool:
+    """Whether a 16/32-bit integer or float image holds values that ``_to_8bit`` clips: integers
+    outside 0..2**bit_depth - 1 (a data.bit_depth below the sensor's bits, or a camera that
+    stores its bits high in the 16-bit word), floats outside 0..1. 8-bit images never clip."""
+    if img.mode not in _HIGH_DEPTH_MODES:
+        return False
+    low, high = img.getextrema()
+    return low < 0 or high > (1.0 if img.mode == "F" else 2**bit_depth - 1)
 
 
 def _flatten_alpha(img: Image.Image) -> Image.Image:
@@ -116,9 +134,10 @@ def load_eval_image(
     return eval_view(stored[None], img_size, crop_pct)[0]
 
 
-def load_image(path: str | Path, size: int, channels: int, bit_depth: int = TYPE_BITS) -> np.ndarray:
-    """Decode one file to a (channels, size, size) uint8 array or raise ImageReadError;
-    ``bit_depth``: the bits a 16/32-bit integer file's values use (data.bit_depth)."""
+def decode_file(path: str | Path, size: int, channels: int, bit_depth: int = TYPE_BITS) -> Decoded:
+    """Decode one file to a (channels, size, size) uint8 array, and whether its values were
+    clipped, or raise ImageReadError; ``bit_depth``: the bits a 16/32-bit integer file's values
+    use (data.bit_depth)."""
     path = Path(path)
     try:
         if path.stat().st_size == 0:
@@ -132,7 +151,7 @@ def load_image(path: str | Path, size: int, channels: int, bit_depth: int = TYPE
                 img = ImageOps.exif_transpose(img)
                 if img.width < 1 or img.height < 1:
                     raise ImageReadError("image has no pixels")
-                return image_to_array(img, size, channels, bit_depth)
+                return Decoded(image_to_array(img, size, channels, bit_depth), values_out_of_range(img, bit_depth))
     except ImageReadError:
         raise
     except UnidentifiedImageError:
@@ -145,6 +164,11 @@ def load_image(path: str | Path, size: int, channels: int, bit_depth: int = TYPE
         raise ImageReadError(f"corrupt image: {exc}") from None
 
 
+def load_image(path: str | Path, size: int, channels: int, bit_depth: int = TYPE_BITS) -> np.ndarray:
+    """Decode one file to a (channels, size, size) uint8 array or raise ImageReadError."""
+    return decode_file(path, size, channels, bit_depth).pixels
+
+
 def pixel_sums(block: np.ndarray) -> np.ndarray:
     """(n, C, H, W) uint8 -> (n, C, 2) int64: per-channel sum and sum of squares (exact)."""
     flat = block.reshape(block.shape[0], block.shape[1], -1).astype(np.int64)
@@ -153,16 +177,18 @@ def pixel_sums(block: np.ndarray) -> np.ndarray:
 
 def decode_into(
     store: str | Path, rows: list[int], paths: list[str], size: int, channels: int, bit_depth: int = TYPE_BITS
-) -> tuple[list[str | None], np.ndarray]:
+) -> tuple[list[str | None], np.ndarray, np.ndarray]:
     """Decode ``paths`` straight into rows of the memory-mapped .npy ``store`` (a worker
     process's share: no pixels travel back). Returns, per file, None or why it was
-    skipped, and its per-channel pixel sum and sum of squares, (n, C, 2) int64."""
+    skipped, its per-channel pixel sum and sum of squares, (n, C, 2) int64, and whether
+    its values were clipped, (n,) bool."""
     arr = np.load(store, mmap_mode="r+")
     errors: list[str | None] = []
     sums = np.zeros((len(paths), channels, 2), dtype=np.int64)
+    clipped = np.zeros(len(paths), dtype=bool)
     for i, (row, path) in enumerate(zip(rows, paths, strict=True)):
         try:
-            img = load_image(path, size, channels, bit_depth)
+            img, clipped[i] = decode_file(path, size, channels, bit_depth)
             arr[row] = img
             sums[i] = pixel_sums(img[None])[0]
             errors.append(None)
@@ -170,4 +196,4 @@ def decode_into(
             errors.append(str(exc))
     arr.flush()
     del arr
-    return errors, sums
+    return errors, sums, clipped

@@ -24,7 +24,9 @@ back); any other file is hashed again, and its hash has the final word.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import functools
 import hashlib
 import json
 import logging
@@ -85,6 +87,7 @@ class Sample:
     gray: bool | None = None
     loc: tuple[int, int] | None = None  # (shard, row) in the new store
     sums: np.ndarray | None = None  # (C, 2) channel sums and sums of squares
+    clipped: bool = False  # decoded this run with values beyond data.bit_depth's range (see images)
 
     @property
     def name(self) -> str:
@@ -398,9 +401,11 @@ def decode(
     writer: store.StoreWriter, samples: list[Sample], size: int, channels: int, bit_depth: int
 ) -> list[tuple[Sample, str]]:
     """Decode the samples (one file each: the copies hold the same bytes) into new shards,
-    in their order; returns those that failed (``loc`` None) with why. Large folders are decoded
-    by one process per core (PIL holds the GIL for much of a decode), each writing its
-    rows through the memory map."""
+    in their order, marking those whose values were clipped; returns those that failed
+    (``loc`` None) with why. Large folders are decoded by one process per core (PIL holds
+    the GIL for much of a decode), each writing its rows through the memory map."""
+    if not samples:
+        return []
     per_shard = store.rows_per_shard((channels, size, size))
     paths = [s.path for s in samples]
     jobs, made = [], []
@@ -410,26 +415,24 @@ def decode(
         for c0 in range(s0, min(s0 + per_shard, len(paths)), DECODE_CHUNK):
             c1 = min(c0 + DECODE_CHUNK, s0 + per_shard, len(paths))
             jobs.append((str(shard_path), list(range(c0 - s0, c1 - s0)), paths[c0:c1]))
+    decode_chunk = functools.partial(images.decode_into, size=size, channels=channels, bit_depth=bit_depth)
     errors: list[str | None] = []
-    sums = []
-    bar = tqdm(total=len(paths), desc="decode", unit="img", disable=not paths)
+    sums, clipped = [], []
+    bar = tqdm(total=len(paths), desc="decode", unit="img")
     workers = min(os.cpu_count() or 1, 8)
-    if workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver")) as pool:
-            n = len(jobs)
-            more = [size] * n, [channels] * n, [bit_depth] * n
-            for err, s in pool.map(images.decode_into, *zip(*jobs, strict=True), *more):
-                errors += err
-                sums.append(s)
-                bar.update(len(err))
-    else:
-        for job in jobs:
-            err, s = images.decode_into(*job, size, channels, bit_depth)
+    with contextlib.ExitStack() as stack:
+        mapper = map
+        if workers > 1 and len(jobs) > 1:
+            ctx = multiprocessing.get_context("forkserver")
+            mapper = stack.enter_context(ProcessPoolExecutor(workers, mp_context=ctx)).map
+        for err, s, c in mapper(decode_chunk, *zip(*jobs, strict=True)):
             errors += err
             sums.append(s)
+            clipped.append(c)
             bar.update(len(err))
     bar.close()
     all_sums = np.concatenate(sums) if sums else np.zeros((0, channels, 2), dtype=np.int64)
+    all_clipped = np.concatenate(clipped) if clipped else np.zeros(0, dtype=bool)
     ok = np.array([e is None for e in errors], dtype=bool)
     failed = []
     for s0 in range(0, len(paths), per_shard):  # the shards in the order they were made
@@ -440,6 +443,7 @@ def decode(
         for i in range(s0, s0 + len(keep)):
             if ok[i]:
                 samples[i].loc, samples[i].sums = (shard, int(rows[i - s0])), all_sums[i]
+                samples[i].clipped = bool(all_clipped[i])
             else:
                 samples[i].loc = None
                 failed.append((samples[i], errors[i]))

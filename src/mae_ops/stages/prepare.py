@@ -15,7 +15,8 @@ Outputs (one folder, replaced atomically):
 and beside the folder (not in it: preparing unchanged images again leaves the folder byte
 for byte as it was): .<name>.state.npy, this machine's state cache (inode, size, mtime,
 ctime -> MD5 of each file), so that an unchanged file is not read again, and
-.<name>.last-run.json, what the last prepare decoded, reused and hashed (also returned).
+.<name>.last-run.json, what the last prepare decoded, reused and hashed, and which of the files it
+decoded held values beyond data.bit_depth's range, clipped (also returned).
 
 A sample is its content (see mae_ops.preparing): the same images give the same store
 content, splits and ``content_hash`` however the folder got there. Preparing again
@@ -109,6 +110,7 @@ def run(cfg: Config, force: bool = False) -> dict:
                      len(grouped.samples), size, size, channels, len(grouped.samples) - len(todo))  # fmt: skip
         for sample, reason in preparing.decode(writer, todo, size, channels, d.bit_depth):
             found.skipped += [{"path": f.path, "reason": reason} for f in sample.files]
+        clipped = _clipped(todo, d.bit_depth)
         samples = [s for s in grouped.samples if s.loc is not None]
         if not samples:
             raise DataSourceError(f"data.source: no readable images found in {d.source} ({len(found.skipped)} skipped)")
@@ -138,14 +140,30 @@ def run(cfg: Config, force: bool = False) -> dict:
     preparing.write_state(state_file, [f for f in found.files if not f.from_package])
     reused = {"images": len(samples) - decoded - len(from_package), "decoded": decoded, "files_hashed": hashed,
               "shards_linked": linked, "unused_rows": unused_rows, "forced": force}  # fmt: skip
-    write_json(preparing.last_run_path(d.out_dir), {"out_dir": d.out_dir, "reused": reused})
-    manifest = {**manifest, "reused": reused}
+    write_json(preparing.last_run_path(d.out_dir), {"out_dir": d.out_dir, "reused": reused, "clipped": clipped})
+    manifest = {**manifest, "reused": reused, "clipped": clipped}
     counts = manifest["counts"]
     log.info("prepared %d images (%s; %d decoded, %d reused, %d files hashed), %d duplicate files, "
              "%d label conflicts, %d skipped -> %s", len(samples), ", ".join(f"{k} {v}" for k, v in counts.items()),
              decoded, manifest["reused"]["images"], hashed, manifest["duplicates"]["extra_files"],
              len(grouped.label_conflicts), manifest["num_skipped"], d.out_dir)  # fmt: skip
     return manifest
+
+
+def _clipped(decoded: list[preparing.Sample], bit_depth: int, examples: int = 10) -> dict:
+    """The files decoded this run whose values lay beyond the decoder's range and were clipped
+    (stored rows are decoded again whenever data.bit_depth or the decoder changes, so a wrong
+    setting shows here the first time it is used); warns, naming a few."""
+    paths = sorted(s.path for s in decoded if s.clipped)
+    out = {"files": len(paths), "integer_range": [0, 2**bit_depth - 1], "examples": paths[:examples]}
+    if paths:
+        log.warning(
+            "%d of %d decoded files hold values outside 0..%d (data.bit_depth %d; 0..1 for float files), "
+            "clipped to black or white, e.g. %s: if a camera's frames, set data.bit_depth to its bits; "
+            "if it stores them in the high bits of the 16-bit word, keep 16",
+            len(paths), len(decoded), 2**bit_depth - 1, bit_depth, paths[0],
+        )  # fmt: skip
+    return out
 
 
 def _manifest(cfg: Config, samples: list, grouped: preparing.Grouped, skipped: list[dict], split: np.ndarray,

@@ -489,6 +489,16 @@ def bit_depth(root: Path) -> str:
         f"median of {default['median']:.0f} grey levels (its brightest pixel {default['brightest_median']:.0f}); "
         f"with `data.bit_depth=12`, {twelve['median']:.0f} (brightest {twelve['brightest_median']:.0f})."
     )
+    if "prepared_high_word" in r:
+        wrong, right = r["prepared_high_word"]["12"], r["prepared_high_word"]["16"]
+        text += (
+            f" The same frames saved by a camera that keeps its 12 bits in the word's high bits: at "
+            f"`data.bit_depth=12` prepare reported {wrong['clipped']:,} of {r['high_word_frames']['files']:,} "
+            f"files clipped (a stored image's median brightest pixel {wrong['grey_levels']['brightest_median']:.0f}); "
+            f"at the default, {right['clipped']:,} clipped and a median of "
+            f"{right['grey_levels']['median']:.0f} grey levels. The correct readings clipped "
+            f"{r['prepared']['16']['clipped']:,} and {r['prepared']['12']['clipped']:,} files."
+        )
     if "speedrun" in r:
         sr = r["speedrun"]
         text += (
@@ -625,7 +635,8 @@ def results_index(root: Path) -> str:
             "`cpu-bit_depth-cifar10.json`",
             "same",
             "see its `code`",
-            "12-bit frames read at data.bit_depth 16 and 12: grey levels kept, and the speedrun on each",
+            "12-bit frames read at data.bit_depth 16 and 12: grey levels kept, files clipped (also as a "
+            "high-word camera saves them), and the speedrun on each",
         ),
         ("`study-cifar10/`", "same", "see `results.json`", _study_line(root, "study-cifar10")),
         ("`study-digits/`", "same", "see `results.json`", _study_line(root, "study-digits")),

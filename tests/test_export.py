@@ -269,7 +269,7 @@ def test_a_twelve_bit_data_set_is_served_as_it_was_trained(exported: Path, tmp_p
     info = ModelInfo.from_session(session)
     assert info.metadata["bit_depth"] == "12" and info.bit_depth == 12
     files = expand_paths([src])
-    seen = np.stack(list(_decoded(files, info, workers=0)))
+    seen = np.stack([d.pixels for d in _decoded(files, info, workers=0)])
     digits = {f"{labels[i]}/{i:03d}.png": images[i] for i in range(80)}
     assert all(np.array_equal(seen[k], digits[f.relative_to(src).as_posix()]) for k, f in enumerate(files))
     prepared = PreparedData(tmp_path / "data/prepared")
@@ -277,11 +277,31 @@ def test_a_twelve_bit_data_set_is_served_as_it_was_trained(exported: Path, tmp_p
         stored = {r["file"]: prepared.images[[i]][0] for i, r in enumerate(csv.DictReader(fh))}
     assert prepared.bit_depth == 12 and all(np.array_equal(stored[name], d) for name, d in digits.items())
     # the same session, told nothing of the bit depth, would see the frames 16x darker
-    default = np.stack(list(_decoded(files, ModelInfo(info.classes, 28, 1, {}), workers=0)))
+    default = np.stack([d.pixels for d in _decoded(files, ModelInfo(info.classes, 28, 1, {}), workers=0)])
     assert default.max() <= 16 < seen.max()
     expected = run_logits(session, seen.astype(np.float32) / 255).argmax(1)
     predicted = [r["top"][0]["label"] for r in predict_files(session, files, batch_size=32, workers=0)]
     assert predicted == [info.classes[c] for c in expected]
+    assert not any(d.clipped for d in _decoded(files, info, workers=0))
+    # frames the model was not trained on: a camera storing its 12 bits high in the word, a float frame over 1.0
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    shutil.copy(files[0], incoming / "same.png")
+    with Image.open(files[0]) as img:
+        frame = np.asarray(img)
+    Image.fromarray(frame << 4).save(incoming / "high_word.png")
+    Image.fromarray(frame.astype(np.float32) / 2048).save(incoming / "bright.tif")  # values up to 2.0
+    stdout = {}
+    for command, model, out in (("predict", "model.onnx", ["--json"]),
+                                ("embed", "encoder.onnx", ["-o", str(tmp_path / "e.parquet")])):  # fmt: skip
+        proc = subprocess.run([str(BIN / "mae-ops"), command, str(tmp_path / "models/export" / model), str(incoming),
+                               *out], capture_output=True, text=True, env=subprocess_env(), timeout=120)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        assert "warning: 2 images hold values outside 0..4095 (the model's bit depth, 12;" in proc.stderr, command
+        stdout[command] = proc.stdout
+    records = {Path(r["file"]).name: r for r in map(json.loads, stdout["predict"].splitlines())}
+    assert records["high_word.png"]["clipped"] is records["bright.tif"]["clipped"] is True
+    assert "clipped" not in records["same.png"] and records["same.png"]["top"][0]["label"] == predicted[0]
 
 
 def test_large_models_keep_their_tensors_beside_the_onnx_file(exported: Path, tmp_path: Path) -> None:

@@ -604,7 +604,7 @@ def test_store_keeps_more_pixels_and_evaluation_follows_timm(tmp_path: Path) -> 
             gap = {pct: np.abs(ours - timm_eval(img, pct)).mean() for pct in (0.75, 0.875, 1.0)}
         # the same region as timm's (up to the sub-pixel rounding of resize-then-crop), not another one
         assert gap[0.875] < 1.5 and gap[0.875] < 0.1 * min(gap[0.75], gap[1.0]), (f, gap)
-        assert np.array_equal(_decode_chunk([f], info)[0], data.eval_images[i])  # predict == evaluate
+        assert np.array_equal(_decode_chunk([f], info)[0].pixels, data.eval_images[i])  # predict == evaluate
 
     digits = prepare.run(tiny_config(tmp_path / "digits"))  # the embedded 28 px digits: whole images
     assert (digits["img_size"], digits["store_size"], digits["crop_pct"]) == (28, 28, 1.0)

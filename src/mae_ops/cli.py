@@ -177,7 +177,7 @@ def predict(
     batch is done. Exit 1 if any image failed."""
     import time
 
-    from mae_ops.serving import expand_paths, open_session, predict_files
+    from mae_ops.serving import ModelInfo, expand_paths, open_session, predict_files
 
     if not model.exists():
         _fail(f"model not found: {model}")
@@ -185,7 +185,7 @@ def predict(
     files = expand_paths(list(paths))
     if not files:
         _fail("no image files found")
-    t0, failed = time.perf_counter(), 0
+    t0, failed, clipped = time.perf_counter(), 0, 0
     records = predict_files(session, files, top_k, batch_size, workers)
     if as_json or as_csv:
         import csv
@@ -194,7 +194,7 @@ def predict(
         if as_csv:
             writer.writerow(["file", "label", "prob", "error"])
         for r in records:
-            failed += "error" in r
+            failed, clipped = failed + ("error" in r), clipped + ("clipped" in r)
             if as_json:
                 typer.echo(json.dumps(r))
             else:
@@ -206,15 +206,25 @@ def predict(
 
         table = Table("file", *(f"#{i + 1}" for i in range(top_k)))
         for r in records:
-            failed += "error" in r
+            failed, clipped = failed + ("error" in r), clipped + ("clipped" in r)
             cells = [f"{t['label']} ({t['prob']:.1%})" for t in r.get("top", [])] or [f"[red]error: {r['error']}"]
             table.add_row(r["file"], *cells)
         Console().print(table)
     seconds = time.perf_counter() - t0
     typer.echo(f"{len(files)} images ({failed} failed) in {seconds:.2f}s: {len(files) / seconds:.0f} images/s",
                err=True)  # fmt: skip
+    _warn_clipped(clipped, ModelInfo.from_session(session).bit_depth)
     if failed:
         raise typer.Exit(code=1)
+
+
+def _warn_clipped(count: int, bits: int) -> None:
+    """On stderr: how many images held values beyond the range the model's decoder reads
+    (``bits``: its data.bit_depth), clipped as prepare clips them."""
+    if count:
+        message = (f"warning: {count} images hold values outside 0..{2**bits - 1} (the model's bit depth, {bits}; "
+                   "0..1 for float files) and were clipped: unlike its training data")  # fmt: skip
+        typer.echo(message, err=True)
 
 
 @app.command()
@@ -249,13 +259,17 @@ def embed(
         _fail("no image files found")
     t0, failed = time.perf_counter(), []
 
+    clipped = 0
+
     def rows():
-        for f, row in tqdm(run_files(session, files, "features", batch_size, workers), total=len(files),
-                           desc="embed", unit="img"):  # fmt: skip
+        nonlocal clipped
+        for f, row, was_clipped in tqdm(run_files(session, files, "features", batch_size, workers),
+                                        total=len(files), desc="embed", unit="img"):  # fmt: skip
             if isinstance(row, str):
                 failed.append(f)
                 typer.echo(f"skipped {f}: {row}", err=True)
             else:
+                clipped += was_clipped
                 yield f, row
 
     meta = {"model": str(model), "model_sha256": file_sha256(model), "preset": info.metadata.get("preset", ""),
@@ -263,6 +277,7 @@ def embed(
     count = write_embeddings(rows(), out, meta)
     seconds = time.perf_counter() - t0
     typer.echo(f"embedded {count} images ({len(failed)} unreadable, skipped) in {seconds:.2f}s -> {out}", err=True)
+    _warn_clipped(clipped, info.bit_depth)
     if failed:
         raise typer.Exit(code=1)
 

@@ -128,10 +128,10 @@ def eval_view(batch: np.ndarray, img_size: int, crop_pct: float) -> np.ndarray:
 
 def load_eval_image(
     path: str | Path, img_size: int, channels: int, crop_pct: float, bit_depth: int = TYPE_BITS
-) -> np.ndarray:
+) -> Decoded:
     """A file as evaluation and serving see it: centre square at ``eval_side``, centre crop."""
-    stored = load_image(path, eval_side(img_size, crop_pct), channels, bit_depth)
-    return eval_view(stored[None], img_size, crop_pct)[0]
+    stored, clipped = decode_file(path, eval_side(img_size, crop_pct), channels, bit_depth)
+    return Decoded(eval_view(stored[None], img_size, crop_pct)[0], clipped)
 
 
 def decode_file(path: str | Path, size: int, channels: int, bit_depth: int = TYPE_BITS) -> Decoded:

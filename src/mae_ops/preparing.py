@@ -431,8 +431,7 @@ def decode(
             clipped.append(c)
             bar.update(len(err))
     bar.close()
-    all_sums = np.concatenate(sums) if sums else np.zeros((0, channels, 2), dtype=np.int64)
-    all_clipped = np.concatenate(clipped) if clipped else np.zeros(0, dtype=bool)
+    all_sums, all_clipped = np.concatenate(sums), np.concatenate(clipped)
     ok = np.array([e is None for e in errors], dtype=bool)
     failed = []
     for s0 in range(0, len(paths), per_shard):  # the shards in the order they were made

@@ -27,7 +27,7 @@ import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, InvalidGraph, InvalidProtobuf, NoSuchFile
 
 from mae_ops.errors import UserError
-from mae_ops.images import TYPE_BITS, ImageReadError, is_image_file, load_eval_image
+from mae_ops.images import TYPE_BITS, Decoded, ImageReadError, is_image_file, load_eval_image
 
 log = logging.getLogger(__name__)
 
@@ -331,10 +331,11 @@ def expand_paths(paths: list[str | Path]) -> list[Path]:
     return files
 
 
-def _decode_chunk(files: list[str], info: ModelInfo) -> list[np.ndarray | str]:
+def _decode_chunk(files: list[str], info: ModelInfo) -> list[Decoded | str]:
     """A worker's share: each file as a (C, S, S) uint8 array (the training data's decoder and
-    evaluation transform, from the model's metadata), or the error that kept it out."""
-    out: list[np.ndarray | str] = []
+    evaluation transform, from the model's metadata) and whether its values were clipped, or
+    the error that kept it out."""
+    out: list[Decoded | str] = []
     for f in files:
         try:
             out.append(load_eval_image(f, info.img_size, info.channels, info.crop_pct, info.bit_depth))
@@ -345,7 +346,7 @@ def _decode_chunk(files: list[str], info: ModelInfo) -> list[np.ndarray | str]:
     return out
 
 
-def _decoded(files: list[Path], info: ModelInfo, workers: int, chunk: int = 64) -> Iterator[np.ndarray | str]:
+def _decoded(files: list[Path], info: ModelInfo, workers: int, chunk: int = 64) -> Iterator[Decoded | str]:
     """Decode in ``workers`` processes (PIL holds the GIL for much of a small image), in
     file order, with a bounded number of chunks in flight: memory does not grow with the folder."""
     chunks = [[str(f) for f in files[i : i + chunk]] for i in range(0, len(files), chunk)]
@@ -364,32 +365,42 @@ def _decoded(files: list[Path], info: ModelInfo, workers: int, chunk: int = 64) 
             yield from pending.popleft().result()
 
 
+class Served(NamedTuple):
+    """One file's result: its row of the model's output, or the error that kept it out, and
+    whether its values lay beyond the range the model's decoder reads (data.bit_depth; 0..1
+    for floats) and were clipped: frames unlike the training data's."""
+
+    file: str
+    row: np.ndarray | str
+    clipped: bool = False
+
+
 def run_files(session: ort.InferenceSession, files: list[Path], output: str = "logits", batch_size: int = 256,
-              workers: int | None = None) -> Iterator[tuple[str, np.ndarray | str]]:  # fmt: skip
-    """(file, its row of ``output``) per file, in order, as soon as its batch is done; the
-    error that kept it out in place of the row. Decoded in ``workers`` processes."""
+              workers: int | None = None) -> Iterator[Served]:  # fmt: skip
+    """Each file's ``Served`` result, in order, as soon as its batch is done. Decoded in
+    ``workers`` processes."""
     info = ModelInfo.from_session(session, output)
     workers = workers if workers is not None else min(4, os.cpu_count() or 1)
     name = session.get_inputs()[0].name
-    waiting: list[tuple[str, str | None]] = []
+    waiting: list[Served] = []  # rows still to fill: None until the batch has run
     arrays: list[np.ndarray] = []
 
-    def flush() -> Iterator[tuple[str, np.ndarray | str]]:
+    def flush() -> Iterator[Served]:
         try:  # at most batch_size images wait: one call
             rows = iter(session.run([output], {name: np.stack(arrays).astype(np.float32) / 255.0})[0] if arrays else ())
         except (Fail, InvalidArgument) as exc:
             raise ModelError(f"the model cannot run on these inputs: {str(exc).splitlines()[0][:200]}") from None
-        for f, error in waiting:
-            yield (f, error) if error is not None else (f, next(rows))
+        for s in waiting:
+            yield s if isinstance(s.row, str) else s._replace(row=next(rows))
         waiting.clear()
         arrays.clear()
 
     for f, decoded in zip(files, _decoded(files, info, workers), strict=True):
         if isinstance(decoded, str):
-            waiting.append((str(f), decoded))
+            waiting.append(Served(str(f), decoded))
         else:
-            waiting.append((str(f), None))
-            arrays.append(decoded)
+            waiting.append(Served(str(f), decoded.pixels, decoded.clipped))
+            arrays.append(decoded.pixels)
             if len(arrays) >= batch_size:
                 yield from flush()
     yield from flush()
@@ -398,12 +409,14 @@ def run_files(session: ort.InferenceSession, files: list[Path], output: str = "l
 def predict_files(session: ort.InferenceSession, files: list[Path], top_k: int = 3, batch_size: int = 256,
                   workers: int | None = None) -> Iterator[dict]:  # fmt: skip
     """One record per file, in order, as soon as its batch is done: top-k labels with
-    probabilities, or the error that kept it out."""
+    probabilities (and ``"clipped": True`` for a file whose values the decoder clipped), or the
+    error that kept it out."""
     classes = ModelInfo.from_session(session).classes
-    for f, row in run_files(session, files, "logits", batch_size, workers):
+    for f, row, clipped in run_files(session, files, "logits", batch_size, workers):
         if isinstance(row, str):
             yield {"file": f, "error": row}
             continue
         probs = softmax(row[None])[0]
-        yield {"file": f, "top": [{"label": classes[c], "prob": round(float(probs[c]), 5)}
-                                  for c in np.argsort(-probs)[: min(top_k, len(probs))]]}  # fmt: skip
+        record = {"file": f, "top": [{"label": classes[c], "prob": round(float(probs[c]), 5)}
+                                     for c in np.argsort(-probs)[: min(top_k, len(probs))]]}  # fmt: skip
+        yield record | {"clipped": True} if clipped else record

@@ -382,7 +382,7 @@ def run_files(session: ort.InferenceSession, files: list[Path], output: str = "l
     info = ModelInfo.from_session(session, output)
     workers = workers if workers is not None else min(4, os.cpu_count() or 1)
     name = session.get_inputs()[0].name
-    waiting: list[Served] = []  # rows still to fill: None until the batch has run
+    waiting: list[Served] = []  # each row: the file's pixels until its batch has run, or its error
     arrays: list[np.ndarray] = []
 
     def flush() -> Iterator[Served]:

@@ -49,6 +49,12 @@ def _palette_is_gray(img: Image.Image) -> bool:
     return bool(len(palette)) and bool((palette == palette[:, :1]).all())
 
 
+def _full_scale(img: Image.Image, bit_depth: int) -> float:
+    """The value a 16/32-bit integer or float image's white is read at (0 its black): the one
+    range that ``_to_8bit`` scales by and ``values_out_of_range`` checks."""
+    return 1.0 if img.mode == "F" else float(2**bit_depth - 1)
+
+
 def _to_8bit(img: Image.Image, bit_depth: int = TYPE_BITS) -> Image.Image:
     """16/32-bit integer and float images scaled to 8 bits by a fixed range, never by their
     content, so one value is one pixel in every file: integers 0..2**bit_depth - 1 (16: the
@@ -56,8 +62,7 @@ def _to_8bit(img: Image.Image, bit_depth: int = TYPE_BITS) -> Image.Image:
     (A rule read off each image's maximum mapped 200 to 200 in a dark frame, to 1 beside a
     pixel over 255.)"""
     arr = np.asarray(img, dtype=np.float64)
-    top = 1.0 if img.mode == "F" else float(2**bit_depth - 1)
-    arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    arr = np.clip(arr / _full_scale(img, bit_depth) * 255.0 + 0.5, 0, 255).astype(np.uint8)
     return Image.fromarray(arr, mode="L")
 
 
@@ -68,7 +73,7 @@ def values_out_of_range(img: Image.Image, bit_depth: int = TYPE_BITS) -> bool:
     if img.mode not in _HIGH_DEPTH_MODES:
         return False
     low, high = img.getextrema()
-    return low < 0 or high > (1.0 if img.mode == "F" else 2**bit_depth - 1)
+    return low < 0 or high > _full_scale(img, bit_depth)
 
 
 def _flatten_alpha(img: Image.Image) -> Image.Image:

@@ -32,6 +32,7 @@ def test_flow_runs_every_stage_then_skips_them(tmp_path: Path) -> None:
     assert lock["stages"]["pretrain"]["params"]["params.yaml"]["pretrain"]["seed"] == 3  # the run's params recorded
     summary = run_summary(repo, second)
     assert "skipped (up to date)" in summary and "| finetune | " in summary and "parity" in summary
+    assert "This run decoded" not in summary and "This run decoded" in run_summary(repo, first)  # prepare ran once
     written = {name: path.exists() for name, path in vars(project_outputs(repo)).items()}
     assert written == {**dict.fromkeys(written, True), "int8_onnx": False}  # export.quantize is off here
 

@@ -25,7 +25,7 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from mae_ops.atomic import file_lock, free_bytes, write_json, write_text
 from mae_ops.config import Config, apply_overrides, project_outputs, redact, validate
 from mae_ops.errors import ERROR_FILE_ENV, UserError
-from mae_ops.preparing import FORCE_ENV
+from mae_ops.preparing import FORCE_ENV, last_run_path
 from mae_ops.registry import published_variant
 from mae_ops.reporting import file_sha256
 from mae_ops.sources import check_sources, dep_path, rooted_data, source_folders
@@ -334,6 +334,23 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
+def _prepared_this_run(prepared: Path, results: list[StageResult]) -> list[str]:
+    """What this run's prepare decoded and reused, and the files whose values it clipped (its
+    last-run record, which manifest.json leaves out so that the store's bytes do not depend on
+    what a run happened to decode); nothing when prepare did not run."""
+    last = _read_json(last_run_path(prepared)) if any(r.stage == "prepare" and r.ran for r in results) else {}
+    if not last:
+        return []
+    reused, clipped = last["reused"], last.get("clipped", {})
+    lines = [f"This run decoded {reused['decoded']} images and reused {reused['images']}."]
+    if clipped.get("files"):
+        lo, hi = clipped["integer_range"]
+        lines += [f"**Clipped**: {clipped['files']} of the files decoded hold values outside {lo}..{hi} "
+                  f"(0..1 for float files) and were stored clipped, e.g. `{clipped['examples'][0]}`: "
+                  "check `data.bit_depth` against the camera's bits."]  # fmt: skip
+    return lines
+
+
 def run_summary(repo: Path, results: list[StageResult]) -> str:
     """Markdown summary of a run from the reports the stages wrote."""
     outs = project_outputs(repo)
@@ -351,6 +368,7 @@ def run_summary(repo: Path, results: list[StageResult]) -> str:
         lines += ["", f"**Data**: {manifest['num_images']} images ({c['train']} train, {c['val']} val, "
                   f"{c['test']} test, {c['unlabeled']} unlabeled; {c['labelled']} labels used), "
                   f"{manifest['num_skipped']} skipped."]  # fmt: skip
+    lines += _prepared_this_run(outs.prepared, results)
     if pre:
         seen = (f"; the encoder on the validation split: k-NN {pre['knn_val_top1']:.2%}, linear probe "
                 f"{pre['probe_val_top1']:.2%}" if "probe_val_top1" in pre else "")  # fmt: skip

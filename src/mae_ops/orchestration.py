@@ -334,15 +334,17 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
-def _prepared_this_run(prepared: Path, results: list[StageResult]) -> list[str]:
-    """What this run's prepare decoded and reused, and the files whose values it clipped (its
-    last-run record, which manifest.json leaves out so that the store's bytes do not depend on
-    what a run happened to decode); nothing when prepare did not run."""
+def _prepared_this_run(prepared: Path, results: list[StageResult], num_images: int) -> list[str]:
+    """What this run's prepare decoded and reused of the store's ``num_images``, and the files
+    whose values it clipped (its last-run record, which manifest.json leaves out so that the
+    store's bytes do not depend on what a run happened to decode); nothing when prepare did not run."""
     last = _read_json(last_run_path(prepared)) if any(r.stage == "prepare" and r.ran for r in results) else {}
     if not last:
         return []
     reused, clipped = last["reused"], last.get("clipped", {})
-    lines = [f"This run decoded {reused['decoded']} images and reused {reused['images']}."]
+    embedded = num_images - reused["decoded"] - reused["images"]  # written from the package's arrays
+    lines = [f"This run's prepare decoded {reused['decoded']} files and reused {reused['images']} stored images"
+             + (f"; {embedded} came from the embedded data set." if embedded > 0 else ".")]  # fmt: skip
     if clipped.get("files"):
         lo, hi = clipped["integer_range"]
         lines += [f"**Clipped**: {clipped['files']} of the files decoded hold values outside {lo}..{hi} "
@@ -368,7 +370,7 @@ def run_summary(repo: Path, results: list[StageResult]) -> str:
         lines += ["", f"**Data**: {manifest['num_images']} images ({c['train']} train, {c['val']} val, "
                   f"{c['test']} test, {c['unlabeled']} unlabeled; {c['labelled']} labels used), "
                   f"{manifest['num_skipped']} skipped."]  # fmt: skip
-    lines += _prepared_this_run(outs.prepared, results)
+    lines += _prepared_this_run(outs.prepared, results, manifest.get("num_images", 0))
     if pre:
         seen = (f"; the encoder on the validation split: k-NN {pre['knn_val_top1']:.2%}, linear probe "
                 f"{pre['probe_val_top1']:.2%}" if "probe_val_top1" in pre else "")  # fmt: skip

@@ -28,13 +28,21 @@ def test_flow_runs_every_stage_then_skips_them(tmp_path: Path) -> None:
         assert all(r.ran for r in first)
         second = pipeline(repo=str(repo))
         assert not any(r.ran for r in second)
+        summary, summary_first = run_summary(repo, second), run_summary(repo, first)
+        # prepare alone, on other splits: the later stages' reports on disk now describe the old ones
+        third = pipeline(repo=str(repo), stages=["prepare"], overrides=["data.val_fraction=0.15"])
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert lock["stages"]["pretrain"]["params"]["params.yaml"]["pretrain"]["seed"] == 3  # the run's params recorded
-    summary = run_summary(repo, second)
     assert "skipped (up to date)" in summary and "| finetune | " in summary and "parity" in summary
-    assert "This run's prepare" not in summary  # prepare ran in the first run only, from the embedded digits:
+    assert "This run's prepare" not in summary and "earlier run" not in summary  # all up to date, nothing stale
     assert "This run's prepare decoded 0 files and reused 0 stored images; 5000 came from the embedded data set." \
-           in run_summary(repo, first)  # fmt: skip
+           in summary_first  # fmt: skip
+    assert [(r.stage, r.ran) for r in third] == [("prepare", True)]
+    partial = run_summary(repo, third)
+    assert "**Out of date**: `pretrain`, `finetune`, `baselines`, `evaluate`, `export` did not run" in partial
+    assert "*(earlier run)* **Pre-training**" in partial and "| model | *(earlier run)* test top-1 |" in partial
+    assert "*(earlier run)* **Export**: parity" in partial and "(earlier run)* **Data**" not in partial
+    assert "[confusion_matrix](" in partial and "confusion_matrix.png) *(earlier run)*" in partial
     written = {name: path.exists() for name, path in vars(project_outputs(repo)).items()}
     assert written == {**dict.fromkeys(written, True), "int8_onnx": False}  # export.quantize is off here
 
@@ -111,7 +119,8 @@ def test_a_named_stage_comes_with_the_stages_upstream_of_it(tmp_path: Path) -> N
     cmd = [str(BIN / "mae-ops"), "pipeline", "pretrain", "--set", "pretrain.nproc_per_node=2"]
     proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, env=subprocess_env(), timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "2 stage(s) ran (prepare, pretrain)" in proc.stdout
+    assert "2 stage(s) ran (prepare, pretrain), 0 up to date; out of date: finetune, baselines, evaluate, export" \
+           in proc.stdout  # fmt: skip
     assert (repo / "models/pretrain/encoder.pth").exists() and not (repo / "models/finetune").exists()
     metrics = json.loads((repo / "reports/pretrain/metrics.json").read_text())
     assert (metrics["world_size"], metrics["effective_batch"]) == (2, 128)

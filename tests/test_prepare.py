@@ -539,7 +539,7 @@ def test_re_prepare_decodes_only_new_and_changed_files(tmp_path: Path) -> None:
         add(i)
     cfg = _micro(tmp_path / "run", src)
     first = prepare.run(cfg)
-    assert first["reused"] == {"images": 0, "decoded": 400, "files_hashed": 400, "shards_linked": 0,
+    assert first["reused"] == {"images": 0, "decoded": 400, "embedded": 0, "files_hashed": 400, "shards_linked": 0,
                                "unused_rows": 0, "forced": False}  # fmt: skip
     root = tmp_path / "run" / "data" / "prepared"
     before = _placement(root)

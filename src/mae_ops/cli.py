@@ -364,6 +364,7 @@ def pipeline(
         pipeline_lock,
         plan_overrides,
         preflight,
+        stale_stages,
         with_upstream,
     )
 
@@ -387,8 +388,10 @@ def pipeline(
         preflight(root, cfg, wanted, set_ or [], force)
         results = flow(repo=".", stages=stages, overrides=set_, force=force, lock_wait_s=lock_wait)
     ran = [r.stage for r in results if r.ran]
+    stale = stale_stages(root, results)  # downstream of what was named, now older than its inputs
     typer.echo(f"pipeline done: {len(ran)} stage(s) ran ({', '.join(ran) or 'none'}), "
-               f"{len(results) - len(ran)} up to date")  # fmt: skip
+               f"{len(results) - len(ran)} up to date"
+               + (f"; out of date: {', '.join(stale)} (`mae-ops pipeline` updates them)" if stale else ""))  # fmt: skip
 
 
 @app.command()

@@ -131,15 +131,20 @@ def dvc_executable() -> str:
     return str(local) if local.exists() else "dvc"
 
 
-def stage_status(repo: Path, stage: str) -> list:
-    """What DVC says is out of date in one stage (its own deps, params and outs;
-    an empty list when it is up to date), asked through DVC's API."""
+def stages_status(repo: Path, stages: list[str]) -> dict[str, list]:
+    """What DVC says is out of date in each of ``stages`` (its own deps, params and outs;
+    a stage that is up to date is absent), asked at once through DVC's API."""
     from dvc.repo import Repo
 
     dvc_file = (repo / "dvc.yaml").resolve()  # DVC resolves a bare stage name against the cwd, not the repo
     with Repo(str(repo.resolve())) as dvc_repo:
-        status = dvc_repo.status(targets=[f"{dvc_file}:{stage}"])
-    return [change for changes in status.values() for change in changes]
+        status = dvc_repo.status(targets=[f"{dvc_file}:{stage}" for stage in stages])
+    return {name.rpartition(":")[2]: changes for name, changes in status.items() if changes}
+
+
+def stage_status(repo: Path, stage: str) -> list:
+    """What DVC says is out of date in one stage; an empty list when it is up to date."""
+    return [change for changes in stages_status(repo, [stage]).values() for change in changes]
 
 
 def stream(cmd: list[str], repo: Path, log: Callable[[str], None], env: dict[str, str]) -> tuple[int, list[str]]:
@@ -334,15 +339,28 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
-def _prepared_this_run(prepared: Path, results: list[StageResult], num_images: int) -> list[str]:
-    """What this run's prepare decoded and reused of the store's ``num_images``, and the files
+def stale_stages(repo: Path, results: list[StageResult]) -> list[str]:
+    """The stages of dvc.yaml that this run left out and whose deps, params or code changed
+    since they last ran (DVC's status, in pipeline order): their reports on disk describe an
+    earlier run, e.g. the old data's scores after ``mae-ops pipeline prepare`` on new images.
+    Nothing without a run or outside a DVC repository."""
+    if not results or not (repo / ".dvc").is_dir():
+        return []
+    defined = (yaml.safe_load((repo / "dvc.yaml").read_text()) or {}).get("stages", {})
+    left_out = [s for s in STAGES if s in defined and s not in {r.stage for r in results}]
+    changed = stages_status(repo, left_out) if left_out else {}
+    return [s for s in left_out if s in changed]
+
+
+def _prepared_this_run(prepared: Path, results: list[StageResult]) -> list[str]:
+    """What this run's prepare decoded, reused and wrote from the embedded data set, and the files
     whose values it clipped (its last-run record, which manifest.json leaves out so that the
     store's bytes do not depend on what a run happened to decode); nothing when prepare did not run."""
     last = _read_json(last_run_path(prepared)) if any(r.stage == "prepare" and r.ran for r in results) else {}
     if not last:
         return []
     reused, clipped = last["reused"], last.get("clipped", {})
-    embedded = num_images - reused["decoded"] - reused["images"]  # written from the package's arrays
+    embedded = reused.get("embedded", 0)  # the package's arrays, written anew each run
     lines = [f"This run's prepare decoded {reused['decoded']} files and reused {reused['images']} stored images"
              + (f"; {embedded} came from the embedded data set." if embedded > 0 else ".")]  # fmt: skip
     if clipped.get("files"):
@@ -356,6 +374,12 @@ def _prepared_this_run(prepared: Path, results: list[StageResult], num_images: i
 def run_summary(repo: Path, results: list[StageResult]) -> str:
     """Markdown summary of a run from the reports the stages wrote."""
     outs = project_outputs(repo)
+    stale = stale_stages(repo, results)
+    older = {name for stage in stale for name in outs.of_stage(stage)}
+
+    def mark(*reports: str) -> str:  # a line read from a stale stage's report says so
+        return "*(earlier run)* " if older.intersection(reports) else ""
+
     manifest = _read_json(outs.manifest)
     pre = _read_json(outs.pretrain_metrics)
     hpo = _read_json(outs.hpo_best)
@@ -365,30 +389,37 @@ def run_summary(repo: Path, results: list[StageResult]) -> str:
     bench = bench_report.get("results", {})
     lines = ["# mae-ops pipeline run", "", "| stage | ran | seconds |", "| --- | --- | --- |"]
     lines += [f"| {r.stage} | {'yes' if r.ran else 'skipped (up to date)'} | {r.seconds:.1f} |" for r in results]
+    if stale:
+        lines += ["", f"**Out of date**: {', '.join(f'`{s}`' for s in stale)} did not run this time and DVC finds "
+                  "them out of date (their inputs changed since they last ran, or they never ran): lines marked "
+                  "*(earlier run)* describe older data, params or code. Run the pipeline without naming stages "
+                  "to bring them up to date."]  # fmt: skip
     if manifest:
         c = manifest["counts"]
         lines += ["", f"**Data**: {manifest['num_images']} images ({c['train']} train, {c['val']} val, "
                   f"{c['test']} test, {c['unlabeled']} unlabeled; {c['labelled']} labels used), "
                   f"{manifest['num_skipped']} skipped."]  # fmt: skip
-    lines += _prepared_this_run(outs.prepared, results, manifest.get("num_images", 0))
+    lines += _prepared_this_run(outs.prepared, results)
     if pre:
         seen = (f"; the encoder on the validation split: k-NN {pre['knn_val_top1']:.2%}, linear probe "
                 f"{pre['probe_val_top1']:.2%}" if "probe_val_top1" in pre else "")  # fmt: skip
         procs = pre.get("world_size", 1)
-        lines += [f"**Pre-training**: loss {pre['first_loss']:.4f} -> {pre['final_loss']:.4f} over {pre['epochs']} "
-                  f"epochs, {pre['images_per_s']:.0f} img/s ({procs} process{'es' * (procs > 1)}){seen}."]  # fmt: skip
+        lines += [f"{mark('pretrain_metrics')}**Pre-training**: loss {pre['first_loss']:.4f} -> "
+                  f"{pre['final_loss']:.4f} over {pre['epochs']} epochs, "
+                  f"{pre['images_per_s']:.0f} img/s ({procs} process{'es' * (procs > 1)}){seen}."]  # fmt: skip
     if hpo:
         params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in hpo["params"].items())
-        lines += [f"**Search**: best trial {hpo['trial']} (val top-1 {hpo['value']:.2%}): {params}; trials "
-                  + ", ".join(f"{n} {k}" for k, n in hpo["counts"].items() if n)]  # fmt: skip
+        lines += [f"{mark('hpo_best')}**Search**: best trial {hpo['trial']} (val top-1 {hpo['value']:.2%}): "
+                  f"{params}; trials " + ", ".join(f"{n} {k}" for k, n in hpo["counts"].items() if n)]  # fmt: skip
     if metrics:
-        lines += ["", "| model | test top-1 |", "| --- | --- |"]
+        lines += ["", f"| model | {mark('metrics')}test top-1 |", "| --- | --- |"]
         lines += [f"| {name} | {m['top1']:.2%} |" for name, m in metrics.items()]
     deployed = _read_json(outs.deployed)
     if deployed:
-        lines += ["", f"**Deployed**: {deployed['model']} ({deployed['why']}; test top-1 {deployed['test_top1']:.2%})."]
+        lines += ["", f"{mark('deployed')}**Deployed**: {deployed['model']} ({deployed['why']}; "
+                  f"test top-1 {deployed['test_top1']:.2%})."]  # fmt: skip
     if parity:
-        lines += ["", f"**Export**: parity max |diff| {parity['max_abs_diff']:.1e}, top-1 agreement "
+        lines += ["", f"{mark('parity')}**Export**: parity max |diff| {parity['max_abs_diff']:.1e}, top-1 agreement "
                   f"{parity['top1_agreement']:.2%}" + (f", int8 top-1 {parity['int8_top1']:.2%}"
                                                        if "int8_top1" in parity else "") + "."]  # fmt: skip
     model = repo / deployed["checkpoint"] if deployed.get("checkpoint") else outs.finetune_model  # export shipped it
@@ -402,9 +433,10 @@ def run_summary(repo: Path, results: list[StageResult]) -> str:
         versus = (f"; against {pub['peer']}: ×{pub['vs_peer']['batch1']:.2f} at batch 1, "
                   f"×{pub['vs_peer']['batch32']:.2f} at batch 32" if "vs_peer" in pub else "")  # fmt: skip
         runtime = f" with {pub['runtime']}" if "runtime" in pub else ""
-        lines += [f"**Published for serving**: `{pub['file']}`{runtime} ({pub['variant']}): {top1}{timing}{versus}."]
+        lines += [f"{mark('parity', 'deployed')}**Published for serving**: `{pub['file']}`{runtime} "
+                  f"({pub['variant']}): {top1}{timing}{versus}."]  # fmt: skip
     if mine:
-        lines += [f"**Latency (batch 1, p50, {bench_report.get('cpu', '?')}, measured "
+        lines += [f"{mark('benchmark')}**Latency (batch 1, p50, {bench_report.get('cpu', '?')}, measured "
                   f"{bench_report.get('measured', '?')})**: "
                   + ", ".join(f"{k} {v['batch1_p50_ms']:.2f} ms" for k, v in bench.items())]  # fmt: skip
     elif bench:
@@ -412,6 +444,7 @@ def run_summary(repo: Path, results: list[StageResult]) -> str:
                   "another model); run `python benchmarks/onnx_latency.py` to measure it."]  # fmt: skip
     existing = [p for p in outs.pictures if p.exists()]
     if existing:
-        links = (f"[{p.stem}]({p.resolve().as_uri()})" for p in existing)
+        old = {getattr(outs, name) for name in older}
+        links = (f"[{p.stem}]({p.resolve().as_uri()})" + " *(earlier run)*" * (p in old) for p in existing)
         lines += ["", "Pictures: " + ", ".join(links)]
     return "\n".join(lines) + "\n"

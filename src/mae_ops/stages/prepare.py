@@ -15,8 +15,9 @@ Outputs (one folder, replaced atomically):
 and beside the folder (not in it: preparing unchanged images again leaves the folder byte
 for byte as it was): .<name>.state.npy, this machine's state cache (inode, size, mtime,
 ctime -> MD5 of each file), so that an unchanged file is not read again, and
-.<name>.last-run.json, what the last prepare decoded, reused and hashed, and which of the files it
-decoded held values beyond data.bit_depth's range, clipped (also returned).
+.<name>.last-run.json, what the last prepare decoded, reused, hashed and wrote from the
+embedded data set, and which of the files it decoded held values beyond data.bit_depth's
+range, clipped (also returned).
 
 A sample is its content (see mae_ops.preparing): the same images give the same store
 content, splits and ``content_hash`` however the folder got there. Preparing again
@@ -138,8 +139,9 @@ def run(cfg: Config, force: bool = False) -> dict:
         write_json(tmp / "manifest.json", manifest)
         unused_rows = writer.rows() - len(samples)
     preparing.write_state(state_file, [f for f in found.files if not f.from_package])
-    reused = {"images": len(samples) - decoded - len(from_package), "decoded": decoded, "files_hashed": hashed,
-              "shards_linked": linked, "unused_rows": unused_rows, "forced": force}  # fmt: skip
+    reused = {"images": len(samples) - decoded - len(from_package), "decoded": decoded,
+              "embedded": len(from_package), "files_hashed": hashed, "shards_linked": linked,
+              "unused_rows": unused_rows, "forced": force}  # fmt: skip
     write_json(preparing.last_run_path(d.out_dir), {"out_dir": d.out_dir, "reused": reused, "clipped": clipped})
     manifest = {**manifest, "reused": reused, "clipped": clipped}
     counts = manifest["counts"]

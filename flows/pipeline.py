@@ -63,6 +63,7 @@ def pipeline(
         sync_source_deps(root, cfg, get_run_logger().info)  # DVC hashes the image folders
         results = [dvc_stage(stage, str(root), force) for stage in STAGES if stage in wanted]
         write_run_record(root, results)
-    create_markdown_artifact(run_summary(root, results), key="mae-ops-run-summary",
+        summary = run_summary(root, results)  # under the lock: this run's reports, DVC not busy with the next run
+    create_markdown_artifact(summary, key="mae-ops-run-summary",
                              description="data, pre-training, search, test accuracy, export")  # fmt: skip
     return results

@@ -13,7 +13,15 @@ import yaml
 
 from mae_ops.config import ParamsError, project_outputs
 from mae_ops.errors import BusyError, UserError
-from mae_ops.orchestration import StageFailed, pipeline_lock, run_dvc_stage, run_summary, write_overrides
+from mae_ops.orchestration import (
+    StageFailed,
+    StageResult,
+    pipeline_lock,
+    run_dvc_stage,
+    run_summary,
+    stale_stages,
+    write_overrides,
+)
 from tests.conftest import REPO, git_dvc_repo, load_flow_module, tiny_project
 
 
@@ -62,6 +70,33 @@ def test_a_failing_stage_is_named(tmp_path: Path) -> None:
     with pytest.raises(StageFailed, match="stage 'broken' failed") as err:
         run_dvc_stage("broken", repo, lines.append)
     assert "boom-output" in str(err.value) and any("boom-output" in line for line in lines)
+
+
+def test_stages_left_out_of_date_come_from_dvc_and_a_busy_dvc_makes_them_unknown(tmp_path: Path) -> None:
+    """A partial run's summary names the later stages DVC finds out of date; a DVC process
+    outside mae-ops holding the repository's lock makes that unknown, said so, instead of
+    failing a run whose stages all succeeded."""
+    repo = git_dvc_repo(tmp_path / "repo")
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
+        "prepare": {"cmd": "echo a > a.txt", "outs": ["a.txt"]},
+        "pretrain": {"cmd": "cat a.txt > b.txt", "deps": ["a.txt"], "outs": ["b.txt"]},
+    }}))  # fmt: skip
+    run_dvc_stage("prepare", repo, lambda line: None)
+    ran = [StageResult("prepare", True, 1.0)]
+    assert stale_stages(repo, ran) == ["pretrain"] and stale_stages(repo, []) == []
+    assert "**Out of date**: `pretrain` did not run this time" in run_summary(repo, ran)
+    holder = "import sys, time; from dvc.repo import Repo\n"
+    holder += "with Repo(sys.argv[1]) as r, r.lock:\n    print('held', flush=True); time.sleep(60)"
+    proc = subprocess.Popen([sys.executable, "-c", holder, str(repo)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+        assert stale_stages(repo, ran) is None
+        assert "**Out of date**: not known, another DVC process held the repository's lock" in run_summary(repo, ran)
+    finally:
+        proc.kill()
+        proc.wait()
+    run_dvc_stage("pretrain", repo, lambda line: None)
+    assert stale_stages(repo, ran) == []  # brought up to date: nothing left
 
 
 def test_overlapping_runs_do_not_race(tmp_path: Path) -> None:

@@ -387,8 +387,8 @@ def pipeline(
             typer.echo(f"params.yaml now holds {params} (kept for later runs; dvc.lock records it)")
         preflight(root, cfg, wanted, set_ or [], force)
         results = flow(repo=".", stages=stages, overrides=set_, force=force, lock_wait_s=lock_wait)
+        stale = stale_stages(root, results)  # downstream of what was named, now older than its inputs
     ran = [r.stage for r in results if r.ran]
-    stale = stale_stages(root, results)  # downstream of what was named, now older than its inputs
     typer.echo(f"pipeline done: {len(ran)} stage(s) ran ({', '.join(ran) or 'none'}), "
                f"{len(results) - len(ran)} up to date"
                + (f"; out of date: {', '.join(stale)} (`mae-ops pipeline` updates them)" if stale else ""))  # fmt: skip

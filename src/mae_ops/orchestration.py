@@ -339,16 +339,22 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
-def stale_stages(repo: Path, results: list[StageResult]) -> list[str]:
+def stale_stages(repo: Path, results: list[StageResult]) -> list[str] | None:
     """The stages of dvc.yaml that this run left out and whose deps, params or code changed
     since they last ran (DVC's status, in pipeline order): their reports on disk describe an
     earlier run, e.g. the old data's scores after ``mae-ops pipeline prepare`` on new images.
-    Nothing without a run or outside a DVC repository."""
+    Nothing without a run or outside a DVC repository; None when another DVC process holds
+    the repository's lock (ask under ``pipeline_lock``, and no mae-ops run is that process)."""
+    from dvc.lock import LockError
+
     if not results or not (repo / ".dvc").is_dir():
         return []
     defined = (yaml.safe_load((repo / "dvc.yaml").read_text()) or {}).get("stages", {})
     left_out = [s for s in STAGES if s in defined and s not in {r.stage for r in results}]
-    changed = stages_status(repo, left_out) if left_out else {}
+    try:
+        changed = stages_status(repo, left_out) if left_out else {}
+    except LockError:  # e.g. a `dvc repro` in the user's shell: unknown, and the run itself succeeded
+        return None
     return [s for s in left_out if s in changed]
 
 
@@ -375,7 +381,7 @@ def run_summary(repo: Path, results: list[StageResult]) -> str:
     """Markdown summary of a run from the reports the stages wrote."""
     outs = project_outputs(repo)
     stale = stale_stages(repo, results)
-    older = {name for stage in stale for name in outs.of_stage(stage)}
+    older = {name for stage in stale or [] for name in outs.of_stage(stage)}
 
     def mark(*reports: str) -> str:  # a line read from a stale stage's report says so
         return "*(earlier run)* " if older.intersection(reports) else ""
@@ -394,6 +400,9 @@ def run_summary(repo: Path, results: list[StageResult]) -> str:
                   "them out of date (their inputs changed since they last ran, or they never ran): lines marked "
                   "*(earlier run)* describe older data, params or code. Run the pipeline without naming stages "
                   "to bring them up to date."]  # fmt: skip
+    elif stale is None:
+        lines += ["", "**Out of date**: not known, another DVC process held the repository's lock: the reports "
+                  "below may be older than this run's data."]  # fmt: skip
     if manifest:
         c = manifest["counts"]
         lines += ["", f"**Data**: {manifest['num_images']} images ({c['train']} train, {c['val']} val, "

@@ -90,6 +90,11 @@ def stage_outputs(stage: dict[str, Any]) -> set[str]:
     return dvc_paths(stage.get("outs", []) + stage.get("metrics", []) + stage.get("plots", []))
 
 
+def dvc_stages(repo: Path) -> dict[str, Any]:
+    """dvc.yaml's stages by name: the one place that says which stage needs which."""
+    return (yaml.safe_load((repo / "dvc.yaml").read_text()) or {}).get("stages", {})
+
+
 def with_upstream(repo: Path, stages: list[str] | None) -> list[str]:
     """The named stages and every stage upstream of them, in pipeline order (all when none
     are named), as `dvc repro STAGE` brings them up to date: a stage is upstream when one
@@ -100,7 +105,7 @@ def with_upstream(repo: Path, stages: list[str] | None) -> list[str]:
         raise UserError(f"unknown stages {unknown}; stages are {list(STAGES)}")
     if not stages:
         return list(STAGES)
-    defined = (yaml.safe_load((repo / "dvc.yaml").read_text()) or {}).get("stages", {})
+    defined = dvc_stages(repo)
     outs = {name: stage_outputs(st) for name, st in defined.items()}
     needed, todo = set(stages), list(stages)
     while todo:
@@ -349,7 +354,7 @@ def stale_stages(repo: Path, results: list[StageResult]) -> list[str] | None:
 
     if not results or not (repo / ".dvc").is_dir():
         return []
-    defined = (yaml.safe_load((repo / "dvc.yaml").read_text()) or {}).get("stages", {})
+    defined = dvc_stages(repo)
     left_out = [s for s in STAGES if s in defined and s not in {r.stage for r in results}]
     try:
         changed = stages_status(repo, left_out) if left_out else {}

@@ -23,6 +23,7 @@ from mae_ops.orchestration import (
     preflight,
     run_dvc_stage,
     run_summary,
+    stale_stages,
     sync_source_deps,
     with_upstream,
     write_overrides,
@@ -62,8 +63,10 @@ def pipeline(
         write_overrides(root, overrides or [], get_run_logger().info)
         sync_source_deps(root, cfg, get_run_logger().info)  # DVC hashes the image folders
         results = [dvc_stage(stage, str(root), force) for stage in STAGES if stage in wanted]
-        write_run_record(root, results)
-        summary = run_summary(root, results)  # under the lock: this run's reports, DVC not busy with the next run
+        # under the lock: this run's reports, and DVC not busy with the next run
+        stale = stale_stages(root, results)  # left out and now older than their inputs
+        write_run_record(root, results, stale)
+        summary = run_summary(root, results, stale)
     create_markdown_artifact(summary, key="mae-ops-run-summary",
                              description="data, pre-training, search, test accuracy, export")  # fmt: skip
     return results

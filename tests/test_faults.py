@@ -518,10 +518,10 @@ def test_the_run_summary_shows_only_latency_measured_for_its_model(tmp_path: Pat
     bench = {"model_sha256": "0" * 64, "cpu": "x86_64", "measured": "2026-01-01T00:00:00",
              "results": {"torch_eager": {"batch1_p50_ms": 3.81}}}  # fmt: skip
     atomic.write_json(tmp_path / "reports/export/benchmark.json", bench)
-    summary = run_summary(tmp_path, [])
+    summary = run_summary(tmp_path, [], [])
     assert "3.81" not in summary and "not measured for this run's model" in summary
     import hashlib
 
     bench["model_sha256"] = hashlib.sha256(b"this run's model").hexdigest()
     atomic.write_json(tmp_path / "reports/export/benchmark.json", bench)
-    assert "torch_eager 3.81 ms" in run_summary(tmp_path, [])
+    assert "torch_eager 3.81 ms" in run_summary(tmp_path, [], [])

@@ -18,9 +18,12 @@ from mae_ops.orchestration import (
     StageResult,
     pipeline_lock,
     run_dvc_stage,
+    run_line,
+    run_record,
     run_summary,
     stale_stages,
     write_overrides,
+    write_run_record,
 )
 from tests.conftest import REPO, git_dvc_repo, load_flow_module, tiny_project
 
@@ -36,9 +39,11 @@ def test_flow_runs_every_stage_then_skips_them(tmp_path: Path) -> None:
         assert all(r.ran for r in first)
         second = pipeline(repo=str(repo))
         assert not any(r.ran for r in second)
-        summary, summary_first = run_summary(repo, second), run_summary(repo, first)
+        assert run_record(repo)["out_of_date"] == []  # a full run leaves nothing out
+        summary, summary_first = run_summary(repo, second, []), run_summary(repo, first, [])
         # prepare alone, on other splits: the later stages' reports on disk now describe the old ones
         third = pipeline(repo=str(repo), stages=["prepare"], overrides=["data.val_fraction=0.15"])
+        record = run_record(repo)  # the flow asked DVC once, under its lock; summary and command read this
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert lock["stages"]["pretrain"]["params"]["params.yaml"]["pretrain"]["seed"] == 3  # the run's params recorded
     assert "skipped (up to date)" in summary and "| finetune | " in summary and "parity" in summary
@@ -46,7 +51,10 @@ def test_flow_runs_every_stage_then_skips_them(tmp_path: Path) -> None:
     assert "This run's prepare decoded 0 files and reused 0 stored images; 5000 came from the embedded data set." \
            in summary_first  # fmt: skip
     assert [(r.stage, r.ran) for r in third] == [("prepare", True)]
-    partial = run_summary(repo, third)
+    assert record["out_of_date"] == ["pretrain", "finetune", "baselines", "evaluate", "export"]
+    assert run_line(record) == ("pipeline done: 1 stage(s) ran (prepare), 0 up to date; out of date: pretrain, "
+                                "finetune, baselines, evaluate, export (`mae-ops pipeline` updates them)")  # fmt: skip
+    partial = run_summary(repo, third, record["out_of_date"])
     assert "**Out of date**: `pretrain`, `finetune`, `baselines`, `evaluate`, `export` did not run" in partial
     assert "*(earlier run)* **Pre-training**" in partial and "| model | *(earlier run)* test top-1 |" in partial
     assert "*(earlier run)* **Export**: parity" in partial and "(earlier run)* **Data**" not in partial
@@ -84,14 +92,18 @@ def test_stages_left_out_of_date_come_from_dvc_and_a_busy_dvc_makes_them_unknown
     run_dvc_stage("prepare", repo, lambda line: None)
     ran = [StageResult("prepare", True, 1.0)]
     assert stale_stages(repo, ran) == ["pretrain"] and stale_stages(repo, []) == []
-    assert "**Out of date**: `pretrain` did not run this time" in run_summary(repo, ran)
+    assert "**Out of date**: `pretrain` did not run this time" in run_summary(repo, ran, stale_stages(repo, ran))
     holder = "import sys, time; from dvc.repo import Repo\n"
     holder += "with Repo(sys.argv[1]) as r, r.lock:\n    print('held', flush=True); time.sleep(60)"
     proc = subprocess.Popen([sys.executable, "-c", holder, str(repo)], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
-        assert stale_stages(repo, ran) is None
-        assert "**Out of date**: not known, another DVC process held the repository's lock" in run_summary(repo, ran)
+        write_run_record(repo, ran, stale_stages(repo, ran))
+        assert run_record(repo)["out_of_date"] is None
+        assert "**Out of date**: not known, another DVC process held the repository's lock" \
+               in run_summary(repo, ran, None)  # fmt: skip
+        assert run_line(run_record(repo)) == ("pipeline done: 1 stage(s) ran (prepare), 0 up to date; out of date: "
+                                              "not known (another DVC process held the repository's lock)")  # fmt: skip
     finally:
         proc.kill()
         proc.wait()

@@ -230,14 +230,14 @@ def test_values_beyond_the_bit_depth_are_counted_and_named_when_clipped(tmp_path
     warned = [m for r in caplog.records if r.levelname == "WARNING" and "outside 0..4095" in (m := r.getMessage())]
     assert len(warned) == 1 and "2 of 5 decoded files" in warned[0] and "data.bit_depth 12" in warned[0]
     ran, skipped = [StageResult("prepare", True, 1.0)], [StageResult("prepare", False, 0.1)]
-    summary = run_summary(tmp_path / "run", ran)  # the Prefect run's summary says it too
+    summary = run_summary(tmp_path / "run", ran, [])  # the Prefect run's summary says it too
     assert "This run's prepare decoded 5 files and reused 0 stored images." in summary
     assert f"**Clipped**: 2 of the files decoded hold values outside 0..4095 (0..1 for float files) and were " \
            f"stored clipped, e.g. `{root / 'a' / 'high.png'}`" in summary  # fmt: skip
-    assert "Clipped" not in run_summary(tmp_path / "run", skipped)  # an older run's record is not this run's
+    assert "Clipped" not in run_summary(tmp_path / "run", skipped, [])  # an older run's record is not this run's
     again = clipped("data.bit_depth=12")
     assert again["files"] == 0 and "outside 0.." not in caplog.text
-    summary = run_summary(tmp_path / "run", ran)
+    summary = run_summary(tmp_path / "run", ran, [])
     assert "This run's prepare decoded 0 files and reused 5 stored images." in summary and "Clipped" not in summary
 
 

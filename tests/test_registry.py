@@ -237,7 +237,7 @@ def test_the_published_variant_is_named_with_its_accuracy_and_latency(tmp_path: 
     assert registry.published_variant(fp32) == {"variant": "onnxruntime_fp32", "file": "model.onnx", "test_top1": 0.95}
 
     write_json(tmp_path / "reports/export/parity.json", parity)
-    summary = run_summary(tmp_path, [])
+    summary = run_summary(tmp_path, [], [])
     assert "**Published for serving**: `model.int8.onnx` (onnxruntime_int8_static): test top-1 94.00%, " \
            "batch-1 p50 1.50 ms, batch 32 900 img/s." in summary  # fmt: skip
 
@@ -252,4 +252,4 @@ def test_the_published_variant_is_named_with_its_accuracy_and_latency(tmp_path: 
     write_json(tmp_path / "reports/export/parity.json", {**parity, "published": chosen})
     assert "**Published for serving**: `model.onnx` with openvino (openvino_fp32): test top-1 95.00%, batch-1 p50 " \
            "1.40 ms, batch 32 990 img/s; against openvino_default: ×1.08 at batch 1, ×1.10 at batch 32." \
-           in run_summary(tmp_path, [])  # fmt: skip
+           in run_summary(tmp_path, [], [])  # fmt: skip

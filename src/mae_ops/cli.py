@@ -364,7 +364,8 @@ def pipeline(
         pipeline_lock,
         plan_overrides,
         preflight,
-        stale_stages,
+        run_line,
+        run_record,
         with_upstream,
     )
 
@@ -386,12 +387,9 @@ def pipeline(
             write_text(own, params.read_text())
             typer.echo(f"params.yaml now holds {params} (kept for later runs; dvc.lock records it)")
         preflight(root, cfg, wanted, set_ or [], force)
-        results = flow(repo=".", stages=stages, overrides=set_, force=force, lock_wait_s=lock_wait)
-        stale = stale_stages(root, results)  # downstream of what was named, now older than its inputs
-    ran = [r.stage for r in results if r.ran]
-    typer.echo(f"pipeline done: {len(ran)} stage(s) ran ({', '.join(ran) or 'none'}), "
-               f"{len(results) - len(ran)} up to date"
-               + (f"; out of date: {', '.join(stale)} (`mae-ops pipeline` updates them)" if stale else ""))  # fmt: skip
+        flow(repo=".", stages=stages, overrides=set_, force=force, lock_wait_s=lock_wait)
+        record = run_record(root)  # this run's, written by the flow: what ran, what DVC finds out of date
+    typer.echo(run_line(record))
 
 
 @app.command()

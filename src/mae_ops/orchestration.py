@@ -28,7 +28,7 @@ from mae_ops.errors import ERROR_FILE_ENV, UserError
 from mae_ops.preparing import FORCE_ENV, last_run_path
 from mae_ops.registry import published_variant
 from mae_ops.reporting import file_sha256
-from mae_ops.sources import check_sources, dep_path, rooted_data, source_folders
+from mae_ops.sources import check_sources, dep_path, dvc_stages, rooted_data, source_folders
 
 STAGES = ("prepare", "pretrain", "finetune", "baselines", "evaluate", "export")
 LOCK_FILE = ".dvc/tmp/mae-ops-pipeline.lock"
@@ -88,11 +88,6 @@ def dvc_paths(entries: list | None) -> set[str]:
 def stage_outputs(stage: dict[str, Any]) -> set[str]:
     """What a dvc.yaml stage produces: its outs, metrics and plots."""
     return dvc_paths(stage.get("outs", []) + stage.get("metrics", []) + stage.get("plots", []))
-
-
-def dvc_stages(repo: Path) -> dict[str, Any]:
-    """dvc.yaml's stages by name: the one place that says which stage needs which."""
-    return (yaml.safe_load((repo / "dvc.yaml").read_text()) or {}).get("stages", {})
 
 
 def with_upstream(repo: Path, stages: list[str] | None) -> list[str]:
@@ -328,13 +323,33 @@ def write_overrides(repo: Path, overrides: list[str], log: Callable[[str], None]
 RUN_RECORD = "reports/pipeline/run.json"
 
 
-def write_run_record(repo: Path, results: list[StageResult]) -> dict:
+def write_run_record(repo: Path, results: list[StageResult], out_of_date: list[str] | None) -> dict:
     """What the last pipeline run did, stage by stage (the README's demo timing is read from
-    the committed one): which stages ran, their seconds, on how many cores."""
+    the committed one): which stages ran, their seconds, on how many cores, and the stages it
+    left out that DVC finds out of date (``stale_stages``; null: not known). The flow writes it
+    under the pipeline lock; its summary and the command's last line read this one answer."""
     stages = [{"stage": r.stage, "ran": r.ran, "seconds": round(r.seconds, 1)} for r in results]
-    record = {"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "cores": os.cpu_count(), "stages": stages}
+    record = {"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "cores": os.cpu_count(), "stages": stages,
+              "out_of_date": out_of_date}  # fmt: skip
     write_json(repo / RUN_RECORD, record)
     return record
+
+
+def run_record(repo: Path) -> dict:
+    """The last pipeline run's record (``write_run_record``); empty before the first run."""
+    return _read_json(repo / RUN_RECORD)
+
+
+def run_line(record: dict) -> str:
+    """`mae-ops pipeline`'s last line, from the run's record: what ran, what was up to date,
+    and what the run left out of date."""
+    ran = [s["stage"] for s in record["stages"] if s["ran"]]
+    skipped = len(record["stages"]) - len(ran)
+    line = f"pipeline done: {len(ran)} stage(s) ran ({', '.join(ran) or 'none'}), {skipped} up to date"
+    stale = record["out_of_date"]
+    if stale is None:
+        return line + "; out of date: not known (another DVC process held the repository's lock)"
+    return line + (f"; out of date: {', '.join(stale)} (`mae-ops pipeline` updates them)" if stale else "")
 
 
 def _read_json(path: Path) -> dict:
@@ -382,10 +397,10 @@ def _prepared_this_run(prepared: Path, results: list[StageResult]) -> list[str]:
     return lines
 
 
-def run_summary(repo: Path, results: list[StageResult]) -> str:
-    """Markdown summary of a run from the reports the stages wrote."""
+def run_summary(repo: Path, results: list[StageResult], stale: list[str] | None) -> str:
+    """Markdown summary of a run from the reports the stages wrote; ``stale`` is
+    ``stale_stages`` of the run (its reports are marked as an earlier run's)."""
     outs = project_outputs(repo)
-    stale = stale_stages(repo, results)
     older = {name for stage in stale or [] for name in outs.of_stage(stage)}
 
     def mark(*reports: str) -> str:  # a line read from a stale stage's report says so

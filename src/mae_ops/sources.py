@@ -4,6 +4,7 @@ checks that can be made before anything is decoded, written or removed."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -85,8 +86,13 @@ def listed_source_deps(deps: list) -> list[str]:
     return [d for d in deps if isinstance(d, str) and not d.startswith("src/")]
 
 
+def dvc_stages(repo: Path) -> dict[str, Any]:
+    """dvc.yaml's stages by name: the one place that says which stage needs which."""
+    return (yaml.safe_load((repo / "dvc.yaml").read_text()) or {}).get("stages", {})
+
+
 def missing_source_deps(repo: Path, d: DataConfig) -> list[str]:
     """Source folders of ``d`` that dvc.yaml does not list as deps of `prepare`."""
-    stages = (yaml.safe_load((repo / "dvc.yaml").read_text()) or {}).get("stages", {})
-    listed = {dep_path(repo, Path(p)) for p in listed_source_deps(stages.get("prepare", {}).get("deps", []))}
+    deps = dvc_stages(repo).get("prepare", {}).get("deps", [])
+    listed = {dep_path(repo, Path(p)) for p in listed_source_deps(deps)}
     return [p for p in (dep_path(repo, f) for f in source_folders(d)) if p not in listed]

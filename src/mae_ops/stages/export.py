@@ -34,6 +34,7 @@ import logging
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -115,41 +116,139 @@ def _calibration(data: PreparedData, count: int, seed: int) -> Iterator[np.ndarr
     return (x for x, _ in _batches(data, pick, 64))
 
 
-def _spread(path: Path, ex: ExportConfig, images: np.ndarray, output: str = "probabilities",
-            runtime: str = "onnxruntime") -> float:  # fmt: skip
-    """How far a model's answer for an image moves with the other images of its batch."""
-    return batch_spread(open_session(path, "cpu", ex.threads, runtime), images, output)
+@dataclass(frozen=True)
+class Gate:
+    """What every candidate for serving is held to: the split it is scored on (validation;
+    the test split when there is none), fp32's top-1 there, and the images whose answers
+    must not move with the other images of their batch."""
+
+    ex: ExportConfig
+    data: PreparedData
+    ids: np.ndarray
+    split: str
+    fp32_top1: float
+    spread_images: np.ndarray
+
+    def spread(self, path: Path, output: str = "probabilities", runtime: str = "onnxruntime") -> float:
+        """How far a model's answer for an image moves with the other images of its batch."""
+        return batch_spread(open_session(path, "cpu", self.ex.threads, runtime), self.spread_images, output)
 
 
-def _int8_variants(
-    ex: ExportConfig,
-    fp32: Path,
-    tmp: Path,
-    data: PreparedData,
-    gate_ids: np.ndarray,
-    fp32_gate_top1: float,
-    spread_images: np.ndarray,
-) -> dict[str, dict[str, Any]]:
+def _int8_variants(fp32: Path, tmp: Path, gate: Gate) -> dict[str, dict[str, Any]]:
     """Dynamic and calibrated static int8, each scored on the gate split (validation) and
     checked for one answer per image (the same probabilities alone and in any batch)."""
-    made: dict[str, Path] = {}
+    ex, made = gate.ex, {}
     quantize_int8(fp32, tmp / "int8-dynamic.onnx", ex.per_channel)
     made["dynamic"] = tmp / "int8-dynamic.onnx"
     if ex.calibration_images > 0:
-        quantize_static_int8(fp32, tmp / "int8-static.onnx", _calibration(data, ex.calibration_images, ex.seed))
+        quantize_static_int8(fp32, tmp / "int8-static.onnx", _calibration(gate.data, ex.calibration_images, ex.seed))
         made["static"] = tmp / "int8-static.onnx"
-    return {name: _gated(path, "onnxruntime", ex, data, gate_ids, fp32_gate_top1, spread_images)
-            for name, path in made.items()}  # fmt: skip
+    return {name: _gated(path, "onnxruntime", gate) for name, path in made.items()}
 
 
-def _gated(path: Path, runtime: str, ex: ExportConfig, data: PreparedData, gate_ids: np.ndarray,
-           fp32_gate_top1: float, spread_images: np.ndarray) -> dict[str, Any]:  # fmt: skip
+def _gated(path: Path, runtime: str, gate: Gate) -> dict[str, Any]:
     """A candidate for serving (a file and a runtime) held to the gates: at most
     ``export.max_int8_drop`` of fp32 validation top-1 lost, one answer per image in any batch."""
-    top1 = _top1(open_session(path, "cpu", ex.threads, runtime), data, gate_ids)
-    drop, spread = fp32_gate_top1 - top1, _spread(path, ex, spread_images, runtime=runtime)
+    top1 = _top1(open_session(path, "cpu", gate.ex.threads, runtime), gate.data, gate.ids)
+    drop, spread = gate.fp32_top1 - top1, gate.spread(path, runtime=runtime)
     return {"path": path, "gate_top1": top1, "drop": drop, "batch_max_prob_diff": spread,
-            "passed": drop <= ex.max_int8_drop and spread <= ex.max_abs_diff}  # fmt: skip
+            "passed": drop <= gate.ex.max_int8_drop and spread <= gate.ex.max_abs_diff}  # fmt: skip
+
+
+def _settle_int8(variants: dict[str, dict[str, Any]], timings: dict[str, dict], gate: Gate) -> dict[str, Any]:
+    """The int8 record of parity.json: every variant with its gates and speed, and the one
+    published (``chosen``: the fastest passing one at batch 1; without timings, dynamic, which
+    needs no calibration data to reproduce), or why none is."""
+    for name, v in variants.items():
+        v.update(timings.get(f"onnxruntime_int8_{name}", {}))
+    passing = [n for n, v in variants.items() if v["passed"]]
+    chosen = min(passing, key=lambda n: (variants[n].get("batch1_p50_ms", 0.0), n)) if passing else None
+    report = {n: {k: x for k, x in v.items() if k != "path"} for n, v in variants.items()}
+    record = {"gate_split": gate.split, "fp32_gate_top1": gate.fp32_top1, "chosen": chosen, "variants": report}
+    if chosen is None:  # fp32 alone is published; int8 is a speed-up, never a reason to fail
+        found = {n: f"drop {v['drop']:.4f}, batch diff {v['batch_max_prob_diff']:.0e}" for n, v in variants.items()}
+        record["why_none"] = (f"no int8 model loses at most {gate.ex.max_int8_drop:.2%} {gate.split} top-1 and "
+                              f"scores an image alike in any batch ({found})")  # fmt: skip
+        log.warning("%s: publishing fp32 only (raise export.calibration_images, or set export.quantize=false "
+                    "to skip int8)", record["why_none"])  # fmt: skip
+    return record
+
+
+def _fp16(fp32: Path, dest: Path, gate: Gate, external: bool) -> float:
+    """The fp16 variant for GPU serving (inputs and outputs stay float32), held to one answer
+    per image in any batch; returns its spread."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    save_model(convert_float_to_float16(onnx.load(str(fp32)), keep_io_types=True), dest, external)
+    spread = gate.spread(dest)
+    if spread > gate.ex.max_abs_diff:
+        raise ParityError(f"{dest.name} scores an image differently in another batch (probabilities differ by "
+                          f"{spread:.1e})")  # fmt: skip
+    return spread
+
+
+def _serving_candidates(
+    parity: dict[str, Any], published: dict[str, Path], ov_variants: dict[str, dict[str, Any]], timings: dict
+) -> dict[str, tuple[str, str]]:
+    """Each way to serve that passed its gates, by its timing name: (published file, runtime).
+    OpenVINO serves model.int8.onnx only when that file is the static int8 it was gated on."""
+    serving = {"onnxruntime_fp32": ("model.onnx", "onnxruntime")}
+    if "model.int8.onnx" in published:
+        serving[f"onnxruntime_int8_{parity['int8_method']}"] = ("model.int8.onnx", "onnxruntime")
+    for name, v in ov_variants.items():
+        v.update(timings.get(name, {}))
+        file = "model.int8.onnx" if "int8" in name else "model.onnx"
+        if v["passed"] and (file == "model.onnx" or parity.get("int8_method") == "static"):
+            serving[name] = (file, "openvino")
+    return serving
+
+
+def _encoder_onnx(cfg: Config, args: dict, example: torch.Tensor, dest: Path, gate: Gate, metadata: dict[str, str],
+                  external: bool) -> tuple[float, float]:  # fmt: skip
+    """The pre-trained encoder as a feature extractor ([batch, embed_dim]), held to parity with
+    PyTorch and to one answer per image in any batch; returns (max |diff|, batch spread)."""
+    data, ex = gate.data, gate.ex
+    encoder = feature_extractor(cfg.model.preset, data.img_size, data.channels, cfg.outputs().encoder)
+    extractor = Features(encoder, args["mean"], args["std"]).eval()
+    to_onnx(extractor, example, dest, ["features"], ex.opset,
+            {**metadata, "output": "features: float32 [batch, embed_dim]"}, external)  # fmt: skip
+    with torch.no_grad():
+        ref = extractor(example).numpy()
+    got = open_session(dest, "cpu", ex.threads).run(["features"], {"pixels": example.numpy()})[0]
+    diff = float(np.abs(got - ref).max())
+    if diff > ex.max_abs_diff:
+        raise ParityError(f"encoder ONNX parity failed: {diff:.2e}")
+    spread = gate.spread(dest, "features")
+    if spread > ex.max_abs_diff:
+        raise ParityError(f"encoder.onnx gives an image other features in another batch (they differ by {spread:.1e})")
+    return diff, spread
+
+
+def _publish(published: dict[str, Path], tmp: Path, out: Path) -> None:
+    """Every gate passed: each file (and its external data) renamed into ``out``; the optional
+    files this run did not make are removed, so none is left from an earlier model."""
+    for name, src in published.items():
+        if src.name != name and data_file(src).exists():  # an int8 variant with external data
+            save_model(onnx.load(str(src)), tmp / name, external=True)
+            src = tmp / name
+        move_model(src, out / name)
+    for stale in ("model.int8.onnx", "model.fp16.onnx", "encoder.onnx"):
+        if stale not in published:
+            (out / stale).unlink(missing_ok=True)
+            data_file(out / stale).unlink(missing_ok=True)
+
+
+def _metadata(cfg: Config, args: dict, data: PreparedData, model_path: Path, chosen: str) -> dict[str, str]:
+    """What a served file says about itself: classes, input and serving transform, provenance."""
+    return {
+        "classes": json.dumps(args["classes"]), "img_size": str(args["img_size"]), "channels": str(args["in_chans"]),
+        "mean": json.dumps(args["mean"]), "std": json.dumps(args["std"]), "input": "pixels: float32 NCHW in [0, 1]",
+        "model_sha256": file_sha256(model_path), "params_hash": cfg.section_hash("model", "finetune", "hpo"),
+        "data_hash": args.get("data_hash", ""), "mae_ops_version": __version__, "preset": args["preset"],
+        "crop_pct": str(data.crop_pct),  # serving's transform: resize to img_size / crop_pct, centre crop
+        "bit_depth": str(data.bit_depth),  # serving's decoder: 16/32-bit integer files' 0..2**bits - 1 -> 0..255
+        "deployed": chosen,  # which of the pipeline's classifiers this is (finetune | linprobe)
+    }  # fmt: skip
 
 
 def deployed_checkpoint(cfg: Config) -> tuple[Path, str]:
@@ -190,15 +289,7 @@ def run(cfg: Config) -> dict:
     gate_ids, gate_split = (val_ids, "val") if len(val_ids) else (test_ids, "test")
     deployable = Deployable(model, args["mean"], args["std"]).eval()
     arch = preset_config(args["preset"])
-    metadata = {
-        "classes": json.dumps(args["classes"]), "img_size": str(args["img_size"]), "channels": str(args["in_chans"]),
-        "mean": json.dumps(args["mean"]), "std": json.dumps(args["std"]), "input": "pixels: float32 NCHW in [0, 1]",
-        "model_sha256": file_sha256(model_path), "params_hash": cfg.section_hash("model", "finetune", "hpo"),
-        "data_hash": args.get("data_hash", ""), "mae_ops_version": __version__, "preset": args["preset"],
-        "crop_pct": str(data.crop_pct),  # serving's transform: resize to img_size / crop_pct, centre crop
-        "bit_depth": str(data.bit_depth),  # serving's decoder: 16/32-bit integer files' 0..2**bits - 1 -> 0..255
-        "deployed": chosen,  # which of the pipeline's classifiers this is (finetune | linprobe)
-    }  # fmt: skip
+    metadata = _metadata(cfg, args, data, model_path, chosen)
     one = np.asarray(data.eval_images[test_ids[:1]], dtype=np.float32) / 255.0
     batch = np.asarray(data.eval_images[np.resize(test_ids, 32)], dtype=np.float32) / 255.0
 
@@ -232,7 +323,9 @@ def run(cfg: Config) -> dict:
             )
         # --- one answer per image: the same probabilities alone and in batches of 7 and 256 -----
         spread_images = np.asarray(data.eval_images[np.resize(gate_ids, 256)], dtype=np.float32) / 255.0
-        parity["batch_max_prob_diff"] = {"model.onnx": _spread(tmp / "model.onnx", ex, spread_images)}
+        fp32_gate = _top1(open_session(tmp / "model.onnx", "cpu", ex.threads), data, gate_ids)
+        gate = Gate(ex, data, gate_ids, gate_split, fp32_gate, spread_images)
+        parity["batch_max_prob_diff"] = {"model.onnx": gate.spread(tmp / "model.onnx")}
         if parity["batch_max_prob_diff"]["model.onnx"] > ex.max_abs_diff:
             write_json(outs.parity, parity)
             spread = parity["batch_max_prob_diff"]["model.onnx"]
@@ -245,9 +338,8 @@ def run(cfg: Config) -> dict:
         # --- int8: both kinds scored on the validation split, the faster passing one kept ------
         variants: dict[str, dict[str, Any]] = {}
         use_openvino = ex.openvino and ex.benchmark_runs > 0 and openvino_installed()
-        fp32_gate = _top1(open_session(tmp / "model.onnx", "cpu", ex.threads), data, gate_ids)
         if ex.quantize:
-            variants = _int8_variants(ex, tmp / "model.onnx", tmp, data, gate_ids, fp32_gate, spread_images)
+            variants = _int8_variants(tmp / "model.onnx", tmp, gate)
             runners.update({f"onnxruntime_int8_{n}": _onnx_runner(v["path"], ex.threads) for n, v in variants.items()})
         # --- OpenVINO: the peer on the unfused graph with its defaults, and as a runtime ------
         ov_variants: dict[str, dict[str, Any]] = {}
@@ -256,59 +348,28 @@ def run(cfg: Config) -> dict:
             ov_files = {"openvino_fp32": tmp / "model.onnx"}
             if variants.get("static", {}).get("passed"):
                 ov_files["openvino_int8_static"] = variants["static"]["path"]
-            ov_variants = {n: _gated(path, "openvino", ex, data, gate_ids, fp32_gate, spread_images)
-                           for n, path in ov_files.items()}  # fmt: skip
+            ov_variants = {n: _gated(path, "openvino", gate) for n, path in ov_files.items()}
             runners.update({n: _onnx_runner(v["path"], ex.threads, "openvino") for n, v in ov_variants.items()})
         # every model timed in one interleaved run on this machine
         timings = measure_all(runners, one, batch, ex.benchmark_runs) if ex.benchmark_runs else {}
         if ex.quantize:
-            for name, v in variants.items():
-                v.update(timings.get(f"onnxruntime_int8_{name}", {}))
-            passing = [n for n, v in variants.items() if v["passed"]]
-            # fastest at batch 1; without timings, dynamic (it needs no calibration data to reproduce)
-            chosen = min(passing, key=lambda n: (variants[n].get("batch1_p50_ms", 0.0), n)) if passing else None
-            report = {n: {k: x for k, x in v.items() if k != "path"} for n, v in variants.items()}
-            parity["int8"] = {"gate_split": gate_split, "fp32_gate_top1": fp32_gate, "chosen": chosen,
-                              "variants": report}  # fmt: skip
+            parity["int8"] = _settle_int8(variants, timings, gate)
             write_json(outs.parity, parity)
-            if chosen is None:  # fp32 alone is published; int8 is a speed-up, never a reason to fail
-                found = {
-                    n: f"drop {v['drop']:.4f}, batch diff {v['batch_max_prob_diff']:.0e}" for n, v in variants.items()
-                }
-                parity["int8"]["why_none"] = (
-                    f"no int8 model loses at most {ex.max_int8_drop:.2%} {gate_split} top-1 and scores an image "
-                    f"alike in any batch ({found})"
-                )
-                write_json(outs.parity, parity)
-                log.warning("%s: publishing fp32 only (raise export.calibration_images, or set export.quantize=false "
-                            "to skip int8)", parity["int8"]["why_none"])  # fmt: skip
-            else:
-                parity["batch_max_prob_diff"]["model.int8.onnx"] = variants[chosen]["batch_max_prob_diff"]
-                parity["int8_top1"] = _top1(open_session(variants[chosen]["path"], "cpu", ex.threads), data, test_ids)
+            method = parity["int8"]["chosen"]
+            if method is not None:
+                parity["batch_max_prob_diff"]["model.int8.onnx"] = variants[method]["batch_max_prob_diff"]
+                parity["int8_top1"] = _top1(open_session(variants[method]["path"], "cpu", ex.threads), data, test_ids)
                 parity.update(int8_drop=parity["onnx_top1"] - parity["int8_top1"], int8_max_drop=ex.max_int8_drop,
-                              int8_method=chosen)  # fmt: skip
-                published["model.int8.onnx"] = variants[chosen]["path"]
+                              int8_method=method)  # fmt: skip
+                published["model.int8.onnx"] = variants[method]["path"]
 
         if ex.fp16:
-            from onnxruntime.transformers.float16 import convert_float_to_float16
-
-            proto = convert_float_to_float16(onnx.load(str(tmp / "model.onnx")), keep_io_types=True)
-            save_model(proto, tmp / "model.fp16.onnx", external)
-            parity["batch_max_prob_diff"]["model.fp16.onnx"] = _spread(tmp / "model.fp16.onnx", ex, spread_images)
-            if parity["batch_max_prob_diff"]["model.fp16.onnx"] > ex.max_abs_diff:
-                raise ParityError("model.fp16.onnx scores an image differently in another batch (probabilities "
-                                  f"differ by {parity['batch_max_prob_diff']['model.fp16.onnx']:.1e})")  # fmt: skip
+            parity["batch_max_prob_diff"]["model.fp16.onnx"] = _fp16(tmp / "model.onnx", tmp / "model.fp16.onnx",
+                                                                     gate, external)  # fmt: skip
             published["model.fp16.onnx"] = tmp / "model.fp16.onnx"
 
         # --- which file, with which runtime, serves: the fastest against the peer ---------------
-        serving = {"onnxruntime_fp32": ("model.onnx", "onnxruntime")}
-        if "model.int8.onnx" in published:
-            serving[f"onnxruntime_int8_{parity['int8_method']}"] = ("model.int8.onnx", "onnxruntime")
-        for name, v in ov_variants.items():
-            v.update(timings.get(name, {}))
-            file = "model.int8.onnx" if "int8" in name else "model.onnx"
-            if v["passed"] and (file == "model.onnx" or parity.get("int8_method") == "static"):
-                serving[name] = (file, "openvino")
+        serving = _serving_candidates(parity, published, ov_variants, timings)
         if ov_variants:
             parity["openvino"] = {"gate_split": gate_split, "fp32_gate_top1": fp32_gate,
                                   "variants": {n: {k: x for k, x in v.items() if k != "path"}
@@ -329,32 +390,11 @@ def run(cfg: Config) -> dict:
 
         # --- the pre-trained encoder as a feature extractor -----------------------
         if ex.encoder:
-            encoder = feature_extractor(cfg.model.preset, data.img_size, data.channels, cfg.outputs().encoder)
-            extractor = Features(encoder, args["mean"], args["std"]).eval()
-            to_onnx(extractor, example, tmp / "encoder.onnx", ["features"], ex.opset,
-                    {**metadata, "output": "features: float32 [batch, embed_dim]"}, external)  # fmt: skip
-            with torch.no_grad():
-                f_ref = extractor(example).numpy()
-            sess = open_session(tmp / "encoder.onnx", "cpu", ex.threads)
-            f_got = sess.run(["features"], {"pixels": batch[:2]})[0]
-            parity["encoder_max_abs_diff"] = float(np.abs(f_got - f_ref).max())
-            if parity["encoder_max_abs_diff"] > ex.max_abs_diff:
-                raise ParityError(f"encoder ONNX parity failed: {parity['encoder_max_abs_diff']:.2e}")
-            parity["batch_max_prob_diff"]["encoder.onnx"] = _spread(tmp / "encoder.onnx", ex, spread_images, "features")
-            if parity["batch_max_prob_diff"]["encoder.onnx"] > ex.max_abs_diff:
-                raise ParityError("encoder.onnx gives an image other features in another batch (they differ by "
-                                  f"{parity['batch_max_prob_diff']['encoder.onnx']:.1e})")  # fmt: skip
+            parity["encoder_max_abs_diff"], parity["batch_max_prob_diff"]["encoder.onnx"] = _encoder_onnx(
+                cfg, args, example, tmp / "encoder.onnx", gate, metadata, external
+            )
             published["encoder.onnx"] = tmp / "encoder.onnx"
-
-        for name, src in published.items():  # every gate passed: publish
-            if src.name != name and data_file(src).exists():  # an int8 variant with external data
-                save_model(onnx.load(str(src)), tmp / name, external=True)
-                src = tmp / name
-            move_model(src, out / name)
-        for stale in ("model.int8.onnx", "model.fp16.onnx", "encoder.onnx"):
-            if stale not in published:
-                (out / stale).unlink(missing_ok=True)
-                data_file(out / stale).unlink(missing_ok=True)
+        _publish(published, tmp, out)  # every gate passed
     parity["files"] = {
         path.name: path.stat().st_size for name in published for path in (out / name, data_file(out / name))
         if path.exists()

@@ -12,6 +12,7 @@ validation split and never reads the test split. ``train_saved`` runs it in
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -28,6 +29,7 @@ from timm.data import Mixup, rand_augment_transform
 from timm.data.random_erasing import RandomErasing
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import Lars, param_groups_layer_decay
+from timm.scheduler import CosineLRScheduler
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -46,7 +48,7 @@ from mae_ops.data import (
 )
 from mae_ops.models.classifier import build_classifier, classifier_checkpoint, load_encoder
 from mae_ops.tracking import EpochLog
-from mae_ops.training import Checkpointer, cosine_schedule, fingerprint
+from mae_ops.training import Checkpointer, cosine_schedule, fingerprint, resume
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +197,63 @@ def finetune_optimizer(model: nn.Module, ft: FinetuneConfig, lr: float, fused: b
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=fused or None)
 
 
+@dataclass
+class FinetuneStep:
+    """What one fine-tuning update needs (pre-training's ``Trainer`` counterpart)."""
+
+    model: nn.Module  # the module the step runs: the classifier, DDP-wrapped and/or compiled
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler  # enabled for fp16 only
+    scheduler: CosineLRScheduler  # stepped per update
+    criterion: nn.Module
+    autocast: Callable[[], contextlib.AbstractContextManager]
+
+
+def finetune_one_epoch(
+    t: FinetuneStep, loader: DataLoader | DeviceBatches,
+    inputs: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]], epoch: int,
+) -> torch.Tensor:  # fmt: skip
+    """One pass over ``loader``, an update per batch: ``inputs`` turns a uint8 batch and its
+    labels into (augmented images, targets) on the device. Returns the summed loss (on the
+    device: no sync per step)."""
+    updates_per_epoch = len(loader)
+    loss_sum = None
+    for step, (imgs, labels) in enumerate(loader):
+        x, y = inputs(imgs, labels)
+        t.scheduler.step_update(epoch * updates_per_epoch + step)
+        with t.autocast():
+            loss = t.criterion(t.model(x), y)
+        t.scaler.scale(loss).backward()
+        t.scaler.step(t.optimizer)
+        t.scaler.update()
+        t.optimizer.zero_grad(set_to_none=True)
+        if loss_sum is None:
+            loss_sum = torch.zeros((), device=loss.device)  # fp32, whatever the autocast dtype
+        loss_sum += loss.detach()
+    return loss_sum if loss_sum is not None else torch.zeros(())
+
+
+def augment(
+    imgs: torch.Tensor, labels: torch.Tensor, ft: FinetuneConfig, data: PreparedData, mean: torch.Tensor,
+    std: torch.Tensor, gen: torch.Generator, eraser: RandomErasing | None, mixup: Mixup | None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """A uint8 batch and its labels -> (augmented, normalised images; targets) on ``mean``'s
+    device: the crop or affine from ``gen``, random erasing, then Mixup/CutMix."""
+    x = imgs.to(mean.device, non_blocking=True).float().div_(255.0)  # at the store's side
+    if ft.crop_scale is not None:  # the reference: RandomResizedCrop + flip from the stored image
+        x = random_resized_crop(x, data.img_size, ft.crop_scale, hflip=ft.hflip, generator=gen)
+    else:  # shift, rotate, zoom, then the evaluation crop
+        x = random_affine(x, ft.translate, ft.rotate, ft.scale, ft.hflip, generator=gen)
+        x = center_view(x, data.img_size, data.crop_pct)
+    x = normalize(x, mean, std)
+    if eraser is not None:
+        x = eraser(x)
+    y = labels.to(mean.device, non_blocking=True)
+    if mixup is not None:
+        x, y = mixup(x, y)
+    return x, y
+
+
 def train_finetune(
     enc: EncoderSpec,
     ft: FinetuneConfig,
@@ -249,25 +308,13 @@ def train_finetune(
 
     start_epoch, history = 0, []
     if checkpointer is not None:
-        ckpt = checkpointer.load()
-        if ckpt is not None:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            if ckpt.get("scaler"):
-                scaler.load_state_dict(ckpt["scaler"])
-            start_epoch, history = int(ckpt["epoch"]) + 1, list(ckpt["args"]["history"])
-            if rt.is_main:
-                log.info("resumed %s from %s at epoch %d/%d", desc, checkpointer.path, start_epoch, epochs)
-    if not runtime.agree(start_epoch, rt):
-        raise InputError(f"the ranks found different checkpoints of {desc}: put finetune.checkpoint_dir on a disk "
-                         "every node sees")  # fmt: skip
-    train_model: nn.Module = model
-    if rt.distributed:
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None
-        )
+        start_epoch, history = resume(checkpointer, model, optimizer, scaler, rt, setting="finetune.checkpoint_dir")
+        if start_epoch and rt.is_main:
+            log.info("resumed %s from %s at epoch %d/%d", desc, checkpointer.path, start_epoch, epochs)
+    train_model = runtime.distribute(model, rt)
     if fast:  # the step's many small kernels fused: what small images at large batches are bound by
         train_model = torch.compile(train_model)
+    trainer = FinetuneStep(train_model, optimizer, scaler, scheduler, criterion, rt.autocast)
 
     live = EpochLog(tracked, history) if tracked is not None and rt.is_main else None
     eval_every = eval_every or ft.eval_every
@@ -280,30 +327,13 @@ def train_finetune(
         _seed_everything(ft.seed * 1009 + epoch + 7919 * rt.rank)  # Mixup: its own draws per rank
         set_epoch(loader, epoch)
         gen = torch.Generator(device=rt.device).manual_seed(ft.seed * 1_000_003 + epoch + 7919 * rt.rank)
+
+        def inputs(imgs: torch.Tensor, labels: torch.Tensor, gen: torch.Generator = gen) -> tuple[torch.Tensor, ...]:
+            return augment(imgs, labels, ft, data, mean, std, gen, eraser, mixup)
+
         model.train()
-        loss_sum = torch.zeros((), device=rt.device)
-        for step, (imgs, labels) in enumerate(loader):
-            x = imgs.to(rt.device, non_blocking=True).float().div_(255.0)  # at the store's side
-            if ft.crop_scale is not None:  # the reference: RandomResizedCrop + flip from the stored image
-                x = random_resized_crop(x, data.img_size, ft.crop_scale, hflip=ft.hflip, generator=gen)
-            else:  # shift, rotate, zoom, then the evaluation crop
-                x = random_affine(x, ft.translate, ft.rotate, ft.scale, ft.hflip, generator=gen)
-                x = center_view(x, data.img_size, data.crop_pct)
-            x = normalize(x, mean, std)
-            if eraser is not None:
-                x = eraser(x)
-            y = labels.to(rt.device, non_blocking=True)
-            if mixup is not None:
-                x, y = mixup(x, y)
-            scheduler.step_update(epoch * updates_per_epoch + step)
-            with rt.autocast():
-                loss = criterion(train_model(x), y)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach()
-        train_loss = float(runtime.all_reduce_mean(loss_sum / updates_per_epoch, rt))
+        loss_sum = finetune_one_epoch(trainer, loader, inputs, epoch)
+        train_loss = float(runtime.all_reduce_mean(loss_sum.to(rt.device) / updates_per_epoch, rt))
         if not np.isfinite(train_loss):
             raise FloatingPointError(f"fine-tuning loss is {train_loss} at epoch {epoch + 1}: lower finetune.base_lr")
         last = epoch + 1 == epochs

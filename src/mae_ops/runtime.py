@@ -127,6 +127,17 @@ def session(device: str = "auto", amp: str = "auto") -> Iterator[Runtime]:
         teardown()
 
 
+def distribute(model: torch.nn.Module, rt: Runtime) -> torch.nn.Module:
+    """The module a training step runs across the run's processes: DDP-wrapped when there
+    are several, ``model`` itself when alone."""
+    if not rt.distributed:
+        return model
+    # gradients live in the all-reduce buckets: no copy in and out of them per step
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None, gradient_as_bucket_view=True
+    )
+
+
 def all_reduce_mean(value: torch.Tensor, rt: Runtime) -> torch.Tensor:
     if rt.distributed:
         value = value.clone()

@@ -1,5 +1,5 @@
-"""Pieces every trainer shares: run fingerprints, resumable checkpoints, the
-per-step cosine schedule."""
+"""Pieces every trainer shares: run fingerprints, resumable checkpoints and resuming
+from them, the per-step cosine schedule."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from timm.scheduler import CosineLRScheduler
 
+from mae_ops import runtime
 from mae_ops.atomic import save_with
 from mae_ops.errors import UserError
 from mae_ops.models.checkpoint import CheckpointError, read_checkpoint
@@ -58,6 +59,27 @@ class Checkpointer:
     def save(self, state: dict) -> None:
         state.setdefault("args", {})["fingerprint"] = self.run_id
         save_with(self.path, lambda tmp: torch.save(state, tmp))
+
+
+def resume(
+    checkpointer: Checkpointer, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler, rt: runtime.Runtime, *, setting: str, required: bool = False,
+) -> tuple[int, list[dict]]:  # fmt: skip
+    """(first epoch to run, history so far) from the run's last checkpoint, its weights,
+    optimizer and loss scaler loaded; (0, []) without one. Every process must find the same
+    checkpoint: ``setting`` is the key that puts them on a disk every node sees."""
+    start_epoch, history = 0, []
+    ckpt = checkpointer.load(required=required)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, history = int(ckpt["epoch"]) + 1, list(ckpt["args"].get("history", []))
+    if not runtime.agree(start_epoch, rt):
+        raise ResumeError(f"the ranks found different checkpoints in {checkpointer.path.parent}: with several "
+                          f"nodes, {setting} must be on a disk every node sees")  # fmt: skip
+    return start_epoch, history
 
 
 def cosine_schedule(

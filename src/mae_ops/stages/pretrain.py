@@ -37,12 +37,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from mae_ops import launch, monitor, runtime
+from mae_ops import launch, monitor, runtime, training
 from mae_ops.atomic import save_with, write_json
-from mae_ops.config import Config, InputError, semantic_params
+from mae_ops.config import Config, InputError, PretrainConfig, semantic_params
 from mae_ops.data import WINDOW_SHARDS, DeviceBatches, PreparedData, normalize, set_epoch
 from mae_ops.models.checkpoint import continue_from, encoder_state_dict
 from mae_ops.models.mae import MaskedAutoencoderViT, create_mae
@@ -60,7 +59,7 @@ from mae_ops.pretraining import (
 )
 from mae_ops.reporting import MONITOR_PREDICTIONS, weights_sha256, write_history, write_predictions
 from mae_ops.tracking import EpochLog
-from mae_ops.training import Checkpointer, ResumeError, cosine_schedule, fingerprint
+from mae_ops.training import Checkpointer, cosine_schedule, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +126,17 @@ def run_rank(cfg: Config, resume: bool) -> dict:
         return _train(cfg, rt, resume)
 
 
+def _batch_and_lr(p: PretrainConfig, num_images: int, rt: runtime.Runtime) -> tuple[int, int, float]:
+    """(batch per process, effective batch, lr): a batch larger than the data is the data,
+    and the lr follows the batch really used (lr = base_lr * effective batch / 256)."""
+    batch = min(p.batch_size, -(-num_images // rt.world_size))
+    if batch < p.batch_size and rt.is_main:
+        log.warning("pretrain.batch_size %d is more than the %d images (per process): batches of %d, "
+                    "lr scaled for them", p.batch_size, num_images, batch)  # fmt: skip
+    eff_batch = batch * p.accum_iter * rt.world_size
+    return batch, eff_batch, p.base_lr * eff_batch / 256
+
+
 def _train(cfg: Config, rt: runtime.Runtime, resume: bool) -> dict:
     p = cfg.pretrain
     data = PreparedData(cfg.data.out_dir)
@@ -148,13 +158,7 @@ def _train(cfg: Config, rt: runtime.Runtime, resume: bool) -> dict:
     init_sha = weights_sha256(p.init, "pretrain.init")
     run_id = run_fingerprint(cfg, data.manifest["content_hash"], init_sha, rt.world_size)
 
-    # a batch larger than the data is the data: the lr follows the batch really used
-    batch = min(p.batch_size, -(-len(ids) // rt.world_size))
-    if batch < p.batch_size and rt.is_main:
-        log.warning("pretrain.batch_size %d is more than the %d images (per process): batches of %d, "
-                    "lr scaled for them", p.batch_size, len(ids), batch)  # fmt: skip
-    eff_batch = batch * p.accum_iter * rt.world_size
-    lr = p.base_lr * eff_batch / 256
+    batch, eff_batch, lr = _batch_and_lr(p, len(ids), rt)
     drop_last = len(ids) >= batch * rt.world_size
     fast = runtime.fast_path(p.fast, rt.device)
     if p.fp8 and not fast:
@@ -173,30 +177,14 @@ def _train(cfg: Config, rt: runtime.Runtime, resume: bool) -> dict:
     scheduler = cosine_schedule(optimizer, p.epochs, updates_per_epoch, p.warmup_epochs, p.min_lr)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
 
-    start_epoch, history = 0, []
     checkpointer = Checkpointer(Path(p.checkpoint_dir) / "last.pth", run_id)
-    ckpt = checkpointer.load(required=resume) if (resume or p.auto_resume) else None
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        start_epoch = int(ckpt["epoch"]) + 1
-        history = list(ckpt["args"].get("history", []))
-        if rt.is_main:
+    start_epoch, history = 0, []
+    if resume or p.auto_resume:
+        start_epoch, history = training.resume(checkpointer, model, optimizer, scaler, rt,
+                                               setting="pretrain.checkpoint_dir", required=resume)  # fmt: skip
+        if start_epoch and rt.is_main:
             log.info("resumed from %s at epoch %d/%d", checkpointer.path, start_epoch, p.epochs)
-    if not runtime.agree(start_epoch, rt):
-        raise ResumeError(
-            f"the ranks found different checkpoints in {checkpointer.path.parent}: with several nodes, "
-            "pretrain.checkpoint_dir must be on a disk every node sees"
-        )
-
-    train_model: torch.nn.Module = model
-    if rt.distributed:
-        # gradients live in the all-reduce buckets: no copy in and out of them per step
-        train_model = DistributedDataParallel(
-            model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None, gradient_as_bucket_view=True
-        )
+    train_model = runtime.distribute(model, rt)
     if fast:
         train_model = compile_model(train_model, p.compile_mode)
 

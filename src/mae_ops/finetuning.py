@@ -48,7 +48,7 @@ from mae_ops.data import (
 )
 from mae_ops.models.classifier import build_classifier, classifier_checkpoint, load_encoder
 from mae_ops.tracking import EpochLog
-from mae_ops.training import Checkpointer, cosine_schedule, fingerprint, resume
+from mae_ops.training import Checkpointer, cosine_schedule, fingerprint, resume, save_progress
 
 log = logging.getLogger(__name__)
 
@@ -254,6 +254,38 @@ def augment(
     return x, y
 
 
+def _uses_mixup(ft: FinetuneConfig) -> bool:
+    return ft.mixup > 0 or ft.cutmix > 0
+
+
+def _batch_size(ft: FinetuneConfig, num_labelled: int, rt: runtime.Runtime) -> int:
+    """Each process's batch: finetune.batch_size, or fewer when the labelled images are few."""
+    if num_labelled < 2:
+        raise InputError(f"fine-tuning needs at least 2 labelled training images, found {num_labelled}: "
+                         "raise data.label_fraction or data.labels_per_class")  # fmt: skip
+    batch = min(ft.batch_size, num_labelled // rt.world_size)
+    if _uses_mixup(ft):  # Mixup/CutMix pair each image with its mirror in the batch: it must be even
+        batch -= batch % 2  # and every batch is full (drop_last), so every batch is even too
+    if batch < 1:
+        raise InputError(f"{num_labelled} labelled training images cannot make a batch for each of "
+                         f"{rt.world_size} processes: lower finetune.nproc_per_node")  # fmt: skip
+    return batch
+
+
+def _regularizers(
+    ft: FinetuneConfig, num_classes: int, device: torch.device
+) -> tuple[Mixup | None, nn.Module, RandomErasing | None]:
+    """Mixup/CutMix (or none), the loss that fits its soft targets (else label-smoothed
+    cross-entropy), and random erasing (or none)."""
+    mixup = None
+    if _uses_mixup(ft):
+        mixup = Mixup(mixup_alpha=ft.mixup, cutmix_alpha=ft.cutmix, label_smoothing=ft.label_smoothing,
+                      num_classes=num_classes)  # fmt: skip
+    criterion = SoftTargetCrossEntropy() if mixup else nn.CrossEntropyLoss(label_smoothing=ft.label_smoothing)
+    eraser = RandomErasing(ft.random_erase, mode="pixel", device=str(device)) if ft.random_erase > 0 else None
+    return mixup, criterion, eraser
+
+
 def train_finetune(
     enc: EncoderSpec,
     ft: FinetuneConfig,
@@ -276,17 +308,7 @@ def train_finetune(
     model.to(rt.device)
     train_ids = data.indices("train", labelled_only=True)
     val_ids = data.indices("val")
-    use_mixup = ft.mixup > 0 or ft.cutmix > 0
-    if len(train_ids) < 2:
-        raise InputError(f"fine-tuning needs at least 2 labelled training images, found {len(train_ids)}: "
-                         "raise data.label_fraction or data.labels_per_class")  # fmt: skip
-    batch = min(ft.batch_size, len(train_ids) // rt.world_size)
-    if use_mixup:  # Mixup/CutMix pair each image with its mirror in the batch: it must be even
-        batch -= batch % 2
-    if batch < 1:
-        raise InputError(f"{len(train_ids)} labelled training images cannot make a batch for each of "
-                         f"{rt.world_size} processes: lower finetune.nproc_per_node")  # fmt: skip
-    # every batch is full (drop_last), so every batch is even too
+    batch = _batch_size(ft, len(train_ids), rt)
     fast = runtime.fast_path(ft.fast, rt.device)
     randaug = HostRandAugment(ft.randaug, data.mean) if ft.randaug else None
     loader = train_loader(data, train_ids, batch, rt, resident=fast and randaug is None, seed=ft.seed,
@@ -299,12 +321,7 @@ def train_finetune(
     scheduler = cosine_schedule(optimizer, epochs, updates_per_epoch, ft.warmup_epochs, ft.min_lr)
     # fp16 gradients underflow without loss scaling; bf16 and fp32 need none
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
-    mixup = None
-    if use_mixup:
-        mixup = Mixup(mixup_alpha=ft.mixup, cutmix_alpha=ft.cutmix, label_smoothing=ft.label_smoothing,
-                      num_classes=len(data.classes))  # fmt: skip
-    criterion = SoftTargetCrossEntropy() if mixup else nn.CrossEntropyLoss(label_smoothing=ft.label_smoothing)
-    eraser = RandomErasing(ft.random_erase, mode="pixel", device=str(rt.device)) if ft.random_erase > 0 else None
+    mixup, criterion, eraser = _regularizers(ft, len(data.classes), rt.device)
 
     start_epoch, history = 0, []
     if checkpointer is not None:
@@ -348,9 +365,7 @@ def train_finetune(
             live.log(history[-1])
         bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{val_top1:.3f}")
         if rt.is_main and checkpointer is not None and ((epoch + 1) % ft.save_every == 0 or last):
-            checkpointer.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                               "scaler": scaler.state_dict(), "epoch": epoch,
-                               "args": {"history": history}})  # fmt: skip
+            save_progress(checkpointer, model, optimizer, scaler, epoch, history)
     if live is not None:
         live.close()
     if rt.is_main and val_pred is None:  # resumed after its last epoch: validate the model it restored

@@ -1,5 +1,5 @@
-"""Pieces every trainer shares: run fingerprints, resumable checkpoints and resuming
-from them, the per-step cosine schedule."""
+"""Pieces every trainer shares: run fingerprints, resumable checkpoints, saving a run's
+progress and resuming from it, the per-step cosine schedule."""
 
 from __future__ import annotations
 
@@ -59,6 +59,16 @@ class Checkpointer:
     def save(self, state: dict) -> None:
         state.setdefault("args", {})["fingerprint"] = self.run_id
         save_with(self.path, lambda tmp: torch.save(state, tmp))
+
+
+def save_progress(
+    checkpointer: Checkpointer, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler, epoch: int, history: list[dict], **args: Any,
+) -> None:  # fmt: skip
+    """The run's state after ``epoch`` (counted from 0): what ``resume`` reads back, with
+    ``args`` (and the history so far) for whoever reads the checkpoint later."""
+    checkpointer.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                       "scaler": scaler.state_dict(), "args": {**args, "history": history}})  # fmt: skip
 
 
 def resume(

@@ -129,6 +129,15 @@ class Gate:
     fp32_top1: float
     spread_images: np.ndarray
 
+    @classmethod
+    def measure(cls, ex: ExportConfig, data: PreparedData, fp32: Path) -> Gate:
+        """The gate for fp32 model `fp32`: the validation split (the test split stays the
+        final, untouched score) or the test split when there is none."""
+        val_ids = data.indices("val")
+        ids, split = (val_ids, "val") if len(val_ids) else (data.indices("test"), "test")
+        spread_images = np.asarray(data.eval_images[np.resize(ids, 256)], dtype=np.float32) / 255.0
+        return cls(ex, data, ids, split, _top1(open_session(fp32, "cpu", ex.threads), data, ids), spread_images)
+
     def spread(self, path: Path, output: str = "probabilities", runtime: str = "onnxruntime") -> float:
         """How far a model's answer for an image moves with the other images of its batch."""
         return batch_spread(open_session(path, "cpu", self.ex.threads, runtime), self.spread_images, output)
@@ -282,11 +291,9 @@ def run(cfg: Config) -> dict:
     model_path, chosen = deployed_checkpoint(cfg)
     model, args = load_classifier(model_path)
     data = PreparedData(cfg.data.out_dir)
-    test_ids, val_ids = data.indices("test"), data.indices("val")
+    test_ids = data.indices("test")
     if len(test_ids) == 0:
         raise InputError("the test split is empty: parity needs test images")
-    # int8 is chosen on the validation split; the test split stays the final, untouched score
-    gate_ids, gate_split = (val_ids, "val") if len(val_ids) else (test_ids, "test")
     deployable = Deployable(model, args["mean"], args["std"]).eval()
     arch = preset_config(args["preset"])
     metadata = _metadata(cfg, args, data, model_path, chosen)
@@ -322,9 +329,7 @@ def run(cfg: Config) -> dict:
                 f"top-1 agreement {parity['top1_agreement']:.4f}; {out} left as it was"
             )
         # --- one answer per image: the same probabilities alone and in batches of 7 and 256 -----
-        spread_images = np.asarray(data.eval_images[np.resize(gate_ids, 256)], dtype=np.float32) / 255.0
-        fp32_gate = _top1(open_session(tmp / "model.onnx", "cpu", ex.threads), data, gate_ids)
-        gate = Gate(ex, data, gate_ids, gate_split, fp32_gate, spread_images)
+        gate = Gate.measure(ex, data, tmp / "model.onnx")
         parity["batch_max_prob_diff"] = {"model.onnx": gate.spread(tmp / "model.onnx")}
         if parity["batch_max_prob_diff"]["model.onnx"] > ex.max_abs_diff:
             write_json(outs.parity, parity)
@@ -371,7 +376,7 @@ def run(cfg: Config) -> dict:
         # --- which file, with which runtime, serves: the fastest against the peer ---------------
         serving = _serving_candidates(parity, published, ov_variants, timings)
         if ov_variants:
-            parity["openvino"] = {"gate_split": gate_split, "fp32_gate_top1": fp32_gate,
+            parity["openvino"] = {"gate_split": gate.split, "fp32_gate_top1": gate.fp32_top1,
                                   "variants": {n: {k: x for k, x in v.items() if k != "path"}
                                                for n, v in ov_variants.items()}}  # fmt: skip
         peer = "openvino_default" if "openvino_default" in timings else "onnxruntime_fp32"

@@ -137,6 +137,21 @@ def _batch_and_lr(p: PretrainConfig, num_images: int, rt: runtime.Runtime) -> tu
     return batch, eff_batch, p.base_lr * eff_batch / 256
 
 
+def _model(cfg: Config, data: PreparedData, rt: runtime.Runtime) -> MaskedAutoencoderViT:
+    """The MAE to pre-train, the same on every rank and on the device: fresh, or continued
+    from pretrain.init (a checkpoint of this run resumes it later, not the init)."""
+    p = cfg.pretrain
+    torch.manual_seed(p.seed)  # identical initial weights on every rank
+    model = create_mae(cfg.model.preset, data.img_size, data.channels, p.norm_pix_loss, cfg.model.decoder_depth)
+    if p.init is not None:
+        for note in continue_from(model, p.init):
+            if rt.is_main:
+                log.warning("pretrain.init: %s", note)
+        if rt.is_main:
+            log.info("pretrain.init: continuing from %s", p.init)
+    return model.to(rt.device)
+
+
 def _train(cfg: Config, rt: runtime.Runtime, resume: bool) -> dict:
     p = cfg.pretrain
     data = PreparedData(cfg.data.out_dir)
@@ -146,15 +161,7 @@ def _train(cfg: Config, rt: runtime.Runtime, resume: bool) -> dict:
             "run `mae-ops prepare` again"
         )
     ids = data.indices("train", "unlabeled")
-    torch.manual_seed(p.seed)  # identical initial weights on every rank
-    model = create_mae(cfg.model.preset, data.img_size, data.channels, p.norm_pix_loss, cfg.model.decoder_depth)
-    if p.init is not None:  # continued pre-training: a checkpoint below resumes this run, not the init
-        for note in continue_from(model, p.init):
-            if rt.is_main:
-                log.warning("pretrain.init: %s", note)
-        if rt.is_main:
-            log.info("pretrain.init: continuing from %s", p.init)
-    model.to(rt.device)
+    model = _model(cfg, data, rt)
     init_sha = weights_sha256(p.init, "pretrain.init")
     run_id = run_fingerprint(cfg, data.manifest["content_hash"], init_sha, rt.world_size)
 
@@ -196,16 +203,6 @@ def _train(cfg: Config, rt: runtime.Runtime, resume: bool) -> dict:
             "on" if fast else "off", facts["loader"], f" ({WINDOW_SHARDS} at a time)" if windows else "",
             f"; FP8 in {fp8_layers} linear layers" if p.fp8 else "",
         )  # fmt: skip
-
-    def checkpoint(epoch: int) -> None:
-        state = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "epoch": epoch,
-            "scaler": scaler.state_dict(),
-            "args": {"config": cfg.model_dump(mode="json"), "history": history},
-        }
-        checkpointer.save(state)
 
     mean, std = (torch.tensor(v, device=rt.device) for v in (data.mean, data.std))  # made once: no copy per step
     monitored = monitor.monitor_ids(data) if p.monitor_every else None
@@ -256,7 +253,8 @@ def _train(cfg: Config, rt: runtime.Runtime, resume: bool) -> dict:
             log.info("epoch %d/%d loss %.4f lr %.2e %.0f img/s%s", epoch + 1, p.epochs, mean_loss,
                      record["lr"], record["images_per_s"], seen_by)  # fmt: skip
             if (epoch + 1) % p.save_every == 0 or epoch + 1 == p.epochs:
-                checkpoint(epoch)
+                training.save_progress(checkpointer, model, optimizer, scaler, epoch, history,
+                                       config=cfg.model_dump(mode="json"))  # fmt: skip
     train_time = time.perf_counter() - t_start
 
     if live is None:

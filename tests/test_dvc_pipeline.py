@@ -57,6 +57,16 @@ def test_dvc_repro_runs_then_skips(tmp_path: Path) -> None:
     assert "Running stage 'evaluate'" in third
     assert all(f"Running stage '{s}'" not in third for s in ("prepare", "pretrain", "finetune", "baselines"))
 
+    # pre-training run again on the same data and params writes the same bytes (the weights are
+    # seeded, the files deterministic), so DVC finds nothing after it changed
+    models = lock["stages"]["pretrain"]["outs"][0]
+    assert models["path"] == "models/pretrain"
+    fourth = _run([str(BIN / "dvc"), "repro", "--force", "--single-item", "pretrain"], repo)
+    assert "Running stage 'pretrain'" in fourth
+    assert yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["pretrain"]["outs"][0] == models
+    fifth = _run([str(BIN / "dvc"), "repro"], repo)
+    assert "Running stage" not in fifth, fifth
+
 
 def _imported_modules(module: str) -> set[str]:
     """The mae_ops source files a module imports, directly or through others (read with ast)."""

@@ -34,7 +34,6 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from mae_ops import launch, runtime
-from mae_ops.atomic import save_with
 from mae_ops.config import Config, FinetuneConfig, InputError, semantic_params
 from mae_ops.data import (
     DeviceBatches,
@@ -46,6 +45,7 @@ from mae_ops.data import (
     random_resized_crop,
     set_epoch,
 )
+from mae_ops.models.checkpoint import write_checkpoint
 from mae_ops.models.classifier import build_classifier, classifier_checkpoint, load_encoder
 from mae_ops.tracking import EpochLog
 from mae_ops.training import Checkpointer, cosine_schedule, fingerprint, resume, save_progress
@@ -493,4 +493,4 @@ def train_linprobe(enc: EncoderSpec, ft: FinetuneConfig, data: PreparedData, rt:
 
 def save_result(result: TrainResult, dest: Path) -> None:
     ckpt = classifier_checkpoint(result.model, {**result.args, "val_top1": result.val_top1})
-    save_with(dest, lambda tmp: torch.save(ckpt, tmp))
+    write_checkpoint(dest, ckpt)

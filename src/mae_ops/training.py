@@ -13,9 +13,8 @@ import torch
 from timm.scheduler import CosineLRScheduler
 
 from mae_ops import runtime
-from mae_ops.atomic import save_with
 from mae_ops.errors import UserError
-from mae_ops.models.checkpoint import CheckpointError, read_checkpoint
+from mae_ops.models.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +57,7 @@ class Checkpointer:
 
     def save(self, state: dict) -> None:
         state.setdefault("args", {})["fingerprint"] = self.run_id
-        save_with(self.path, lambda tmp: torch.save(state, tmp))
+        write_checkpoint(self.path, state)
 
 
 def save_progress(

@@ -1,5 +1,5 @@
-"""Reading MAE checkpoints (ours and the official releases) and handing the
-encoder to timm's VisionTransformer."""
+"""Writing and reading MAE checkpoints (ours and the official releases) and handing
+the encoder to timm's VisionTransformer."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 from timm.layers import resample_abs_pos_embed
 from timm.models import adapt_input_conv
 
+from mae_ops.atomic import save_with
 from mae_ops.errors import UserError
 from mae_ops.models.mae import MaskedAutoencoderViT, sincos_pos_embed_2d
 
@@ -19,6 +20,19 @@ DECODER_PREFIXES = ("decoder_", "mask_token")
 
 class CheckpointError(UserError, ValueError):
     """A checkpoint file that cannot be read or does not fit the model."""
+
+
+def write_checkpoint(path: str | Path, obj: Any) -> None:
+    """``torch.save(obj)`` to ``path`` atomically, the same bytes for the same ``obj``: given
+    a path, torch names the archive inside after the file, here a random temporary one, so
+    a re-run that trains the same weights would look changed to DVC and re-run every stage
+    after it."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:  # a file object: the archive inside is always "archive/"
+            torch.save(obj, fh)
+
+    save_with(path, write)
 
 
 def read_checkpoint(path: str | Path) -> Any:

@@ -40,10 +40,10 @@ import torch
 from tqdm.auto import tqdm
 
 from mae_ops import launch, monitor, runtime, training
-from mae_ops.atomic import save_with, write_json
+from mae_ops.atomic import write_json
 from mae_ops.config import Config, InputError, PretrainConfig, semantic_params
 from mae_ops.data import WINDOW_SHARDS, DeviceBatches, PreparedData, normalize, set_epoch
-from mae_ops.models.checkpoint import continue_from, encoder_state_dict
+from mae_ops.models.checkpoint import continue_from, encoder_state_dict, write_checkpoint
 from mae_ops.models.mae import MaskedAutoencoderViT, create_mae
 from mae_ops.plots import learning_curve, reconstruction_grid
 from mae_ops.pretraining import (
@@ -70,9 +70,15 @@ def run_fingerprint(cfg: Config, data_hash: str, init: str | None, world_size: i
     """Identity of a pre-training run: a checkpoint resumes only a run with the same one
     (the same starting weights included: ``init`` is pretrain.init's SHA-256; the same
     number of processes, which sets the effective batch and who sees which images)."""
-    return fingerprint({"model": cfg.model.model_dump(mode="json"), "pretrain": semantic_params(cfg.pretrain),
-                        "data": data_hash, "world_size": world_size,
+    return fingerprint({**recipe(cfg), "data": data_hash, "world_size": world_size,
                         **({"init_sha256": init} if init else {})})  # fmt: skip
+
+
+def recipe(cfg: Config) -> dict[str, Any]:
+    """The params the weights are made from, as the checkpoints record them: the model and
+    pre-training's own, not where files go or how the loader runs (and no other stage's:
+    the same weights are the same file, so DVC re-runs nothing after an unchanged result)."""
+    return {"model": cfg.model.model_dump(mode="json"), "pretrain": semantic_params(cfg.pretrain)}
 
 
 @torch.no_grad()
@@ -254,7 +260,7 @@ def _train(cfg: Config, rt: runtime.Runtime, resume: bool) -> dict:
                      record["lr"], record["images_per_s"], seen_by)  # fmt: skip
             if (epoch + 1) % p.save_every == 0 or epoch + 1 == p.epochs:
                 training.save_progress(checkpointer, model, optimizer, scaler, epoch, history,
-                                       config=cfg.model_dump(mode="json"))  # fmt: skip
+                                       config=recipe(cfg))  # fmt: skip
     train_time = time.perf_counter() - t_start
 
     if live is None:
@@ -289,13 +295,13 @@ def _write_outputs(
     scores and ``facts`` (the run's images, processes, batch, lr, loader, seconds)."""
     p = cfg.pretrain
     out, reports = Path(p.out_dir), Path(p.reports_dir)
-    args = {"fingerprint": run_id, "config": cfg.model_dump(mode="json"), "init_sha256": init_sha,
+    args = {"fingerprint": run_id, "config": recipe(cfg), "init_sha256": init_sha,
             "img_size": data.img_size, "in_chans": data.channels, "mean": data.mean, "std": data.std}  # fmt: skip
     state = model.state_dict()
-    save_with(out / "mae.pth", lambda tmp: torch.save({"model": state, "epoch": p.epochs - 1, "args": args}, tmp))
+    write_checkpoint(out / "mae.pth", {"model": state, "epoch": p.epochs - 1, "args": args})
     enc = encoder_state_dict(state)
     outs = cfg.outputs()
-    save_with(outs.encoder, lambda tmp: torch.save({"model": enc, "args": args}, tmp))
+    write_checkpoint(outs.encoder, {"model": enc, "args": args})
 
     save_reconstructions(model, data, p.mask_ratio, outs.reconstruction_png, seed=p.seed)
     write_history(history, reports / "history.csv")

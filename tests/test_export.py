@@ -63,6 +63,17 @@ def test_metadata_round_trip(exported: Path) -> None:
     assert info.metadata["data_hash"] == manifest["content_hash"] and len(info.metadata["params_hash"]) == 16
 
 
+@pytest.mark.parametrize("name", ["model.onnx", "model.int8.onnx", "encoder.onnx"])
+def test_published_files_name_nothing_of_the_exporting_machine(exported: Path, name: str) -> None:
+    path = exported / "models/export" / name
+    nodes = onnx.load(str(path), load_external_data=False).graph.node
+    assert nodes and not any(p.key.endswith("stack_trace") for n in nodes for p in n.metadata_props)
+    raw = path.read_bytes()
+    for local in {sys.prefix, str(Path.home()), str(exported)}:  # the venv, the home, the project
+        assert local.encode() not in raw, f"{name} holds the path {local}"
+    assert b"name_scopes" in raw  # the machine-free node names stay, for reading the graph
+
+
 @pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
 @pytest.mark.parametrize("name", ["model.onnx", "model.int8.onnx", "encoder.onnx"])
 def test_every_published_model_gives_one_image_one_answer(exported: Path, name: str, runtime: str) -> None:

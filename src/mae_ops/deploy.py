@@ -121,6 +121,9 @@ def move_model(src: Path, dest: Path) -> None:
     src.replace(dest)
 
 
+STACK_TRACE = "pkg.torch.onnx.stack_trace"  # node metadata torch's exporter writes
+
+
 def to_onnx(module: nn.Module, example: torch.Tensor, dest: Path, outputs: list[str], opset: int,
             metadata: dict[str, str], external: bool = False) -> None:  # fmt: skip
     """torch's dynamo exporter with a dynamic batch axis, checked; ``external`` keeps the
@@ -131,9 +134,25 @@ def to_onnx(module: nn.Module, example: torch.Tensor, dest: Path, outputs: list[
         dynamo=True, dynamic_shapes={"pixels": {0: batch}}, optimize=True, verbose=False,
     )  # fmt: skip
     proto = program.model_proto
+    _drop_stack_traces(proto.graph)
+    for function in proto.functions:
+        _drop_stack_traces(function)
     onnx.helper.set_model_props(proto, metadata)
     save_model(proto, dest, external)
     onnx.checker.check_model(str(dest), full_check=True)  # from the path: works past 2 GiB too
+
+
+def _drop_stack_traces(graph: onnx.GraphProto | onnx.FunctionProto) -> None:
+    """The exporter records each node's Python stack trace, with the absolute paths of the
+    exporting machine (its home and virtual environment): a published file names nothing of
+    that machine, and one model exports to the same bytes from any folder."""
+    for node in graph.node:
+        keep = [p for p in node.metadata_props if p.key != STACK_TRACE]
+        del node.metadata_props[:]
+        node.metadata_props.extend(keep)
+        for attr in node.attribute:  # the branches of If and the bodies of Loop
+            for sub in [attr.g] if attr.HasField("g") else attr.graphs:
+                _drop_stack_traces(sub)
 
 
 def set_metadata(path: Path, metadata: dict[str, str]) -> None:
